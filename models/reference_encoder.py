@@ -1,0 +1,92 @@
+"""Reference encoder: DINOv2 patch tokens through an MLP to the UNet's context width.
+
+The tokens replace the text embedding of the UNet's cross-attention. A learned null
+embedding stands in for dropped references (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Dinov2Config, Dinov2Model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_dinov2(
+    pretrained: str | None = None, config: dict[str, Any] | None = None
+) -> Dinov2Model:
+    """DINOv2 from a local directory or hub id, or randomly initialised from ``config``."""
+    if pretrained:
+        return Dinov2Model.from_pretrained(pretrained)
+    if config is None:
+        raise ValueError("build_dinov2 needs either `pretrained` (path or hub id) or `config`")
+    return Dinov2Model(Dinov2Config(**config))
+
+
+class ReferenceEncoder(nn.Module):
+    """Image in [0,1] -> context tokens [B, T, context_dim] (patch tokens, optionally CLS first)."""
+
+    def __init__(
+        self,
+        backbone: Dinov2Model,
+        context_dim: int,
+        use_patch_tokens: bool = True,
+        use_cls_token: bool = False,
+        mlp_hidden_dim: int | None = None,
+        trainable_backbone: bool = True,
+    ) -> None:
+        super().__init__()
+        if not (use_patch_tokens or use_cls_token):
+            raise ValueError("use at least one of patch tokens and the CLS token")
+        self.backbone = backbone
+        self.use_patch_tokens = use_patch_tokens
+        self.use_cls_token = use_cls_token
+        self.trainable_backbone = trainable_backbone
+        backbone.requires_grad_(trainable_backbone)
+
+        cfg = backbone.config
+        self.image_size = int(cfg.image_size)
+        side = self.image_size // int(cfg.patch_size)
+        self.grid = (side, side) if use_patch_tokens else (1, 1)
+        self.num_prefix_tokens = int(use_cls_token and use_patch_tokens)
+        self.num_tokens = (side * side if use_patch_tokens else 0) + int(use_cls_token)
+
+        width = int(cfg.hidden_size)
+        hidden = mlp_hidden_dim or context_dim
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, context_dim)
+        )
+        self.null_embedding = nn.Parameter(torch.zeros(self.num_tokens, context_dim))
+        nn.init.normal_(self.null_embedding, std=0.02)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, reference: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``reference`` [B,3,S,S] in [0,1]; rows where ``drop`` is True get the null."""
+        if reference.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"reference must be {self.image_size}x{self.image_size}, got "
+                f"{tuple(reference.shape[-2:])}"
+            )
+        pixels = (reference - self.mean) / self.std
+        with torch.set_grad_enabled(self.trainable_backbone and torch.is_grad_enabled()):
+            hidden = self.backbone(pixel_values=pixels).last_hidden_state  # [B, 1+P(+reg), C]
+        n_patches = self.grid[0] * self.grid[1] if self.use_patch_tokens else 0
+        parts = []
+        if self.use_cls_token:
+            parts.append(hidden[:, :1])
+        if self.use_patch_tokens:
+            parts.append(hidden[:, -n_patches:])
+        tokens = self.mlp(torch.cat(parts, dim=1))
+        if drop is not None:
+            null = self.null_embedding.to(tokens.dtype).expand_as(tokens)
+            tokens = torch.where(drop.view(-1, 1, 1), null, tokens)
+        return tokens
+
+    def null(self, batch_size: int) -> torch.Tensor:
+        """The unconditional context for classifier-free guidance."""
+        return self.null_embedding.unsqueeze(0).expand(batch_size, -1, -1)
