@@ -1,0 +1,359 @@
+"""Known geometry between the reference view and the target view, with exact dense ground truth.
+
+target -> reference:  q = H^-1(p + d(p)),  H a homography (reference px -> target px) and d a
+smooth low-frequency displacement field (sum of a few sinusoids) in target pixels.
+reference -> target:  solve p + d(p) = H(q) by fixed-point iteration p <- H(q) - d(p); it
+converges because d is a contraction (its Lipschitz constant is kept well below 1).
+
+Pixel convention: a coordinate x refers to the centre of pixel column x (OpenCV's remap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from data.objects import ObjectView, random_colour
+
+FIXED_POINT_ITERS = 20
+FIXED_POINT_TOL = 1e-2  # pixels; cv2.remap quantises lookups to 1/32 px anyway
+
+
+@dataclass(frozen=True)
+class SmoothField:
+    """d(x, y)[c] = sum_k amp[k, c] * sin(freq[k, c, 0] x + freq[k, c, 1] y + phase[k, c])."""
+
+    amp: np.ndarray  # [K, 2] pixels
+    freq: np.ndarray  # [K, 2, 2] radians / pixel
+    phase: np.ndarray  # [K, 2]
+
+    @staticmethod
+    def zero() -> SmoothField:
+        return SmoothField(np.zeros((0, 2)), np.zeros((0, 2, 2)), np.zeros((0, 2)))
+
+    @staticmethod
+    def random(size: int, rng: np.random.Generator, max_amp: float = 0.015,
+               terms: int = 3) -> SmoothField:
+        """Random field with total amplitude <= max_amp * size and wavelengths 0.6-1.5 * size."""
+        amp = rng.dirichlet(np.ones(terms), size=2).T * rng.uniform(0.3, 1.0) * max_amp * size
+        wavelength = rng.uniform(0.6, 1.5, size=(terms, 2)) * size
+        direction = rng.uniform(0, 2 * np.pi, size=(terms, 2))
+        k = 2 * np.pi / wavelength
+        freq = np.stack([k * np.cos(direction), k * np.sin(direction)], axis=-1)
+        phase = rng.uniform(0, 2 * np.pi, size=(terms, 2))
+        return SmoothField(amp * rng.choice([-1, 1], size=amp.shape), freq, phase)
+
+    def on_grid(self, height: int, width: int) -> np.ndarray:
+        """Field sampled at every pixel centre, float32 [H, W, 2] (separable, so it is cheap)."""
+        xs = np.arange(width, dtype=np.float64)
+        ys = np.arange(height, dtype=np.float64)
+        out = np.zeros((height, width, 2), np.float64)
+        for k in range(self.amp.shape[0]):
+            for c in range(2):
+                ax = self.freq[k, c, 0] * xs + self.phase[k, c]
+                by = self.freq[k, c, 1] * ys
+                # sin(a + b) = sin a cos b + cos a sin b
+                out[..., c] += self.amp[k, c] * (
+                    np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax)))
+        return out.astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"amp": self.amp.tolist(), "freq": self.freq.tolist(), "phase": self.phase.tolist()}
+
+    @staticmethod
+    def from_dict(d: dict) -> SmoothField:
+        return SmoothField(np.asarray(d["amp"], np.float64).reshape(-1, 2),
+                           np.asarray(d["freq"], np.float64).reshape(-1, 2, 2),
+                           np.asarray(d["phase"], np.float64).reshape(-1, 2))
+
+
+def _apply_h(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Apply homography to [..., 2] points."""
+    x, y = pts[..., 0], pts[..., 1]
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    w = np.where(np.abs(w) < 1e-9, 1e-9, w)
+    return np.stack([(h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w,
+                     (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w], axis=-1)
+
+
+def _grid(height: int, width: int) -> np.ndarray:
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return np.stack([xs, ys], axis=-1)
+
+
+def _pull(src: np.ndarray, coords: np.ndarray, interp: int = cv2.INTER_LINEAR,
+          border: int = cv2.BORDER_CONSTANT) -> np.ndarray:
+    """Sample `src` at float coordinates [H, W, 2] (x, y); outside -> 0 (or replicated)."""
+    return cv2.remap(src, coords, None, interp, borderMode=border, borderValue=0)
+
+
+@dataclass
+class Warp:
+    """Dense correspondence between a target view and a reference view.
+
+    `target_to_reference[y, x]` = reference (x, y) of target pixel (x, y). The inverse map is
+    exact (analytic / fixed point) when the warp has parameters, else estimated by splatting.
+    """
+
+    target_to_reference: np.ndarray  # float32 [Ht, Wt, 2]
+    reference_shape: tuple[int, int]  # (Hr, Wr)
+    homography: np.ndarray | None = None  # 3x3, reference px -> target px
+    displacement: SmoothField | None = None
+    _ref_to_tgt: np.ndarray | None = field(default=None, repr=False)
+    _disp_grid: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def target_shape(self) -> tuple[int, int]:
+        return self.target_to_reference.shape[:2]
+
+    @staticmethod
+    def from_params(homography: np.ndarray, smooth: SmoothField, target_shape: tuple[int, int],
+                    reference_shape: tuple[int, int]) -> Warp:
+        h = np.asarray(homography, np.float64)
+        grid = _grid(*target_shape)
+        disp = smooth.on_grid(*target_shape)
+        t2r = _apply_h(np.linalg.inv(h), (grid + disp).astype(np.float64)).astype(np.float32)
+        return Warp(t2r, tuple(reference_shape), h, smooth)
+
+    @property
+    def reference_to_target(self) -> np.ndarray:
+        """float32 [Hr, Wr, 2]: target (x, y) of each reference pixel (may fall outside)."""
+        if self._ref_to_tgt is None:
+            hr, wr = self.reference_shape
+            self._ref_to_tgt = self.inverse_on((0, 0, wr, hr))
+        return self._ref_to_tgt
+
+    def inverse_on(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        """Target (x, y) of the reference pixels in box (x0, y0, x1, y1): float32 [h, w, 2]."""
+        if self.homography is None:
+            raise ValueError("warp has no parameters; use map_mask_to_reference")
+        x0, y0, x1, y1 = box
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+        hq = _apply_h(self.homography, np.stack([xs, ys], axis=-1)).astype(np.float32)
+        smooth = self.displacement
+        if smooth is None or smooth.amp.shape[0] == 0:
+            return hq
+        ht, wt = self.target_shape
+        # the field is smooth, so bilinear lookup on a grid is exact to ~1e-2 px; the grid is
+        # padded by more than |d| so points landing just outside the frame converge as well
+        pad = int(np.ceil(np.abs(smooth.amp).sum(0).max())) + 4
+        if self._disp_grid is None:
+            self._disp_grid = _shifted_field(smooth, ht, wt, pad)
+        # convergence is judged near the frame: far-away points are large numbers whose
+        # float32 rounding exceeds the tolerance
+        near = ((hq[..., 0] > -pad) & (hq[..., 0] < wt + pad)
+                & (hq[..., 1] > -pad) & (hq[..., 1] < ht + pad))
+        p = hq
+        for _ in range(FIXED_POINT_ITERS):
+            # replicating the border keeps the lookup a contraction far outside too
+            p_next = hq - _pull(self._disp_grid, p + pad, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
+            step = float(np.abs(p_next - p)[near].max(initial=0.0))
+            p = p_next
+            if step < FIXED_POINT_TOL:
+                break
+        return p
+
+    def map_mask_to_reference(self, mask: np.ndarray) -> np.ndarray:
+        """Target-space bool mask -> reference-space bool mask (the region it depicts)."""
+        if self.homography is None:
+            return _splat(mask, self.target_to_reference, self.reference_shape)
+        hr, wr = self.reference_shape
+        out = np.zeros((hr, wr), bool)
+        pts = self.target_to_reference[mask]
+        pts = pts[np.isfinite(pts).all(-1)]
+        if len(pts) == 0:
+            return out
+        # the forward map bounds the region, so the inverse is only needed on that box
+        x0, y0 = np.floor(pts.min(0)).astype(int) - 2
+        x1, y1 = np.ceil(pts.max(0)).astype(int) + 3
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, wr), min(y1, hr)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        coords = (self._ref_to_tgt[y0:y1, x0:x1] if self._ref_to_tgt is not None
+                  else self.inverse_on((x0, y0, x1, y1)))
+        out[y0:y1, x0:x1] = _pull(mask.astype(np.float32), coords) >= 0.5
+        return out
+
+    def map_mask_to_target(self, mask: np.ndarray) -> np.ndarray:
+        """Reference-space bool mask -> target-space bool mask."""
+        return _pull(mask.astype(np.float32), self.target_to_reference) >= 0.5
+
+    def warp_image(self, image: np.ndarray, interp: int = cv2.INTER_LINEAR) -> np.ndarray:
+        """Render a reference-space image in target space (outside the reference -> 0)."""
+        return _pull(image, self.target_to_reference, interp)
+
+    def to_dict(self) -> dict:
+        """JSON-able parameters from which `from_params` rebuilds the identical warp."""
+        if self.homography is None:
+            return {}
+        return {"homography": self.homography.tolist(),
+                "field": (self.displacement or SmoothField.zero()).to_dict(),
+                "target_shape": list(self.target_shape),
+                "reference_shape": list(self.reference_shape)}
+
+    @staticmethod
+    def from_dict(d: dict) -> Warp:
+        return Warp.from_params(np.asarray(d["homography"]), SmoothField.from_dict(d["field"]),
+                                tuple(d["target_shape"]), tuple(d["reference_shape"]))
+
+
+def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int) -> np.ndarray:
+    """Field on the grid of pixels (-pad .. W+pad-1, -pad .. H+pad-1), origin moved by phase."""
+    phase = smooth.phase - pad * (smooth.freq[..., 0] + smooth.freq[..., 1])
+    return SmoothField(smooth.amp, smooth.freq, phase).on_grid(ht + 2 * pad, wt + 2 * pad)
+
+
+def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) -> np.ndarray:
+    """Forward-splat target mask pixels into the reference (for warps given only as a flow)."""
+    hr, wr = reference_shape
+    out = np.zeros((hr, wr), np.uint8)
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return out.astype(bool)
+    base = t2r[ys, xs].astype(np.float32)
+    ok = np.isfinite(base).all(-1)
+    base = base[ok]
+    for dx, dy in ((0, 0), (0.5, 0), (0, 0.5), (0.5, 0.5)):  # sub-pixel samples fill gaps
+        q = base + np.array([dx, dy], np.float32) - 0.25
+        qi = np.rint(q).astype(np.int64)
+        inside = (qi[:, 0] >= 0) & (qi[:, 0] < wr) & (qi[:, 1] >= 0) & (qi[:, 1] < hr)
+        out[qi[inside, 1], qi[inside, 0]] = 1
+    out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    return out.astype(bool)
+
+
+def _bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
+def random_homography(
+    reference_footprint: np.ndarray, target_size: int, rng: np.random.Generator,
+    scale_range: tuple[float, float] = (0.45, 1.0), max_rotation: float = 30.0,
+    perspective: float = 0.06, tries: int = 6,
+) -> np.ndarray:
+    """Homography placing the reference object at a new scale, angle and position in the target.
+
+    The object's extent in the target is `scale_range` of the frame; among a few random
+    placements the one whose box overlaps the reference box least is kept, so the position
+    of a region in the target says little about its position in the reference.
+    """
+    x0, y0, x1, y1 = _bbox(reference_footprint)
+    rs = reference_footprint.shape[0]
+    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+    centre = corners.mean(0)
+    theta = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    moved = (corners - centre) @ rot.T
+    extent = (moved.max(0) - moved.min(0)).max()
+    moved *= rng.uniform(*scale_range) * (target_size - 1) / extent
+    moved += rng.uniform(-perspective, perspective, size=moved.shape) * target_size
+    lo, hi = moved.min(0), moved.max(0)
+    ref_box = np.array([x0, y0, x1, y1]) * (target_size / rs)
+    best, best_iou = None, np.inf
+    for _ in range(tries):
+        shift = np.empty(2)
+        for a in range(2):
+            a_lo, a_hi = -lo[a], target_size - 1 - hi[a]
+            shift[a] = rng.uniform(a_lo, a_hi) if a_hi > a_lo else (a_lo + a_hi) / 2
+        box = np.r_[lo + shift, hi + shift]
+        iou = _box_iou(box, ref_box)
+        if iou < best_iou:
+            best, best_iou = shift, iou
+    dst = (moved + best).astype(np.float32)
+    return cv2.getPerspectiveTransform(corners.astype(np.float32), dst).astype(np.float64)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / max(union, 1e-9)
+
+
+def random_warp(reference_footprint: np.ndarray, target_size: int, rng: np.random.Generator,
+                max_field_amp: float = 0.015) -> Warp:
+    """Random homography + smooth non-rigid field from the reference to a square target."""
+    h = random_homography(reference_footprint, target_size, rng)
+    smooth = SmoothField.random(target_size, rng, max_amp=max_field_amp)
+    return Warp.from_params(h, smooth, (target_size, target_size), reference_footprint.shape)
+
+
+def target_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Cluttered scene background: noise, gradient or random shapes (uint8 [S,S,3])."""
+    kind = rng.integers(0, 3)
+    c0 = np.array(random_colour(rng), np.float32)
+    c1 = np.array(random_colour(rng), np.float32)
+    if kind == 0:  # low-frequency coloured noise
+        small = rng.random((max(2, size // 16), max(2, size // 16), 3)).astype(np.float32)
+        t = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+        img = c0 + (c1 - c0) * t
+    elif kind == 1:  # gradient
+        ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+        a = rng.uniform(0, 2 * np.pi)
+        t = np.clip(np.cos(a) * ramp[None, :] + np.sin(a) * ramp[:, None], 0, 1)
+        img = c0 + (c1 - c0) * t[..., None] / max(1e-6, float(t.max()))
+    else:  # random shapes
+        img = np.broadcast_to(c0, (size, size, 3)).copy()
+        for _ in range(int(rng.integers(3, 9))):
+            col = tuple(float(v) for v in rng.integers(0, 256, 3))
+            cx, cy = rng.integers(0, size, 2)
+            r = int(rng.integers(size // 16 + 1, size // 3 + 2))
+            if rng.random() < 0.5:
+                cv2.circle(img, (int(cx), int(cy)), r, col, -1)
+            else:
+                cv2.rectangle(img, (int(cx - r), int(cy - r // 2)), (int(cx + r), int(cy + r)),
+                              col, -1)
+    img = img + rng.standard_normal((size, size, 1), dtype=np.float32) * rng.uniform(0, 6)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@dataclass
+class TargetView:
+    """The object seen under `warp`, composited on a new background."""
+
+    rgb: np.ndarray  # uint8 [S,S,3], after photometric change
+    geometric_rgb: np.ndarray  # uint8 [S,S,3], before photometric change (for tests / GT)
+    footprint: np.ndarray  # bool [S,S]
+    detail: np.ndarray  # bool [S,S]
+    photometric: dict = field(default_factory=dict)
+
+
+def render_target(reference: ObjectView, warp: Warp, background: np.ndarray) -> TargetView:
+    """Warp the reference object into the target frame and composite over `background`."""
+    alpha = warp.warp_image(reference.footprint.astype(np.float32))
+    obj = warp.warp_image(reference.rgb).astype(np.float32)
+    out = background.astype(np.float32) * (1 - alpha[..., None]) + obj * alpha[..., None]
+    footprint = alpha >= 0.5
+    detail = warp.map_mask_to_target(reference.detail) & footprint
+    rgb = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return TargetView(rgb=rgb, geometric_rgb=rgb, footprint=footprint, detail=detail)
+
+
+def photometric_jitter(rgb: np.ndarray, rng: np.random.Generator, brightness: float = 0.15,
+                       contrast: float = 0.2, hue: float = 8.0) -> tuple[np.ndarray, dict]:
+    """Brightness / contrast / hue change between views (hue in OpenCV units of 2 degrees)."""
+    b = rng.uniform(-brightness, brightness) * 255
+    c = rng.uniform(1 - contrast, 1 + contrast)
+    dh = rng.uniform(-hue, hue)
+    x = rgb.astype(np.float32)
+    x = (x - 128.0) * c + 128.0 + b
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    if abs(dh) >= 0.5:
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + int(round(dh))) % 180).astype(np.uint8)
+        x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return x, {"brightness": b, "contrast": c, "hue": dh}
+
+
+def make_target(reference: ObjectView, target_size: int, rng: np.random.Generator,
+                photometric: bool = True) -> tuple[TargetView, Warp]:
+    """Random warp + new background + photometric change: the target view and its GT warp."""
+    warp = random_warp(reference.footprint, target_size, rng)
+    view = render_target(reference, warp, target_background(target_size, rng))
+    if photometric:
+        view.rgb, view.photometric = photometric_jitter(view.geometric_rgb, rng)
+    return view, warp

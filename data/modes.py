@@ -1,0 +1,145 @@
+"""The paper's two training modes and the tensor contract every data source produces.
+
+Alignment mode: the reference is the complete object, so the model must find the relevant
+region itself (this is what makes cross-attention maps usable for correspondence).
+Refinement mode: the reference is a crop around the corresponding region, as supplied at
+inference after the alignment stage.
+
+Sample contract (what models/ and train.py rely on):
+  target          float32 [3,H,W] in [-1,1]
+  mask            float32 [1,H,W] in {0,1}, 1 = regenerate
+  reference       float32 [3,R,R] in [0,1] (the encoder normalises)
+  reference_mask  float32 [1,R,R] in {0,1}, region of `reference` matching `mask`
+  mode            int64 scalar, 0 = alignment, 1 = refinement
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+ALIGNMENT = 0
+REFINEMENT = 1
+MODE_NAMES = {ALIGNMENT: "alignment", REFINEMENT: "refinement"}
+
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+def mask_bbox(mask: np.ndarray) -> Box | None:
+    """Tight box of a bool mask, None when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def crop_box(
+    mask: np.ndarray,
+    rng: np.random.Generator | None = None,
+    margin: float | tuple[float, float] = (0.1, 0.4),
+    jitter: float = 0.1,
+    min_size: int = 16,
+) -> Box:
+    """Square crop box around the mask's region, kept inside the image.
+
+    `margin` (fraction of the region's longer side added on each side) is drawn from the
+    range when `rng` is given, else its midpoint is used (inference / oracle crop). The centre
+    is jittered by up to `jitter` of the box side but never so far that the region leaves the
+    box. An empty mask gives the whole image.
+    """
+    h_img, w_img = mask.shape[:2]
+    box = mask_bbox(mask)
+    if box is None:
+        return 0, 0, w_img, h_img
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    if isinstance(margin, tuple):
+        m = rng.uniform(*margin) if rng is not None else sum(margin) / 2
+    else:
+        m = margin
+    side = int(round(max(w, h) * (1 + 2 * m)))
+    side = min(max(side, min_size, w, h), w_img, h_img)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if rng is not None and jitter > 0:
+        sx = min(jitter * side, (side - w) / 2)
+        sy = min(jitter * side, (side - h) / 2)
+        cx += rng.uniform(-sx, sx) if sx > 0 else 0.0
+        cy += rng.uniform(-sy, sy) if sy > 0 else 0.0
+    bx = int(round(cx - side / 2))
+    by = int(round(cy - side / 2))
+    # keep the region inside (rounding) and the box inside the image
+    bx = min(max(bx, x1 - side), x0)
+    by = min(max(by, y1 - side), y0)
+    bx = min(max(bx, 0), w_img - side)
+    by = min(max(by, 0), h_img - side)
+    return bx, by, bx + side, by + side
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size with area averaging when shrinking (anti-aliased)."""
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
+    return np.clip(cv2.resize(img, (size, size), interpolation=interp), 0, 255).astype(img.dtype)
+
+
+def resize_mask(mask: np.ndarray, size: int, keep_nonempty: bool = True) -> np.ndarray:
+    """Resize a bool mask by coverage >= 0.5; falls back to any coverage rather than vanish."""
+    if mask.shape[0] == size and mask.shape[1] == size:
+        return mask.astype(bool)
+    interp = cv2.INTER_AREA if mask.shape[0] > size else cv2.INTER_LINEAR
+    cov = cv2.resize(mask.astype(np.float32), (size, size), interpolation=interp)
+    out = cov >= 0.5
+    if keep_nonempty and mask.any() and not out.any():
+        out = cov >= cov.max() * 0.5
+    return out
+
+
+def make_reference(
+    reference_rgb: np.ndarray,
+    reference_region: np.ndarray,
+    mode: int,
+    reference_size: int,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray, Box]:
+    """Reference image and its mask for `mode`: (uint8 [R,R,3], bool [R,R], box used).
+
+    `reference_region` is the target mask mapped into the full reference view.
+    """
+    if mode == ALIGNMENT:
+        h, w = reference_region.shape
+        box = (0, 0, w, h)
+    elif mode == REFINEMENT:
+        box = crop_box(reference_region, rng)
+    else:
+        raise ValueError(f"unknown mode {mode}")
+    x0, y0, x1, y1 = box
+    ref = resize_image(reference_rgb[y0:y1, x0:x1], reference_size)
+    ref_mask = resize_mask(reference_region[y0:y1, x0:x1], reference_size)
+    return ref, ref_mask, box
+
+
+def to_sample(
+    target_rgb: np.ndarray,
+    target_mask: np.ndarray,
+    reference_rgb: np.ndarray,
+    reference_region: np.ndarray,
+    mode: int,
+    image_size: int,
+    reference_size: int,
+    rng: np.random.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Build the tensor contract from working-resolution arrays (see module docstring)."""
+    tgt = resize_image(target_rgb, image_size)
+    msk = resize_mask(target_mask, image_size)
+    ref, ref_mask, _ = make_reference(reference_rgb, reference_region, mode, reference_size, rng)
+    tgt = np.ascontiguousarray(tgt.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1.0
+    ref = np.ascontiguousarray(ref.transpose(2, 0, 1), dtype=np.float32) / 255.0
+    return {
+        "target": torch.from_numpy(tgt),
+        "mask": torch.from_numpy(msk[None].astype(np.float32)),
+        "reference": torch.from_numpy(ref),
+        "reference_mask": torch.from_numpy(ref_mask[None].astype(np.float32)),
+        "mode": torch.tensor(mode, dtype=torch.int64),
+    }

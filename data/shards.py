@@ -1,0 +1,320 @@
+"""WebDataset shards of (reference view, target view, correspondence) pairs.
+
+One sample holds everything except the mask and mode, which are drawn when it is read, so
+one set of shards serves both training modes:
+
+  <key>.ref.png     reference view (RGB)
+  <key>.tgt.png     target view (RGB)
+  <key>.t2r.npy     float16 [Ht, Wt, 2] reference (x, y) of every target pixel (NaN = none)
+  <key>.fp.png      target footprint mask (object pixels)
+  <key>.detail.png  target detail mask (logos, lettering, patterns)
+  <key>.json        metadata; "warp" holds exact warp parameters when the warp is synthetic
+
+Readers draw masks and modes from SeedSequence((seed, crc32(key))), so a sample decodes the
+same way whatever the worker, node or shard order. Decoded samples follow the contract of
+`data.modes` plus webdataset's "__key__" string (collated as a list of keys).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data.geometry import Warp, make_target
+from data.masks import MaskConfig, make_mask
+from data.modes import to_sample
+from data.objects import ObjectView
+from data.synthetic import SyntheticPairs, draw_mode, working_sizes
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 RGB image or a bool mask (stored as 0/255 grayscale)."""
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, mask: bool = False) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        if mask:
+            return np.asarray(im.convert("L")) > 127
+        return np.asarray(im.convert("RGB"))
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _to_float16(coords: np.ndarray) -> np.ndarray:
+    """float16 coordinates; far-outside points are clamped (still outside) to avoid inf."""
+    return np.clip(coords, -30000.0, 30000.0).astype(np.float16)
+
+
+def make_record(key: str, reference_rgb: np.ndarray, target_rgb: np.ndarray,
+                target_to_reference: np.ndarray, footprint: np.ndarray, detail: np.ndarray,
+                meta: dict) -> dict:
+    """One webdataset sample (see module docstring for the fields)."""
+    if "." in key:
+        raise ValueError(f"sample keys must not contain '.': {key!r}")
+    return {
+        "__key__": key,
+        "ref.png": encode_png(reference_rgb),
+        "tgt.png": encode_png(target_rgb),
+        "t2r.npy": encode_npy(_to_float16(target_to_reference)),
+        "fp.png": encode_png(footprint),
+        "detail.png": encode_png(detail),
+        "json": json.dumps(meta).encode(),
+    }
+
+
+def write_shards(records: Iterable[dict], out_dir: str | Path, per_shard: int,
+                 prefix: str = "shard") -> list[Path]:
+    """Write records into <out_dir>/<prefix>-NNNNNN.tar, `per_shard` samples each."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for rec in records:
+            sink.write(rec)
+    return sorted(out.glob(f"{prefix}-*.tar"))
+
+
+# ----------------------------------------------------------------------------- sources
+def synthetic_records(num: int, seed: int, image_size: int = 64,
+                      reference_size: int = 224) -> Iterator[dict]:
+    """Procedural pairs identical to SyntheticPairs(seed=seed) item i, as shard records."""
+    ds = SyntheticPairs(length=num, seed=seed, image_size=image_size,
+                        reference_size=reference_size)
+    for i in range(num):
+        p = ds.pair(i)
+        meta = {"source": "synthetic", "seed": seed, "index": i, "warp": p.warp.to_dict(),
+                "object": p.reference.meta}
+        yield make_record(f"{seed:06d}_{i:08d}", p.reference.rgb, p.target.rgb,
+                          p.warp.target_to_reference, p.target.footprint, p.target.detail, meta)
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _load_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) > 0
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _pad_square(img: np.ndarray, value) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT,
+                              value=value)
+
+
+def edge_detail(rgb: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Proxy for identity-bearing detail in real photos: dense edges inside the object."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    edges = cv2.Canny(grey, 60, 160)
+    k = max(3, rgb.shape[0] // 64) | 1
+    return cv2.dilate(edges, np.ones((k, k), np.uint8)).astype(bool) & footprint
+
+
+def object_view_from_image(rgb: np.ndarray, mask: np.ndarray | None, size: int) -> ObjectView:
+    """A real object photo as a square reference view (padded with its border colour)."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    fp = np.ones(rgb.shape[:2], np.uint8) if mask is None else mask.astype(np.uint8)
+    rgb_sq = cv2.resize(_pad_square(rgb, fill), (size, size), interpolation=cv2.INTER_AREA)
+    fp_sq = cv2.resize(_pad_square(fp * 255, 0), (size, size), interpolation=cv2.INTER_AREA)
+    footprint = fp_sq > 127
+    return ObjectView(rgb=rgb_sq, footprint=footprint, detail=edge_detail(rgb_sq, footprint),
+                      meta={"source": "image"})
+
+
+def _resize_flow(flow: np.ndarray, ref_hw: tuple[int, int], tgt_size: int,
+                 ref_size: int) -> np.ndarray:
+    """Resample a target->reference flow to square target/reference working sizes."""
+    hr, wr = ref_hw
+    f = cv2.resize(flow.astype(np.float32), (tgt_size, tgt_size),
+                   interpolation=cv2.INTER_NEAREST)
+    f[..., 0] = (f[..., 0] + 0.5) * (ref_size / wr) - 0.5
+    f[..., 1] = (f[..., 1] + 0.5) * (ref_size / hr) - 0.5
+    return f
+
+
+def image_folder_records(folder: str | Path, seed: int, image_size: int = 64,
+                         reference_size: int = 224) -> Iterator[dict]:
+    """Records from real images in `folder` (sorted, deterministic given `seed`).
+
+    - `<name>.<ext>` (+ optional `<name>_mask.png` footprint): an object photo, paired with
+      a random synthetic warp of itself (self-supervised pair, exact correspondence).
+    - `<name>_ref.<ext>`, `<name>_tgt.<ext>`, `<name>_flow.npy` (target->reference (x, y)
+      in original pixels, NaN where unknown), optional `<name>_tgt_mask.png`: a multi-view
+      pair. Pairs without a flow are skipped with a warning.
+    Images are resized to square working sizes (aspect not preserved for multi-view pairs).
+    """
+    folder = Path(folder)
+    ref_res, tgt_res = working_sizes(image_size, reference_size)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for idx, path in enumerate(files):
+        stem = path.stem
+        if stem.endswith(("_mask", "_tgt", "_flow")):
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(stem.encode())]))
+        key = f"{idx:08d}_{''.join(c if c.isalnum() else '_' for c in stem)}"
+        if stem.endswith("_ref"):
+            name = stem[: -len("_ref")]
+            tgt_path, flow_path = _find(folder, f"{name}_tgt"), folder / f"{name}_flow.npy"
+            if tgt_path is None or not flow_path.is_file():
+                log.warning("skipping multi-view pair %s: missing %s", name,
+                            "target image" if tgt_path is None else "flow (.npy)")
+                continue
+            ref = _load_rgb(path)
+            tgt = _load_rgb(tgt_path)
+            flow = np.load(flow_path, allow_pickle=False)
+            if flow.shape != (*tgt.shape[:2], 2):
+                log.warning("skipping multi-view pair %s: flow shape %s != target %s", name,
+                            flow.shape, tgt.shape[:2])
+                continue
+            t2r = _resize_flow(flow, ref.shape[:2], tgt_res, ref_res)
+            valid = (np.isfinite(t2r).all(-1) & (t2r[..., 0] > -0.5) & (t2r[..., 1] > -0.5)
+                     & (t2r[..., 0] < ref_res - 0.5) & (t2r[..., 1] < ref_res - 0.5))
+            mask_path = _find(folder, f"{name}_tgt_mask")
+            fp = valid
+            if mask_path is not None:
+                m = cv2.resize(_load_mask(mask_path).astype(np.uint8), (tgt_res, tgt_res),
+                               interpolation=cv2.INTER_NEAREST).astype(bool)
+                fp = m & valid
+            t2r[~valid] = np.nan
+            tgt_sq = cv2.resize(tgt, (tgt_res, tgt_res), interpolation=cv2.INTER_AREA)
+            ref_sq = cv2.resize(ref, (ref_res, ref_res), interpolation=cv2.INTER_AREA)
+            meta = {"source": "multiview", "name": name, "warp": {}}
+            yield make_record(key, ref_sq, tgt_sq, t2r, fp, edge_detail(tgt_sq, fp), meta)
+            continue
+        mask_path = _find(folder, f"{stem}_mask")
+        mask = _load_mask(mask_path) if mask_path is not None else None
+        rgb = _load_rgb(path)
+        if mask is not None and mask.shape != rgb.shape[:2]:
+            log.warning("skipping %s: mask size %s != image %s", stem, mask.shape, rgb.shape[:2])
+            continue
+        view = object_view_from_image(rgb, mask, ref_res)
+        if not view.footprint.any():
+            log.warning("skipping %s: empty mask", stem)
+            continue
+        target, warp = make_target(view, tgt_res, rng)
+        meta = {"source": "image", "name": stem, "warp": warp.to_dict()}
+        yield make_record(key, view.rgb, target.rgb, warp.target_to_reference,
+                          target.footprint, target.detail, meta)
+
+
+# ----------------------------------------------------------------------------- reading
+def sample_generators(seed: int, key: str) -> tuple[np.random.Generator, np.random.Generator]:
+    """(mask, mode) generators of a shard sample, fixed by (seed, key)."""
+    a, b = np.random.SeedSequence([seed, zlib.crc32(key.encode())]).spawn(2)
+    return np.random.default_rng(a), np.random.default_rng(b)
+
+
+def warp_from_record(t2r: np.ndarray, meta: dict, reference_shape: tuple[int, int]) -> Warp:
+    """Exact warp from stored parameters when present, else the stored flow (splat inverse)."""
+    params = meta.get("warp") or {}
+    if params:
+        return Warp.from_dict(params)
+    return Warp(t2r.astype(np.float32), tuple(reference_shape))
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Raw shard sample -> sample contract of `data.modes` (mask and mode drawn here).
+
+    A picklable class rather than a closure, so DataLoader workers can be spawned.
+    """
+
+    seed: int = 0
+    image_size: int = 64
+    reference_size: int = 224
+    align_ratio: float = 0.5
+    force_mode: int | None = None
+    mask_config: MaskConfig | None = None
+
+    def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
+        key = sample["__key__"]
+        ref = decode_png(sample["ref.png"])
+        tgt = decode_png(sample["tgt.png"])
+        fp = decode_png(sample["fp.png"], mask=True)
+        detail = decode_png(sample["detail.png"], mask=True)
+        meta = json.loads(sample["json"])
+        warp = warp_from_record(decode_npy(sample["t2r.npy"]), meta, ref.shape[:2])
+        mask_rng, mode_rng = sample_generators(self.seed, key)
+        mask, _ = make_mask(fp, detail, mask_rng, self.mask_config)
+        mode = draw_mode(mode_rng, self.align_ratio, self.force_mode)
+        return to_sample(tgt, mask, ref, warp.map_mask_to_reference(mask), mode,
+                         self.image_size, self.reference_size, mode_rng)
+
+
+def shard_dataset(
+    urls: str | list[str],
+    seed: int = 0,
+    image_size: int = 64,
+    reference_size: int = 224,
+    align_ratio: float = 0.5,
+    force_mode: int | None = None,
+    mask_config: MaskConfig | None = None,
+    shuffle: int = 0,
+    resampled: bool = False,
+    epoch_length: int | None = None,
+) -> wds.WebDataset:
+    """IterableDataset over shards (brace pattern or list), decoded to the sample contract.
+
+    `shuffle` > 0 shuffles shards and a sample buffer of that size (order only: contents
+    stay fixed per key). `resampled` draws shards with replacement forever; give
+    `epoch_length` (samples per worker) to bound an epoch.
+    """
+    ds = wds.WebDataset(
+        urls,
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+        shardshuffle=False if resampled or shuffle <= 0 else shuffle,
+        resampled=resampled,
+        seed=seed,
+        empty_check=False,
+    )
+    if shuffle > 0:
+        ds = ds.shuffle(shuffle)
+    ds = ds.map(SampleDecoder(seed, image_size, reference_size, align_ratio, force_mode,
+                              mask_config))
+    if epoch_length is not None:
+        ds = ds.with_epoch(epoch_length)
+    return ds
