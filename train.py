@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distributed import use_job_command_for_ddp_children
 from models.export import save_export
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=instantiate_group(cfg.get("logger")) or False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if module.val_step != trainer.global_step:  # stopped between validations (max_time)
+        trainer.validate(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     export_dir = None
     if trainer.is_global_zero:
         export_dir = save_export(module.inference_state_dict(), cfg.model, Path(cfg.export_dir))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {"metrics": metrics, "val_table": module.val_table, "export_dir": export_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}
@@ -66,12 +70,12 @@ def format_summary(result: dict[str, Any]) -> str:
     ]
     if table:
         lines += ["", f"Correspondence mIoU on held-out alignment pairs (t={table['timestep']})",
-                  f"  {'block':<22}{'mask':>8}{'box':>8}"]
+                  f"  {'block':<30}{'mask':>8}{'box':>8}"]
         for index, scores in table["blocks"].items():
             mark = "  <- best" if index == table["best_block"] else ""
-            lines.append(f"  {index:<22}{scores['mask']:>8.3f}{scores['box']:>8.3f}{mark}")
+            lines.append(f"  {index:<30}{scores['mask']:>8.3f}{scores['box']:>8.3f}{mark}")
         for name, scores in table["baselines"].items():
-            lines.append(f"  {'baseline: ' + name:<22}{scores['mask']:>8.3f}{scores['box']:>8.3f}")
+            lines.append(f"  {'baseline: ' + name:<30}{scores['mask']:>8.3f}{scores['box']:>8.3f}")
     lines.append("=" * 64)
     return "\n".join(lines)
 
@@ -79,6 +83,7 @@ def format_summary(result: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    use_job_command_for_ddp_children()  # DDP children run this job, not the whole sweep
     result = train(cfg)
     print(format_summary(result))
 

@@ -70,11 +70,14 @@ class PairDataModule(pl.LightningDataModule):
                     mask_config=self.mask_config)
             else:
                 per_worker = max(1, hp.train_length // max(1, hp.num_workers))
+                trainer = self.trainer
+                rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
                 self.train_set = shard_dataset(
                     hp.shard_urls, seed=hp.train_seed, image_size=hp.image_size,
                     reference_size=hp.reference_size, align_ratio=hp.align_ratio,
                     mask_config=self.mask_config, shuffle=hp.shuffle_buffer,
-                    resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None)
+                    resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
+                    rank=rank, world_size=world)
         if self.val_set is None:
             self.val_set = SyntheticPairs(
                 length=hp.val_length, seed=hp.val_seed, image_size=hp.image_size,

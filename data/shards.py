@@ -23,11 +23,14 @@ import logging
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
@@ -284,6 +287,11 @@ class SampleDecoder:
                          self.image_size, self.reference_size, mode_rng)
 
 
+def split_by_rank(urls: Iterable[str], rank: int, world_size: int) -> Iterator[str]:
+    """This rank's shards: every `world_size`-th url, starting at `rank`."""
+    yield from islice(urls, rank, None, world_size)
+
+
 def shard_dataset(
     urls: str | list[str],
     seed: int = 0,
@@ -295,16 +303,26 @@ def shard_dataset(
     shuffle: int = 0,
     resampled: bool = False,
     epoch_length: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> wds.WebDataset:
     """IterableDataset over shards (brace pattern or list), decoded to the sample contract.
 
     `shuffle` > 0 shuffles shards and a sample buffer of that size (order only: contents
     stay fixed per key). `resampled` draws shards with replacement forever; give
     `epoch_length` (samples per worker) to bound an epoch.
+
+    Shards are split over ranks by (`rank`, `world_size`), resolved here in the main process
+    (from torch.distributed when not given): DataLoader workers cannot see the process group,
+    and Lightning's DDP launcher and SLURM export no RANK for webdataset to read.
     """
+    if rank is None and dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    node_split = (wds.split_by_node if rank is None or world_size is None
+                  else partial(split_by_rank, rank=rank, world_size=world_size))
     ds = wds.WebDataset(
         urls,
-        nodesplitter=wds.split_by_node,
+        nodesplitter=node_split,
         workersplitter=wds.split_by_worker,
         shardshuffle=False if resampled or shuffle <= 0 else shuffle,
         resampled=resampled,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
@@ -34,11 +36,28 @@ class VAE(nn.Module):
     def from_pretrained(cls, pretrained: str, subfolder: str | None = "vae") -> VAE:
         return cls(AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder or None))
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> VAE:
+        """Random weights in a given layout: benchmarks and tests at real scale, no files."""
+        return cls(AutoencoderKL(**config))
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images).latent_dist.mode() * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+
+def build_vae(
+    pretrained: str | None = None, subfolder: str | None = "vae",
+    config: dict[str, Any] | None = None,
+) -> VAE:
+    """The VAE from a local directory or hub id, or randomly initialised from ``config``."""
+    if pretrained:
+        return VAE.from_pretrained(pretrained, subfolder)
+    if config is None:
+        raise ValueError("build_vae needs either `pretrained` (path or hub id) or `config`")
+    return VAE.from_config(dict(config))
 
 
 Autoencoder = PixelSpace | VAE

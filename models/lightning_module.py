@@ -92,6 +92,7 @@ class RefineByAlignModule(pl.LightningModule):
             {f"{name}_{kind}": MeanMetric() for name in BASELINES for kind in ("mask", "box")}
         )
         self.val_table: dict[str, Any] = {}
+        self.val_step = -1  # global step of the last completed validation
         self._val_batch: dict[str, torch.Tensor] | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -241,6 +242,7 @@ class RefineByAlignModule(pl.LightningModule):
         })
         self.val_table = {"timestep": self.hparams.val_timestep, "blocks": per_block,
                           "baselines": baselines, "best_block": best}
+        self.val_step = self.global_step
         if self._val_batch is not None and not self.trainer.sanity_checking:
             self.log_sample_grid(self._val_batch)
         self._val_batch = None

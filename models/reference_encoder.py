@@ -47,6 +47,9 @@ class ReferenceEncoder(nn.Module):
         self.use_cls_token = use_cls_token
         self.trainable_backbone = trainable_backbone
         backbone.requires_grad_(trainable_backbone)
+        mask_token = getattr(backbone.embeddings, "mask_token", None)
+        if mask_token is not None:  # masked-image pretraining only; unused, it would stop DDP
+            mask_token.requires_grad_(False)
 
         cfg = backbone.config
         self.image_size = int(cfg.image_size)

@@ -1,0 +1,248 @@
+"""Refinement metrics: ground truth in the mask, reference identity (CLIP / DINO) and FID.
+
+Ground-truth metrics (PSNR, SSIM in the mask's bounding box, L1 inside the mask) need only
+``target.png``. The paper's identity and realism metrics need pretrained networks; each loads
+from a configured local path (nothing is ever fetched: HF_HUB_OFFLINE is forced) and, when the
+weights are missing or unloadable, its value is :data:`NOT_AVAILABLE` instead of a number, so
+a score from random weights can never be reported under the paper's name. Loaders are cached:
+each network loads once per process.
+
+All images are uint8 HxWx3 numpy arrays, masks bool HxW.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+log = logging.getLogger(__name__)
+
+NOT_AVAILABLE = "not available (no weights)"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Value = float | str
+
+
+# ----------------------------------------------------------------------------- ground truth
+def mask_bbox(mask: np.ndarray) -> tuple[slice, slice]:
+    """(rows, cols) slices of the mask's bounding box; the metrics' region of interest."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError("empty mask")
+    return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float [1,3,H,W] in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def psnr_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR (dB, data range 1) inside the mask's bounding box; inf when identical there."""
+    rows, cols = mask_bbox(mask)
+    value = peak_signal_noise_ratio(_to_tensor(output[rows, cols]), _to_tensor(target[rows, cols]),
+                                    data_range=1.0)
+    return float(value)
+
+
+def ssim_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """Gaussian SSIM inside the mask's bounding box, the window shrunk to fit small boxes."""
+    rows, cols = mask_bbox(mask)
+    side = min(rows.stop - rows.start, cols.stop - cols.start)
+    kernel = min(11, side if side % 2 else side - 1)  # odd, and its pad < side for reflection
+    value = structural_similarity_index_measure(
+        _to_tensor(output[rows, cols]), _to_tensor(target[rows, cols]), data_range=1.0,
+        kernel_size=kernel, sigma=1.5 * kernel / 11,
+    )
+    return float(value)
+
+
+def masked_l1(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute error in [0,1] units over the mask's pixels and channels."""
+    if not mask.any():
+        raise ValueError("empty mask")
+    diff = np.abs(output.astype(np.float64) - target.astype(np.float64)) / 255.0
+    return float(diff[mask].mean())
+
+
+def ground_truth_metrics(output: np.ndarray, target: np.ndarray, mask: np.ndarray
+                         ) -> dict[str, float]:
+    """PSNR / SSIM in the mask's box and L1 in the mask, against the artifact-free target."""
+    return {"psnr": psnr_in_box(output, target, mask), "ssim": ssim_in_box(output, target, mask),
+            "l1": masked_l1(output, target, mask)}
+
+
+# ----------------------------------------------------------------------------- identity
+def region_crop(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The image inside the mask's bounding box (the whole image when ``mask`` is None)."""
+    if mask is None:
+        return image
+    rows, cols = mask_bbox(mask)
+    return image[rows, cols]
+
+
+class ClipScorer:
+    """open_clip image tower; embeddings are L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module, preprocess, device: torch.device) -> None:
+        self.model, self.preprocess, self.device = model, preprocess, device
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        batch = torch.stack([self.preprocess(Image.fromarray(im)) for im in images])
+        return F.normalize(self.model.encode_image(batch.to(self.device)).float(), dim=-1)
+
+
+class DinoScorer:
+    """DINOv2 CLS token (pooled, layer-normed) at 224 px; embeddings are L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, size: int = 224) -> None:
+        self.model, self.device, self.size = model, device, size
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = torch.cat([
+            F.interpolate(_to_tensor(im), size=(self.size, self.size), mode="bicubic",
+                          antialias=True, align_corners=False) for im in images
+        ]).clamp(0, 1).to(self.device)
+        out = self.model(pixel_values=(batch - self.mean) / self.std)
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@cache
+def load_clip_scorer(model_name: str, pretrained: str | None, device: str = "cpu"
+                     ) -> ClipScorer | None:
+    """open_clip ``model_name`` with weights from the local file ``pretrained``; None if absent."""
+    _offline()
+    if not pretrained or not Path(pretrained).is_file():
+        log.warning("CLIP score %s: weights file %r not found", NOT_AVAILABLE, pretrained)
+        return None
+    try:
+        import open_clip
+
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=str(pretrained), device=device)
+    except Exception as err:  # any failure to load means no trustworthy weights
+        log.warning("CLIP score %s: cannot load %s from %s: %s", NOT_AVAILABLE, model_name,
+                    pretrained, err)
+        return None
+    return ClipScorer(model.eval(), preprocess, torch.device(device))
+
+
+@cache
+def load_dino_scorer(path: str | None, device: str = "cpu") -> DinoScorer | None:
+    """DINOv2 from a local directory (or a hub id already in the local cache); None if absent."""
+    _offline()
+    if not path:
+        log.warning("DINO score %s: no DINOv2 path configured", NOT_AVAILABLE)
+        return None
+    try:
+        from transformers import Dinov2Model
+
+        model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:
+        log.warning("DINO score %s: cannot load DINOv2 from %s: %s", NOT_AVAILABLE, path, err)
+        return None
+    return DinoScorer(model.to(device).eval(), torch.device(device))
+
+
+def identity_scores(
+    scorer: ClipScorer | DinoScorer | None,
+    outputs: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    references: Sequence[np.ndarray],
+    reference_masks: Sequence[np.ndarray | None],
+    batch_size: int = 32,
+) -> list[Value]:
+    """Cosine similarity of the refined region crop and the ground-truth reference region crop.
+
+    The reference region is the box of ``reference_mask`` (the whole reference when it is
+    None). Without a scorer every value is :data:`NOT_AVAILABLE`.
+    """
+    if scorer is None:
+        return [NOT_AVAILABLE] * len(outputs)
+    scores: list[Value] = []
+    for start in range(0, len(outputs), batch_size):
+        end = start + batch_size
+        ours = scorer.embed([region_crop(o, m) for o, m in zip(outputs[start:end],
+                                                                masks[start:end], strict=True)])
+        refs = scorer.embed([region_crop(r, m) for r, m in zip(references[start:end],
+                                                                reference_masks[start:end],
+                                                                strict=True)])
+        scores.extend(float(s) for s in (ours * refs).sum(-1))
+    return scores
+
+
+# ----------------------------------------------------------------------------- FID
+@cache
+def load_fid(weights_path: str | None, feature: int = 2048, device: str = "cpu"):
+    """torchmetrics FID on the Inception weights at ``weights_path``; None if unavailable.
+
+    Never built without a local weights file: torch-fidelity would download them otherwise.
+    """
+    if not weights_path or not Path(weights_path).is_file():
+        log.warning("FID %s: Inception weights %r not found", NOT_AVAILABLE, weights_path)
+        return None
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(feature=feature,
+                                          feature_extractor_weights_path=str(weights_path))
+    except Exception as err:  # e.g. torch-fidelity not installed, corrupt file
+        log.warning("FID %s: cannot build Inception from %s: %s", NOT_AVAILABLE, weights_path,
+                    err)
+        return None
+    return metric.to(device)
+
+
+def fid_score(metric, outputs: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+              batch_size: int = 32) -> Value:
+    """FID of ``outputs`` vs ``targets`` (whole images); :data:`NOT_AVAILABLE` without weights."""
+    if metric is None:
+        return NOT_AVAILABLE
+    if len(outputs) < 2 or len(targets) < 2:
+        return "not available (needs >= 2 images)"
+    metric.reset()
+    device = metric.device
+    for images, real in ((targets, True), (outputs, False)):
+        for start in range(0, len(images), batch_size):
+            chunk = np.stack(images[start:start + batch_size])
+            batch = torch.from_numpy(chunk).permute(0, 3, 1, 2).contiguous().to(device)
+            metric.update(batch, real=real)
+    return float(metric.compute())
+
+
+# ----------------------------------------------------------------------------- aggregation
+def mean_value(values: Sequence[Value | None]) -> Value | None:
+    """Mean of the numbers (None = not applicable, skipped); a string reason wins if present.
+
+    An inf (e.g. PSNR of an untouched identical region) makes the mean inf, as it should.
+    """
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    reasons = [v for v in present if isinstance(v, str)]
+    if reasons:
+        return reasons[0]
+    mean = float(np.mean(present))
+    return mean if not math.isnan(mean) else None

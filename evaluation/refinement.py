@@ -1,0 +1,360 @@
+"""Refinement comparison: the same cases through every method, scored with the same metrics.
+
+Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/default.yaml``):
+
+- ``input``: the image unchanged;
+- ``telea``: OpenCV TELEA inpainting of the (dilated) mask, no reference;
+- ``whole_reference``: our model given the whole reference (Paint-by-Example style);
+- ``aligned_crop``: Refine-by-Align, the crop the alignment stage found;
+- ``oracle_crop``: our model given the ground-truth crop (box of ``reference_mask`` grown by
+  the alignment stage's margin, ``cfg.alignment.margin``); cases without ``reference_mask``
+  are not scored for it (counted);
+- ``copy_from_reference``: the feature-matching homography warp of the reference pasted into
+  the mask; where matching fails the input is kept (counted).
+
+Images of any size go through the model at its own resolution and the generated content is
+upsampled and blended at the image's resolution, so pixels outside the (dilated) mask are the
+input's bit for bit, for every method.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from data.benchmark import BenchmarkCase
+from evaluation import metrics as M
+from evaluation.sweep import model_image_size
+from models.alignment import Alignment, crop_box, resize_reference
+from models.correspondence import expand_boxes, mask_boxes
+from models.export import Components
+from models.pipeline import AlignmentConfig, RefineByAlign, RefinementConfig
+from models.refinement import blend, blend_weights, sample_inpaint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "refinement" / "default.yaml"
+METHODS = ("input", "telea", "whole_reference", "aligned_crop", "oracle_crop",
+           "copy_from_reference")
+MODEL_METHODS = ("whole_reference", "aligned_crop", "oracle_crop")
+
+
+def default_config() -> DictConfig:
+    """The shipped defaults of ``evaluate_refinement``'s ``cfg``."""
+    return OmegaConf.load(DEFAULT_CONFIG)
+
+
+# ----------------------------------------------------------------------------- conversions
+def _chw(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 (possibly a read-only view) -> float [3,H,W], values kept as 0..255."""
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+def to_model_inputs(image: np.ndarray, mask: np.ndarray, size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 image / bool mask -> [1,3,S,S] in [-1,1] and [1,1,S,S] at the model's size.
+
+    Unlike the sweep's soft ``case_tensors`` mask, the mask is max-pooled when shrunk so that
+    every masked pixel of the original falls in a masked cell (the generated content then
+    covers the whole mask after upsampling).
+    """
+    img = _chw(image)[None] / 255.0
+    msk = torch.from_numpy(mask.astype(np.float32))[None, None]
+    if img.shape[-2:] != (size, size):
+        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False).clamp(0, 1)
+        h, w = msk.shape[-2:]
+        msk = (F.adaptive_max_pool2d(msk, (size, size)) if h >= size and w >= size
+               else F.interpolate(msk, size=(size, size), mode="nearest"))
+    return img * 2 - 1, (msk > 0.5).float()
+
+
+def reference_tensor(reference: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> [3,H,W] in [0,1] (the layout of ``Alignment.crop``)."""
+    return _chw(reference) / 255.0
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3,H,W] in [-1,1] -> uint8 HxWx3."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def paste(image: np.ndarray, content: np.ndarray, mask: np.ndarray, dilate: int = 0,
+          feather: int = 0) -> np.ndarray:
+    """Blend ``content`` (any size, upsampled to the image's) into ``image`` inside the mask.
+
+    Done at the image's own resolution with :func:`models.refinement.blend` on 0..255 floats,
+    so zero-weight pixels are the input's integers exactly.
+    """
+    height, width = mask.shape
+    gen = _chw(content)[None]
+    if gen.shape[-2:] != (height, width):
+        gen = F.interpolate(gen, size=(height, width), mode="bicubic", align_corners=False)
+    orig = _chw(image)[None]
+    msk = torch.from_numpy(mask.astype(np.float32))[None, None]
+    out = blend(orig, gen.clamp(0, 255), msk, dilate, feather)
+    return out[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def dilated_mask(mask: np.ndarray, dilate: int = 0) -> np.ndarray:
+    """The region a method may change: the mask grown by ``dilate`` px (as in blending)."""
+    msk = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return blend_weights(msk, dilate, 0)[0, 0].numpy() > 0
+
+
+# ----------------------------------------------------------------------------- methods
+@torch.no_grad()
+def refine_batch(
+    pipeline: RefineByAlign,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    references: Sequence[torch.Tensor],
+    seed: int = 0,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Refinement stage for a batch of cases of any sizes; returns uint8 images.
+
+    ``references`` are [3,h,w] in [0,1] (a crop or the whole reference), each resized to the
+    encoder's input. One generator seeded with ``seed`` draws the batch's noise.
+    """
+    comps, cfg = pipeline.components, pipeline.refinement
+    device = pipeline.device
+    size = model_image_size(comps)
+    pairs = [to_model_inputs(im, m, size) for im, m in zip(images, masks, strict=True)]
+    image = torch.cat([p[0] for p in pairs]).to(device)
+    mask = torch.cat([p[1] for p in pairs]).to(device)
+    encoder = comps.reference_encoder
+    refs = torch.cat([resize_reference(r[None].float(), encoder.image_size) for r in references])
+    context = encoder(refs.to(device))
+    generated = sample_inpaint(
+        comps.denoiser, comps.autoencoder, pipeline.scheduler, image, mask, context,
+        encoder.null(len(context)), cfg.num_steps, cfg.guidance_scale,
+        torch.Generator().manual_seed(seed), progress,
+    )
+    return [paste(im, to_uint8(g), m, cfg.dilate, cfg.feather)
+            for im, g, m in zip(images, generated, masks, strict=True)]
+
+
+def oracle_crop(reference: np.ndarray, reference_mask: np.ndarray, margin: float
+                ) -> torch.Tensor:
+    """The ground-truth crop: box of ``reference_mask`` grown by ``margin``, as [3,h,w]."""
+    region = torch.from_numpy(np.array(reference_mask, dtype=bool))[None]
+    boxes = expand_boxes(mask_boxes(region), margin, reference_mask.shape)
+    return crop_box(reference_tensor(reference), boxes[0].tolist())
+
+
+def telea(image: np.ndarray, mask: np.ndarray, radius: int = 3, dilate: int = 0) -> np.ndarray:
+    """Classical inpainting without a reference (OpenCV TELEA) of the dilated mask."""
+    region = dilated_mask(mask, dilate)
+    painted = cv2.inpaint(np.ascontiguousarray(image), region.astype(np.uint8) * 255,
+                          radius, cv2.INPAINT_TELEA)
+    return np.where(region[..., None], painted, image)
+
+
+def copy_from_reference(image: np.ndarray, mask: np.ndarray, reference: np.ndarray,
+                        dilate: int = 0, feather: int = 0) -> tuple[np.ndarray, bool]:
+    """Homography-warp the reference into the mask; (output, True) if matching failed."""
+    from evaluation.baselines import warp_reference_into_image
+
+    try:
+        warped, info = warp_reference_into_image(image, mask, reference)
+    except Exception as err:  # a baseline failing on one case must not stop the run
+        log.warning("copy_from_reference failed: %s", err)
+        warped, info = None, {"error": str(err)}
+    if warped is None:
+        log.debug("copy_from_reference fell back to the input: %s", info)
+        return image.copy(), True
+    return paste(image, warped, mask, dilate, feather), False
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _alignment_config(cfg: DictConfig) -> AlignmentConfig:
+    section = cfg.get("alignment") or {}
+    return AlignmentConfig(**{k: section[k] for k in ("timestep", "block", "threshold", "margin")
+                              if k in section})
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+def run_methods(
+    cases: Sequence[BenchmarkCase],
+    components: Components,
+    alignments: Mapping[str, Alignment] | None,
+    cfg: DictConfig,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
+    """Every method's output per case: ({method: {case_id: uint8}}, counts)."""
+    methods = list(cfg.methods)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    pipeline = RefineByAlign(
+        components, _alignment_config(cfg),
+        RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
+                         int(cfg.dilate), int(cfg.feather)),
+    )
+    outputs: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    counts: dict[str, int] = defaultdict(int)
+    alignments = dict(alignments or {})
+
+    if "aligned_crop" in methods:
+        missing = [c for c in cases if c.id not in alignments]
+        size = model_image_size(components)
+        for case in tqdm(missing, desc="align (missing)", disable=not missing, leave=False):
+            image, mask = to_model_inputs(case.image, case.mask, size)
+            alignments[case.id] = pipeline.align(
+                image.to(pipeline.device), mask.to(pipeline.device),
+                reference_tensor(case.reference)[None].to(pipeline.device), int(cfg.seed))
+        counts["aligned_on_the_fly"] = len(missing)
+
+    for case in tqdm(cases, desc="classical methods", leave=False):
+        if "input" in methods:
+            outputs["input"][case.id] = case.image.copy()
+        if "telea" in methods:
+            outputs["telea"][case.id] = telea(case.image, case.mask, int(cfg.telea_radius),
+                                              int(cfg.dilate))
+        if "copy_from_reference" in methods:
+            out, fell_back = copy_from_reference(case.image, case.mask, case.reference,
+                                                 int(cfg.dilate), int(cfg.feather))
+            outputs["copy_from_reference"][case.id] = out
+            counts["copy_from_reference_fallback"] += int(fell_back)
+
+    def reference_for(method: str, case: BenchmarkCase) -> torch.Tensor | None:
+        if method == "whole_reference":
+            return reference_tensor(case.reference)
+        if method == "aligned_crop":
+            return alignments[case.id].crop.detach().float().cpu()
+        if case.reference_mask is None:
+            return None
+        return oracle_crop(case.reference, case.reference_mask,
+                           float(cfg.alignment.margin))
+
+    model_methods = [m for m in methods if m in MODEL_METHODS]
+    batches = _batches(list(cases), int(cfg.batch_size))
+    bar = tqdm(total=len(model_methods) * len(cases), desc="refine", unit="case")
+    for method in model_methods:
+        bar.set_postfix(method=method)
+        for index, batch in enumerate(batches):
+            refs = [(c, reference_for(method, c)) for c in batch]
+            todo = [(c, r) for c, r in refs if r is not None]
+            if method == "oracle_crop":
+                counts["oracle_crop_skipped_no_reference_mask"] += len(refs) - len(todo)
+            if todo:
+                # the same seed per batch index: every model method sees the same noise
+                # (unless oracle_crop dropped a case of the batch for want of a GT region)
+                results = refine_batch(pipeline, [c.image for c, _ in todo],
+                                       [c.mask for c, _ in todo], [r for _, r in todo],
+                                       int(cfg.seed) + index)
+                for (case, _), out in zip(todo, results, strict=True):
+                    outputs[method][case.id] = out
+            bar.update(len(batch))
+    bar.close()
+    return outputs, dict(counts)
+
+
+def score_outputs(
+    cases: Sequence[BenchmarkCase],
+    outputs: Mapping[str, np.ndarray],
+    cfg: DictConfig,
+    device: str = "cpu",
+) -> dict[str, dict[str, M.Value]]:
+    """Per-case metrics of one method: {case_id: {metric: value}} (FID is per set, not here)."""
+    mcfg = cfg.metrics
+    scored = [c for c in cases if c.id in outputs]
+    per_case: dict[str, dict[str, M.Value]] = {c.id: {} for c in scored}
+    for case in scored:
+        if case.target is not None:
+            per_case[case.id].update(M.ground_truth_metrics(outputs[case.id], case.target,
+                                                            case.mask))
+    scorers = {
+        "clip": M.load_clip_scorer(str(mcfg.clip.model), mcfg.clip.pretrained, device),
+        "dino": M.load_dino_scorer(mcfg.dino.path, device),
+    }
+    for name, scorer in scorers.items():
+        values = M.identity_scores(
+            scorer, [outputs[c.id] for c in scored], [c.mask for c in scored],
+            [c.reference for c in scored], [c.reference_mask for c in scored],
+            int(mcfg.batch_size))
+        for case, value in zip(scored, values, strict=True):
+            per_case[case.id][name] = value
+    return per_case
+
+
+def aggregate(per_case: Mapping[str, Mapping[str, M.Value]], ids: Sequence[str]
+              ) -> dict[str, M.Value]:
+    """Mean of each metric over the cases ``ids`` that have it."""
+    rows = [per_case[i] for i in ids if i in per_case]
+    names = sorted({k for row in rows for k in row})
+    result = {}
+    for name in names:
+        value = M.mean_value([row.get(name) for row in rows])
+        if value is not None:
+            result[name] = value
+    return result
+
+
+def evaluate_refinement(
+    cases: Sequence[BenchmarkCase],
+    components: Components,
+    alignments: Mapping[str, Alignment] | None,
+    cfg: DictConfig | None = None,
+) -> dict[str, Any]:
+    """Run every method of ``cfg.methods`` on ``cases`` and score them.
+
+    ``alignments`` maps case id -> the alignment stage's answer (calibrated t*, l*); cases
+    missing from it are aligned here with ``cfg.alignment`` (counted as aligned_on_the_fly).
+    Returns ``{"methods": {method: {metric: value}}, "by_category": {category: {method:
+    {metric: value}}}, "counts": {...}, "outputs": {case_id: {method: uint8 HxWx3}}}``.
+    Everything but "outputs" is JSON-able (PSNR can be inf, written as Infinity by json);
+    "outputs" holds the images for qualitative figures and must be popped before dumping.
+    A metric whose network weights are missing has the value ``"not available (no weights)"``.
+    """
+    cfg = OmegaConf.merge(default_config(), cfg or {})
+    outputs, counts = run_methods(cases, components, alignments, cfg)
+    categories: dict[str, list[str]] = defaultdict(list)
+    for case in cases:
+        categories[case.category].append(case.id)
+
+    device = str(next(components.denoiser.parameters()).device)
+    fid = M.load_fid(cfg.metrics.fid.feature_extractor_weights_path,
+                     int(cfg.metrics.fid.feature), device)
+    by_id = {c.id: c for c in cases}
+    methods: dict[str, dict[str, M.Value]] = {}
+    by_category: dict[str, dict[str, dict[str, M.Value]]] = {cat: {} for cat in categories}
+    scored: dict[str, int] = {}
+    for method in tqdm(list(cfg.methods), desc="metrics", leave=False):
+        out = outputs[method]
+        per_case = score_outputs(cases, out, cfg, device)
+        scored[method] = len(per_case)
+
+        def fid_of(ids: Sequence[str], out: Mapping[str, np.ndarray] = out) -> M.Value:
+            pairs = [(out[i], by_id[i].target) for i in ids
+                     if i in out and by_id[i].target is not None]
+            return M.fid_score(fid, [o for o, _ in pairs], [t for _, t in pairs])
+
+        methods[method] = {**aggregate(per_case, list(by_id)), "fid": fid_of(list(by_id))}
+        for cat, ids in categories.items():
+            by_category[cat][method] = {**aggregate(per_case, ids), "fid": fid_of(ids)}
+
+    counts.update({
+        "cases": len(cases),
+        "with_target": sum(c.target is not None for c in cases),
+        "with_reference_mask": sum(c.reference_mask is not None for c in cases),
+        "by_category": {cat: len(ids) for cat, ids in categories.items()},
+        "scored": scored,
+    })
+    per_image = {c.id: {m: outputs[m][c.id] for m in cfg.methods if c.id in outputs[m]}
+                 for c in cases}
+    return {"methods": methods, "by_category": by_category, "counts": counts,
+            "outputs": per_image}

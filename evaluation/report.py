@@ -1,0 +1,299 @@
+"""report.json / report.md of an eval.py run, and the schema check the tests (and you) can use.
+
+report.json schema (version 1; also in docs/report_schema.md)::
+
+    schema_version: 1
+    meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version}}
+    counts:      {cases_found, cases_loaded, skipped, with_reference_mask,
+                  without_reference_mask, with_target, sweep_cases,
+                  feature_matching_failures}                               (all ints)
+    skipped:     [{id, reason}]            malformed cases, by id, with the reader's reason
+    correspondence: null when no case has a reference_mask, else
+      num_cases, timesteps [T] (index 0 = noisiest), layers [L], seeds, threshold
+      table:     {mask: T x L, box: T x L}     mIoU averaged over cases and seeds
+      curves:    {timestep: {mask: [T], box: [T]}, layer: {mask: [L], box: [L]}}
+      best:      {t, t_index, layer, miou_mask, miou_box}            argmax of table.mask
+      topk:      {ks, best_cell: {miou_mask, miou_box},
+                  in_sample: [{k, cells: [[t_index, layer]], miou_mask, miou_box}],
+                  in_sample_beats_best_cell,
+                  held_out: null | {num_select, num_score, best_cell, rows, beats_best_cell},
+                  note}
+      baselines: {whole_reference, same_position_box, feature_matching}: {miou_mask, miou_box}
+      feature_matching: {attempts, failures, failed: [{id, reason}]}
+      deployed:  null | {miou_mask, miou_box, num_cases}   align() at (t*, l*), per-case seed
+      by_category: {category: {num_cases, ours: {..}, <baseline>: {miou_mask, miou_box}}}
+    refinement:  {method: {metric: number | note}}   empty when the refinement evaluation did
+                 not run; a note string (e.g. "not available (no weights)") replaces a value
+                 that could not be computed; PSNR may be Infinity
+    refinement_by_category: {category: {method: {metric: number | note}}}
+    refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
+    refinement_status: {run: bool, reason: str | null}
+    alignment:   {timestep, block, threshold, margin}      what alignment.yaml holds
+    figures:     {name: path relative to the run folder}
+
+All mIoU values are in [0, 1] (NaN is allowed only where no case could be scored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
+COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
+              "without_reference_mask", "with_target", "sweep_cases",
+              "feature_matching_failures")
+META_KEYS = ("checkpoint", "bench_dir", "command", "device", "date", "versions")
+
+
+class ReportError(ValueError):
+    """A report that does not follow the schema; the message lists every problem."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_miou(value: Any, where: str, problems: list[str]) -> None:
+    if not _is_number(value):
+        problems.append(f"{where}: expected a number, got {type(value).__name__}")
+    elif not math.isnan(value) and not 0.0 <= value <= 1.0:
+        problems.append(f"{where}: mIoU {value} outside [0, 1]")
+
+
+def _check_pair(node: Any, where: str, problems: list[str]) -> None:
+    if not isinstance(node, Mapping):
+        problems.append(f"{where}: expected {{miou_mask, miou_box}}")
+        return
+    for key in ("miou_mask", "miou_box"):
+        if key not in node:
+            problems.append(f"{where}.{key}: missing")
+        else:
+            _check_miou(node[key], f"{where}.{key}", problems)
+
+
+def _check_correspondence(corr: Mapping, problems: list[str]) -> None:
+    timesteps, layers = corr.get("timesteps"), corr.get("layers")
+    if not isinstance(timesteps, list) or not isinstance(layers, list):
+        problems.append("correspondence.timesteps / layers: expected lists")
+        return
+    table = corr.get("table")
+    if not isinstance(table, Mapping):
+        problems.append("correspondence.table: missing")
+    else:
+        for kind in ("mask", "box"):
+            rows = table.get(kind)
+            if (not isinstance(rows, list) or len(rows) != len(timesteps)
+                    or any(not isinstance(r, list) or len(r) != len(layers) for r in rows)):
+                problems.append(f"correspondence.table.{kind}: expected "
+                                f"{len(timesteps)} x {len(layers)} lists")
+            else:
+                for i, row in enumerate(rows):
+                    for j, v in enumerate(row):
+                        _check_miou(v, f"correspondence.table.{kind}[{i}][{j}]", problems)
+    best = corr.get("best")
+    if not isinstance(best, Mapping):
+        problems.append("correspondence.best: missing")
+    else:
+        for key in ("t", "t_index", "layer"):
+            if not isinstance(best.get(key), int):
+                problems.append(f"correspondence.best.{key}: expected an int")
+        _check_pair(best, "correspondence.best", problems)
+        if isinstance(best.get("t_index"), int) and not 0 <= best["t_index"] < len(timesteps):
+            problems.append("correspondence.best.t_index: out of range")
+        elif isinstance(best.get("t"), int) and timesteps[best["t_index"]] != best["t"]:
+            problems.append("correspondence.best.t: does not match timesteps[t_index]")
+        if best.get("layer") not in layers:
+            problems.append("correspondence.best.layer: not one of layers")
+    baselines = corr.get("baselines")
+    if not isinstance(baselines, Mapping):
+        problems.append("correspondence.baselines: missing")
+    else:
+        for name in BASELINE_NAMES:
+            _check_pair(baselines.get(name), f"correspondence.baselines.{name}", problems)
+    topk = corr.get("topk")
+    if not isinstance(topk, Mapping) or not isinstance(topk.get("in_sample"), list):
+        problems.append("correspondence.topk: expected {ks, in_sample: [...], ...}")
+    else:
+        for i, row in enumerate(topk["in_sample"]):
+            _check_pair(row, f"correspondence.topk.in_sample[{i}]", problems)
+
+
+def validate_report(report: Mapping[str, Any]) -> None:
+    """Raise :class:`ReportError` listing every way ``report`` departs from the schema."""
+    problems: list[str] = []
+    if not isinstance(report, Mapping):
+        raise ReportError("report: expected a JSON object")
+    if report.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version: expected {SCHEMA_VERSION}")
+    meta = report.get("meta")
+    if not isinstance(meta, Mapping):
+        problems.append("meta: missing")
+    else:
+        problems += [f"meta.{k}: missing" for k in META_KEYS if k not in meta]
+    counts = report.get("counts")
+    if not isinstance(counts, Mapping):
+        problems.append("counts: missing")
+    else:
+        for key in COUNT_KEYS:
+            if not isinstance(counts.get(key), int) or counts[key] < 0:
+                problems.append(f"counts.{key}: expected a non-negative int")
+    skipped = report.get("skipped")
+    if not isinstance(skipped, list) or any(
+            not isinstance(s, Mapping) or not {"id", "reason"} <= set(s) for s in skipped):
+        problems.append("skipped: expected a list of {id, reason}")
+    elif isinstance(counts, Mapping) and counts.get("skipped") != len(skipped):
+        problems.append("counts.skipped: does not match len(skipped)")
+    if "correspondence" not in report:
+        problems.append("correspondence: missing (null when no case has a reference_mask)")
+    elif report["correspondence"] is not None:
+        if not isinstance(report["correspondence"], Mapping):
+            problems.append("correspondence: expected an object or null")
+        else:
+            _check_correspondence(report["correspondence"], problems)
+    refinement = report.get("refinement")
+    if not isinstance(refinement, Mapping):
+        problems.append("refinement: expected {method: {metric: number}}")
+    else:
+        for method, metrics in refinement.items():
+            if not isinstance(metrics, Mapping) or not all(
+                    _is_number(v) or isinstance(v, str) for v in metrics.values()):
+                problems.append(f"refinement.{method}: expected {{metric: number | note}}")
+    status = report.get("refinement_status")
+    if not isinstance(status, Mapping) or not isinstance(status.get("run"), bool):
+        problems.append("refinement_status: expected {run: bool, reason}")
+    alignment = report.get("alignment")
+    if not isinstance(alignment, Mapping) or not {"timestep", "block", "threshold",
+                                                  "margin"} <= set(alignment):
+        problems.append("alignment: expected {timestep, block, threshold, margin}")
+    if not isinstance(report.get("figures"), Mapping):
+        problems.append("figures: expected {name: path}")
+    if problems:
+        raise ReportError("report does not follow the schema:\n  " + "\n  ".join(problems))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_report_json(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Validate, then write ``report`` as indented JSON (NaN written as NaN, as json does)."""
+    validate_report(report)
+    path = Path(path)
+    path.write_text(json.dumps(report, indent=1, default=_json_default))
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if _is_number(value):
+        return "n/a" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _metric_table(methods: Mapping[str, Mapping[str, float]]) -> list[str]:
+    metrics: list[str] = []
+    for values in methods.values():
+        metrics += [m for m in values if m not in metrics]
+    return _table(["method", *metrics],
+                  [[name, *(values.get(m, float("nan")) for m in metrics)]
+                   for name, values in methods.items()])
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: counts, correspondence (ours beside baselines), top-k, refinement, figures."""
+    meta, counts = report["meta"], report["counts"]
+    out = ["# Refine-by-Align evaluation", "",
+           f"- checkpoint: `{meta['checkpoint']}`", f"- benchmark: `{meta['bench_dir']}`",
+           f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`",
+           "", "## Cases", ""]
+    out += _table(["count", "value"], [[k, v] for k, v in counts.items()])
+    corr = report.get("correspondence")
+    out += ["## Correspondence (alignment stage)", ""]
+    if corr is None:
+        out += ["No case has a reference_mask: the calibration sweep was not run.", ""]
+    else:
+        best = corr["best"]
+        out += [f"Sweep over {corr['num_cases']} case(s), {len(corr['timesteps'])} timesteps x "
+                f"{len(corr['layers'])} blocks, seeds {corr['seeds']}, threshold "
+                f"{corr['threshold']}. Best cell: t={best['t']} (index {best['t_index']}, "
+                f"0 = noisiest), block {best['layer']}.", ""]
+        rows = [[f"ours, best cell (t={best['t']}, block {best['layer']})", best["miou_mask"],
+                 best["miou_box"]]]
+        if corr.get("deployed"):
+            dep = corr["deployed"]
+            rows.append(["ours, deployed align() at the best cell", dep["miou_mask"],
+                         dep["miou_box"]])
+        rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
+                 for n, v in corr["baselines"].items()]
+        out += _table(["method", "mIoU mask", "mIoU box"], rows)
+        fm = corr.get("feature_matching", {})
+        if fm:
+            out += [f"Feature matching failed on {fm['failures']} of {fm['attempts']} case(s); "
+                    "those use the whole reference.", ""]
+        cats = corr.get("by_category", {})
+        if cats:
+            out += ["### By category", ""]
+            names = ["ours", *BASELINE_NAMES]
+            out += _table(["category", "n", *(f"{n} mask/box" for n in names)],
+                          [[cat, v["num_cases"], *(f"{_fmt(v[n]['miou_mask'])} / "
+                                                   f"{_fmt(v[n]['miou_box'])}" for n in names)]
+                           for cat, v in cats.items()])
+        topk = corr["topk"]
+        out += ["### Top-k aggregation (beyond the paper)", "", topk["note"], ""]
+        rows = [["best single cell (in-sample)", "", topk["best_cell"]["miou_mask"],
+                 topk["best_cell"]["miou_box"]]]
+        rows += [[f"top-{r['k']} cells + seeds (in-sample)", len(r["cells"]), r["miou_mask"],
+                  r["miou_box"]] for r in topk["in_sample"]]
+        held = topk.get("held_out")
+        if held:
+            hb = held["best_cell"]
+            rows.append([f"best single cell (held-out, {held['num_score']} cases)", 1,
+                         hb["miou_mask"], hb["miou_box"]])
+            rows += [[f"top-{r['k']} cells + seeds (held-out)", len(r["cells"]), r["miou_mask"],
+                      r["miou_box"]] for r in held["rows"]]
+        out += _table(["aggregation", "cells", "mIoU mask", "mIoU box"], rows)
+        beats = held["beats_best_cell"] if held else topk["in_sample_beats_best_cell"]
+        verdict = "beats" if beats else "does not beat"
+        out += [f"Aggregation {verdict} the single best cell "
+                f"({'held-out' if held else 'in-sample only'}).", ""]
+    out += ["## Refinement", ""]
+    status = report["refinement_status"]
+    if not status["run"]:
+        out += [f"Not run: {status.get('reason')}", ""]
+    if report["refinement"]:
+        out += _metric_table(report["refinement"])
+    for cat, methods in report.get("refinement_by_category", {}).items():
+        out += [f"### {cat}", ""] + _metric_table(methods)
+    align = report["alignment"]
+    out += ["## Chosen alignment (alignment.yaml)", "",
+            f"timestep {align['timestep']}, block {align['block']}, threshold "
+            f"{align['threshold']}, margin {align['margin']}", ""]
+    if report["figures"]:
+        out += ["## Figures", ""]
+        out += [f"![{name}]({rel})" for name, rel in report["figures"].items()] + [""]
+    if report["skipped"]:
+        out += ["## Skipped cases", ""]
+        out += _table(["id", "reason"], [[s["id"], s["reason"]] for s in report["skipped"]])
+    return "\n".join(out)
+
+
+def write_report_md(report: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(render_markdown(report))
+    return path

@@ -1,0 +1,348 @@
+"""Calibration sweep (Algorithm 1, Figure 5): which (timestep, block) best locates the artifact?
+
+For every case with a ``reference_mask`` and every timestep of a T-step DDIM schedule over the
+training scheduler's steps (index 0 = the noisiest, the paper's x-axis), ONE denoiser forward
+per (case batch, timestep) captures the masked-query attention of every block
+(:func:`models.alignment.attention_vectors`). Each map is scored on its reference's own pixel
+grid as :func:`models.correspondence.correspondence_scores` does (mask IoU of the thresholded map;
+box IoU of its box against the ground-truth region's box), giving T x L mIoU tables.
+
+Beyond the paper: the min-max normalised maps of the top-k cells (and of several noise seeds)
+are averaged before thresholding. Picking cells on the cases they are scored on is optimistic,
+so the cases are also split 50/50: cells chosen on one half, scored on the other.
+
+Noise: :func:`attention_vectors` draws one noise tensor per batch from a generator seeded with
+(seed, batch start), so results are reproducible for a given benchmark, order and batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from data.benchmark import BenchmarkCase
+from models.alignment import attention_vectors, resize_reference
+from models.attention_capture import cross_attention_blocks
+from models.correspondence import (
+    boxes_to_masks,
+    heatmap,
+    mask_boxes,
+    mask_iou,
+    mask_iou_box_target,
+    threshold_region,
+    tokens_to_grid,
+)
+from models.export import Components
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepConfig:
+    """What the sweep covers; mirrors the ``sweep`` node of configs/eval.yaml."""
+
+    num_timesteps: int = 50
+    seeds: list[int] = field(default_factory=lambda: [0])
+    blocks: list[int] | None = None  # None: every cross-attention block
+    batch_size: int = 16
+    threshold: float = 0.5
+    topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
+    split: bool = True
+    split_seed: int = 0
+
+
+@dataclass
+class SweepResult:
+    """Tables and choices of one sweep; ``grids`` keeps the normalised maps for aggregation."""
+
+    case_ids: list[str]
+    timesteps: list[int]  # T, index 0 = noisiest
+    blocks: list[int]  # L
+    seeds: list[int]
+    scores_mask: np.ndarray  # [N, S, T, L] per-case IoU
+    scores_box: np.ndarray
+    grids: torch.Tensor  # [N, S, T, L, gh, gw] min-max normalised maps on the token grid
+    threshold: float
+    best: dict[str, Any]
+    topk: dict[str, Any]
+
+    @property
+    def table_mask(self) -> np.ndarray:
+        """[T, L] mIoU, averaged over cases and seeds."""
+        return self.scores_mask.mean(axis=(0, 1))
+
+    @property
+    def table_box(self) -> np.ndarray:
+        return self.scores_box.mean(axis=(0, 1))
+
+    def curves(self) -> dict[str, dict[str, list[float]]]:
+        """Figure 5: per timestep (mean over blocks) and per block (mean over timesteps)."""
+        return {
+            "timestep": {"mask": self.table_mask.mean(1).tolist(),
+                         "box": self.table_box.mean(1).tolist()},
+            "layer": {"mask": self.table_mask.mean(0).tolist(),
+                      "box": self.table_box.mean(0).tolist()},
+        }
+
+    def best_heat(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        """Case ``index``'s map at the best cell (seeds averaged), [H, W] in [0,1] at ``size``."""
+        cell = [(self.best["t_index"], self.blocks.index(self.best["layer"]))]
+        agg = aggregate_grids(self.grids[index: index + 1], cell)
+        return heatmap(agg, size)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able part (report.json's ``correspondence`` minus baselines)."""
+        return {
+            "num_cases": len(self.case_ids),
+            "timesteps": list(self.timesteps),
+            "layers": list(self.blocks),
+            "seeds": list(self.seeds),
+            "threshold": self.threshold,
+            "table": {"mask": self.table_mask.tolist(), "box": self.table_box.tolist()},
+            "curves": self.curves(),
+            "best": dict(self.best),
+            "topk": self.topk,
+        }
+
+
+# ----------------------------------------------------------------------------- inputs
+def sweep_timesteps(components: Components, num_timesteps: int) -> list[int]:
+    """The DDIM schedule's timesteps over the training scheduler, noisiest first."""
+    scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    scheduler.set_timesteps(num_timesteps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def model_image_size(components: Components) -> int:
+    """Pixel size the denoiser was built for (latent sample size x autoencoder downsampling)."""
+    sample = int(components.denoiser.config.sample_size)
+    return sample * int(getattr(components.autoencoder, "downsample", 1))
+
+
+def case_tensors(
+    case: BenchmarkCase, image_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Case arrays -> image [1,3,S,S] in [-1,1], mask [1,1,S,S], reference [1,3,h,w] in [0,1].
+
+    The image and mask are resized to the model's size when it differs; the reference keeps
+    its own size (maps are scored on its grid).
+    """
+    image = torch.from_numpy(np.array(case.image)).permute(2, 0, 1)[None].float()
+    mask = torch.from_numpy(np.array(case.mask))[None, None].float()
+    reference = torch.from_numpy(np.array(case.reference)).permute(2, 0, 1)[None]
+    image, reference = image / 127.5 - 1, reference.float() / 255
+    if image_size is not None and tuple(image.shape[-2:]) != (image_size, image_size):
+        size = (image_size, image_size)
+        image = F.interpolate(image, size=size, mode="bilinear", antialias=True,
+                              align_corners=False).clamp(-1, 1)
+        soft = F.interpolate(mask, size=size, mode="area")
+        # a thin mask may fall under half a pixel everywhere: keep it rather than lose the case
+        mask = (soft >= 0.5).float() if (soft >= 0.5).any() else (soft > 0).float()
+    return image, mask, reference
+
+
+def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], list[str]]:
+    """Cases the sweep can score (those with a reference_mask) and the ids of the others."""
+    usable = [c for c in cases if c.reference_mask is not None and c.reference_mask.any()]
+    kept = {id(c) for c in usable}
+    others = [c.id for c in cases if id(c) not in kept]
+    return usable, others
+
+
+# ----------------------------------------------------------------------------- capture
+@torch.no_grad()
+def collect_vectors(
+    components: Components,
+    cases: Sequence[BenchmarkCase],
+    timesteps: Sequence[int],
+    blocks: Sequence[int],
+    seeds: Sequence[int],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Masked-query attention of every case, seed, timestep and block -> [N, S, T, L, tokens].
+
+    One denoiser forward per (batch, seed, timestep) captures all ``blocks`` at once.
+    """
+    device = next(components.denoiser.parameters()).device
+    encoder = components.reference_encoder
+    size = model_image_size(components)
+    out = torch.zeros(len(cases), len(seeds), len(timesteps), len(blocks), encoder.num_tokens)
+    starts = range(0, len(cases), batch_size)
+    bar = tqdm(total=len(starts) * len(seeds) * len(timesteps), desc="sweep forwards",
+               unit="fwd", disable=not progress)
+    for start in starts:
+        chunk = cases[start: start + batch_size]
+        tensors = [case_tensors(c, size) for c in chunk]
+        image = torch.cat([t[0] for t in tensors]).to(device)
+        mask = torch.cat([t[1] for t in tensors]).to(device)
+        refs = torch.cat([resize_reference(t[2], encoder.image_size) for t in tensors])
+        context = encoder(refs.to(device))
+        for s, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + start)
+            vectors = attention_vectors(components, image, mask, context, timesteps, blocks,
+                                        generator)
+            for ti, t in enumerate(timesteps):
+                for li, b in enumerate(blocks):
+                    out[start: start + len(chunk), s, ti, li] = vectors[int(t)][b].float().cpu()
+            bar.update(len(timesteps))
+    bar.close()
+    return out
+
+
+def normalised_grids(vectors: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
+    """[..., tokens] -> [..., gh, gw] min-max normalised maps on the patch grid."""
+    lead = vectors.shape[:-1]
+    flat = vectors.reshape(-1, vectors.shape[-1])
+    grids = heatmap(tokens_to_grid(flat, grid, prefix), grid)  # same size: normalise only
+    return grids.reshape(*lead, *grid)
+
+
+def score_grids(
+    grids: torch.Tensor, reference_mask: torch.Tensor, threshold: float, chunk_pixels: int = 2**24
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU (mask, box) of each [M, gh, gw] map against one [H, W] region, on its own grid.
+
+    Same post-processing and scoring as :func:`correspondence_scores`, with the ground truth
+    and its box computed once and broadcast instead of repeated per map.
+    """
+    height, width = reference_mask.shape[-2:]
+    gt = reference_mask.reshape(1, height, width) > 0.5
+    gt_box = mask_iou_box_target(gt)
+    chunk = max(1, chunk_pixels // (height * width))
+    masks, boxes = [], []
+    for i in range(0, grids.shape[0], chunk):
+        region = threshold_region(heatmap(grids[i: i + chunk], (height, width)), threshold)
+        masks.append(mask_iou(region, gt))
+        boxes.append(mask_iou(boxes_to_masks(mask_boxes(region), (height, width)), gt_box))
+    return torch.cat(masks), torch.cat(boxes)
+
+
+# ----------------------------------------------------------------------------- choices
+def best_cell(table_mask: np.ndarray, table_box: np.ndarray, timesteps: Sequence[int],
+              blocks: Sequence[int]) -> dict[str, Any]:
+    """argmax of the mask table (Algorithm 1's Gamma), ties to the noisier timestep, lower block."""
+    ti, li = np.unravel_index(int(np.argmax(table_mask)), table_mask.shape)
+    return {"t": int(timesteps[ti]), "t_index": int(ti), "layer": int(blocks[li]),
+            "miou_mask": float(table_mask[ti, li]), "miou_box": float(table_box[ti, li])}
+
+
+def top_cells(table: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """The ``k`` best (t_index, layer_index) cells of ``table``, best first (stable on ties)."""
+    order = np.argsort(-table.ravel(), kind="stable")[:k]
+    return [tuple(int(v) for v in np.unravel_index(i, table.shape)) for i in order]
+
+
+def aggregate_grids(grids: torch.Tensor, cells: Sequence[tuple[int, int]],
+                    seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """Mean of [N, S, T, L, gh, gw] normalised maps over ``cells`` and seeds -> [N, gh, gw].
+
+    The result is not re-normalised here; scoring does (min-max, then threshold).
+    """
+    if seeds is not None:
+        grids = grids[:, list(seeds)]
+    picked = torch.stack([grids[:, :, t, l] for t, l in cells], dim=2)  # [N, S, K, gh, gw]
+    return picked.mean(dim=(1, 2))
+
+
+def score_aggregate(grids: torch.Tensor, ref_masks: Sequence[torch.Tensor],
+                    cells: Sequence[tuple[int, int]], threshold: float) -> dict[str, float]:
+    """mIoU (mask, box) of the top-cell aggregated maps over the given cases."""
+    agg = aggregate_grids(grids, cells)
+    masks, boxes = [], []
+    for i, gt in enumerate(ref_masks):
+        m, b = score_grids(agg[i: i + 1], gt, threshold)
+        masks.append(float(m[0]))
+        boxes.append(float(b[0]))
+    return {"miou_mask": float(np.mean(masks)) if masks else float("nan"),
+            "miou_box": float(np.mean(boxes)) if boxes else float("nan")}
+
+
+def topk_rows(grids: torch.Tensor, ref_masks: Sequence[torch.Tensor], select: np.ndarray,
+              ks: Sequence[int], threshold: float, blocks: Sequence[int]) -> list[dict[str, Any]]:
+    """For each k: cells chosen by ``select`` ([T, L] mask table) and their aggregate mIoU."""
+    rows = []
+    n_cells = select.size
+    for k in ks:
+        cells = top_cells(select, min(int(k), n_cells))
+        row = score_aggregate(grids, ref_masks, cells, threshold)
+        row.update(k=int(k), cells=[[t, int(blocks[l])] for t, l in cells])
+        rows.append(row)
+    return rows
+
+
+def topk_analysis(result_scores: tuple[np.ndarray, np.ndarray], grids: torch.Tensor,
+                  ref_masks: Sequence[torch.Tensor], cfg: SweepConfig,
+                  blocks: Sequence[int]) -> dict[str, Any]:
+    """Top-k (and seed) aggregation, in-sample and on a held-out half."""
+    scores_mask, scores_box = result_scores
+    n = len(ref_masks)
+    table = scores_mask.mean(axis=(0, 1))
+    single = float(table.max())
+    in_sample = topk_rows(grids, ref_masks, table, cfg.topk, cfg.threshold, blocks)
+    out: dict[str, Any] = {
+        "ks": [int(k) for k in cfg.topk],
+        "best_cell": {"miou_mask": single,
+                      "miou_box": float(scores_box.mean(axis=(0, 1)).ravel()[table.argmax()])},
+        "in_sample": in_sample,
+        "in_sample_beats_best_cell": any(r["miou_mask"] > single for r in in_sample),
+        "held_out": None,
+        "note": ("in_sample chooses cells on the same cases it scores (optimistic); held_out "
+                 "chooses the best cell and the top-k cells on one half and scores the other."),
+    }
+    if cfg.split and n >= 2:
+        order = np.random.default_rng(cfg.split_seed).permutation(n)
+        sel, ev = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+        sel_table = scores_mask[sel].mean(axis=(0, 1))
+        ti, li = np.unravel_index(int(sel_table.argmax()), sel_table.shape)
+        held_best = {"t_index": int(ti), "layer": int(blocks[li]),
+                     "miou_mask": float(scores_mask[ev][:, :, ti, li].mean()),
+                     "miou_box": float(scores_box[ev][:, :, ti, li].mean())}
+        rows = topk_rows(grids[ev], [ref_masks[i] for i in ev], sel_table, cfg.topk,
+                         cfg.threshold, blocks)
+        out["held_out"] = {
+            "num_select": int(len(sel)), "num_score": int(len(ev)),
+            "best_cell": held_best, "rows": rows,
+            "beats_best_cell": any(r["miou_mask"] > held_best["miou_mask"] for r in rows),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- entry
+def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
+              cfg: SweepConfig | None = None, progress: bool = True) -> SweepResult:
+    """The full calibration sweep over the cases that have a ``reference_mask``."""
+    cfg = cfg or SweepConfig()
+    usable, others = sweep_cases(cases)
+    if others:
+        log.info("sweep: %d case(s) without reference_mask are not scored: %s", len(others),
+                 ", ".join(others[:10]) + (" ..." if len(others) > 10 else ""))
+    if not usable:
+        raise ValueError("the sweep needs at least one case with a non-empty reference_mask")
+    all_blocks = [b.index for b in cross_attention_blocks(components.denoiser)]
+    blocks = list(cfg.blocks) if cfg.blocks is not None else all_blocks
+    timesteps = sweep_timesteps(components, cfg.num_timesteps)
+    encoder = components.reference_encoder
+    vectors = collect_vectors(components, usable, timesteps, blocks, cfg.seeds, cfg.batch_size,
+                              progress)
+    grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
+    n, s, t, l_ = grids.shape[:4]
+    scores_mask, scores_box = np.zeros((n, s, t, l_)), np.zeros((n, s, t, l_))
+    ref_masks = [torch.from_numpy(np.array(c.reference_mask)) for c in usable]
+    for i, gt in enumerate(tqdm(ref_masks, desc="sweep scoring", unit="case",
+                                disable=not progress)):
+        m, b = score_grids(grids[i].reshape(-1, *grids.shape[-2:]), gt, cfg.threshold)
+        scores_mask[i], scores_box[i] = m.view(s, t, l_).numpy(), b.view(s, t, l_).numpy()
+    table_mask, table_box = scores_mask.mean(axis=(0, 1)), scores_box.mean(axis=(0, 1))
+    best = best_cell(table_mask, table_box, timesteps, blocks)
+    topk = topk_analysis((scores_mask, scores_box), grids, ref_masks, cfg, blocks)
+    return SweepResult([c.id for c in usable], timesteps, blocks, list(cfg.seeds), scores_mask,
+                       scores_box, grids, cfg.threshold, best, topk)

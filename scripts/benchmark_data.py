@@ -1,0 +1,145 @@
+"""Data throughput per CPU worker: the on-the-fly generator and the shard reader.
+
+Per worker = one process producing samples alone (what one DataLoader worker gives); the
+workers needed to feed a GPU at ``--gpu-rate`` samples/s follow from it. Shards are written to
+a temporary directory first (from the same generator, ``data.shards.synthetic_records``), so
+the reader decodes PNG + float16 flow and draws masks and modes as in training.
+``--loader-workers N`` also measures a real DataLoader with N workers, to check the scaling.
+
+    PYTHONPATH=. python scripts/benchmark_data.py --image-size 512 --gpu-rate 70
+    PYTHONPATH=. python scripts/benchmark_data.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.shards import shard_dataset, synthetic_records, write_shards
+from data.synthetic import SyntheticPairs
+from scripts.bench_common import environment, format_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--reference-size", type=int, default=224)
+    p.add_argument("--samples", type=int, default=48, help="samples timed per source")
+    p.add_argument("--per-shard", type=int, default=8)
+    p.add_argument("--gpu-rate", type=float, default=70.0, help="samples/s the GPU consumes")
+    p.add_argument("--loader-workers", type=int, default=0, help="also time a DataLoader")
+    p.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size")
+    p.add_argument("--smoke", action="store_true", help="64 px, a few samples")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.image_size, args.samples, args.per_shard = 64, 8, 4
+        args.loader_workers = min(args.loader_workers, 2)
+    return args
+
+
+def rate(samples: Iterable[Any], count: int) -> float:
+    """Samples per second over the first ``count`` items (one warm-up item not counted)."""
+    it = iter(samples)
+    next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(count):
+        try:
+            next(it)
+        except StopIteration:
+            break
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def loader_rate(dataset: Any, workers: int, batch_size: int, samples: int) -> float:
+    """Samples/s of a DataLoader with ``workers`` processes, after its first batch."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    it = iter(loader)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    while n < samples:
+        try:
+            n += len(next(it)["target"])
+        except StopIteration:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # one worker = one core, as in a DataLoader worker
+    size, ref = args.image_size, args.reference_size
+    n = args.samples
+    result: dict[str, Any] = {**environment(torch.device("cpu")), "benchmark": "data",
+                              "smoke": args.smoke, "image_size": size, "reference_size": ref,
+                              "samples": n, "gpu_rate": args.gpu_rate}
+    log.info("data benchmark at %d px, %d samples per source", size, n)
+    synthetic = SyntheticPairs(length=10 * n + 1, seed=0, image_size=size, reference_size=ref)
+    syn_rate = rate((synthetic[i] for i in range(len(synthetic))), n)
+
+    with tempfile.TemporaryDirectory(prefix="rba-bench-shards-") as tmp:
+        t0 = time.perf_counter()
+        shards = write_shards(synthetic_records(n + 1, seed=0, image_size=size,
+                                                reference_size=ref), tmp, args.per_shard)
+        write_rate = (n + 1) / (time.perf_counter() - t0)
+        urls = [str(s) for s in shards]
+        bytes_per_sample = sum(s.stat().st_size for s in shards) / (n + 1)
+        shard_rate = rate(shard_dataset(urls, seed=0, image_size=size, reference_size=ref), n)
+        loaders = {}
+        if args.loader_workers:
+            w = args.loader_workers
+            loaders["synthetic"] = loader_rate(synthetic, w, args.batch_size, n)
+            loaders["shards"] = loader_rate(
+                shard_dataset(urls, seed=0, image_size=size, reference_size=ref), w,
+                args.batch_size, n)
+
+    def need(per_worker: float) -> int:
+        return math.ceil(args.gpu_rate / per_worker) if per_worker > 0 else -1
+
+    result["synthetic"] = {"samples_per_s_per_worker": round(syn_rate, 2),
+                           "workers_needed": need(syn_rate)}
+    result["shards"] = {"samples_per_s_per_worker": round(shard_rate, 2),
+                        "workers_needed": need(shard_rate),
+                        "write_samples_per_s": round(write_rate, 2), "num_shards": len(shards),
+                        "kib_per_sample": round(bytes_per_sample / 1024, 1)}
+    if loaders:
+        result["dataloader"] = {"workers": args.loader_workers,
+                                **{f"{k}_samples_per_s": round(v, 2) for k, v in loaders.items()}}
+    rows: list[tuple[str, Any]] = [
+        ("cpu cores", result["cpu_count"]), ("image / reference px", f"{size} / {ref}"),
+        ("synthetic: samples/s per worker", result["synthetic"]["samples_per_s_per_worker"]),
+        (f"synthetic: workers for {args.gpu_rate:g}/s", result["synthetic"]["workers_needed"]),
+        ("shards: samples/s per worker", result["shards"]["samples_per_s_per_worker"]),
+        (f"shards: workers for {args.gpu_rate:g}/s", result["shards"]["workers_needed"]),
+        ("shards: write samples/s (1 process)", result["shards"]["write_samples_per_s"]),
+        ("shards: KiB per sample", result["shards"]["kib_per_sample"]),
+        ("ratio shards/synthetic per worker", round(shard_rate / syn_rate, 3)),
+    ]
+    for k, v in loaders.items():
+        rows.append((f"DataLoader {args.loader_workers} workers {k} samples/s", round(v, 2)))
+    print(format_table(rows, "benchmark_data"))
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

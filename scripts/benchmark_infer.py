@@ -1,0 +1,193 @@
+"""Inference cost at real scale: alignment forward, calibration sweep, guided refinement.
+
+Components come from ``model=sd15_dinov2_random`` (random weights, the SD-1.5 / DINOv2-L
+layouts), run under bf16 autocast on the GPU. Measured:
+  * alignment: one UNet forward capturing only block l* (the rest keep SDPA) against a plain
+    forward of the same UNet and inputs (target <= 1.05x), and ``models.alignment.align``
+    end to end (DINOv2, two VAE encodes, forward, map -> region -> box -> crop);
+  * the calibration sweep: all L blocks at T timesteps = T forwards per batch of cases;
+  * refinement: ``RefineByAlign.refine``, 50 DDIM steps with CFG at 512 px, VAE encode and
+    decode and blending included (target <= 2.0 s).
+
+    PYTHONPATH=. python scripts/benchmark_infer.py --out runs/bench/infer.json
+    PYTHONPATH=. python scripts/benchmark_infer.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.alignment import align, attention_vectors
+from models.attention_capture import capture_cross_attention, cross_attention_blocks
+from models.export import Components
+from models.pipeline import RefineByAlign, RefinementConfig
+from models.refinement import denoiser_input, latent_mask
+from scripts.bench_common import (
+    FULL_MODEL_OVERRIDES,
+    SMOKE_MODEL_OVERRIDES,
+    autocast,
+    build_on,
+    compose,
+    environment,
+    format_table,
+    peak_memory_gib,
+    pick_device,
+    reset_peak_memory,
+    setup_backends,
+    time_it,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+PARTS = ("denoiser", "reference_encoder", "autoencoder", "noise_scheduler", "sampling_scheduler")
+ALIGN_TARGET, REFINE_TARGET_S = 1.05, 2.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--forward-batch", type=int, default=1, help="cases per alignment forward")
+    p.add_argument("--sweep-cases", type=int, default=8, help="cases batched in the sweep")
+    p.add_argument("--sweep-timesteps", type=int, default=50, help="T of the T x L sweep")
+    p.add_argument("--steps", type=int, default=50, help="refinement sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--iters", type=int, default=10, help="timed forwards")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    p.add_argument("--device", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, few steps")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.sweep_cases, args.sweep_timesteps, args.steps, args.iters = 2, 2, 2, 2
+    return args
+
+
+def inputs(batch: int, size: int, reference_size: int, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image in [-1,1], a rectangle mask, a reference in [0,1]."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    mask = torch.zeros(batch, 1, size, size)
+    mask[:, :, size // 4: size // 2, size // 3: 2 * size // 3] = 1
+    reference = torch.rand(batch, 3, reference_size, reference_size, generator=g)
+    return image.to(device), mask.to(device), reference.to(device)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    device = pick_device(args.device, args.smoke)
+    setup_backends(device)
+    overrides = list(SMOKE_MODEL_OVERRIDES if args.smoke else FULL_MODEL_OVERRIDES)
+    cfg = compose(overrides + args.override)
+    torch.manual_seed(0)
+    parts = build_on(device, lambda: {name: instantiate(cfg.model[name]) for name in PARTS})
+    comp = Components(**parts, config=cfg.model).to(device).eval()
+    unet, encoder, ae = comp.denoiser, comp.reference_encoder, comp.autoencoder
+    size, block, timestep = cfg.data.image_size, int(cfg.model.val_block), 500
+    n_blocks = len(cross_attention_blocks(unet))
+    result: dict[str, Any] = {**environment(device), "benchmark": "infer", "smoke": args.smoke,
+                              "image_size": size, "block": block, "n_blocks": n_blocks,
+                              "overrides": overrides + args.override}
+    log.info("inference benchmark at %d px on %s", size, result["device"])
+
+    # --- alignment forward: capture of one block vs plain -----------------------------------
+    image, mask, reference = inputs(args.forward_batch, size, encoder.image_size, device)
+    with torch.no_grad(), autocast(device):
+        context = encoder(reference)
+        latents = ae.encode(image)
+        x = denoiser_input(latents, ae.encode(image * (1 - mask)),
+                           latent_mask(mask, latents.shape[-2:]))
+        t = torch.full((len(image),), timestep, device=device)
+
+        def plain() -> None:
+            unet(x, t, encoder_hidden_states=context)
+
+        def captured() -> None:
+            with capture_cross_attention(unet, mask, [block]):
+                unet(x, t, encoder_hidden_states=context)
+
+        def captured_all() -> None:
+            with capture_cross_attention(unet, mask, None):
+                unet(x, t, encoder_hidden_states=context)
+
+        plain_s = time_it(plain, device, args.iters, 2)
+        capture_s = time_it(captured, device, args.iters, 2)
+        capture_all_s = time_it(captured_all, device, args.iters, 2)
+        plain_s = min(plain_s, time_it(plain, device, args.iters, 0))  # order effects out
+    gen = torch.Generator()
+    with autocast(device):
+        align_s = time_it(lambda: align(comp, image[:1], mask[:1], reference[:1], timestep, block,
+                                        generator=gen.manual_seed(0)), device, args.iters // 2, 1)
+    result["alignment"] = {
+        "batch": args.forward_batch, "plain_forward_ms": round(plain_s * 1e3, 2),
+        "capture_block_forward_ms": round(capture_s * 1e3, 2),
+        "ratio": round(capture_s / plain_s, 3), "target_ratio": ALIGN_TARGET,
+        "meets_target": capture_s / plain_s <= ALIGN_TARGET,
+        "capture_all_blocks_forward_ms": round(capture_all_s * 1e3, 2),
+        "capture_all_ratio": round(capture_all_s / plain_s, 3),
+        "align_end_to_end_ms": round(align_s * 1e3, 2),
+    }
+
+    # --- calibration sweep: T timesteps x all L blocks --------------------------------------
+    cases, steps = args.sweep_cases, args.sweep_timesteps
+    image, mask, reference = inputs(cases, size, encoder.image_size, device)
+    timesteps = torch.linspace(999, 0, steps).round().long().tolist()
+    reset_peak_memory(device)
+    with torch.no_grad(), autocast(device):
+        context = encoder(reference)
+        sweep_s = time_it(lambda: attention_vectors(comp, image, mask, context, timesteps, None,
+                                                    gen.manual_seed(0)), device, 1, 1)
+    result["sweep"] = {
+        "cases": cases, "timesteps": steps, "blocks": n_blocks, "forwards_per_batch": steps,
+        "seconds_per_batch": round(sweep_s, 3), "seconds_per_case": round(sweep_s / cases, 4),
+        "peak_memory_gib": peak_memory_gib(device),
+    }
+
+    # --- refinement: 50 guided steps end to end ----------------------------------------------
+    pipe = RefineByAlign(comp, refinement=RefinementConfig(num_steps=args.steps,
+                                                           guidance_scale=args.guidance))
+    image, mask, reference = inputs(1, size, encoder.image_size, device)
+    reset_peak_memory(device)
+    with autocast(device):
+        refine_s = time_it(lambda: pipe.refine(image, mask, reference), device,
+                           1 if args.smoke else 3, 1)
+    result["refinement"] = {
+        "steps": args.steps, "guidance_scale": args.guidance, "seconds": round(refine_s, 3),
+        "target_seconds": REFINE_TARGET_S, "meets_target": refine_s <= REFINE_TARGET_S,
+        "per_step_ms": round(refine_s / args.steps * 1e3, 2),
+        "peak_memory_gib": peak_memory_gib(device),
+    }
+
+    a, s, r = result["alignment"], result["sweep"], result["refinement"]
+    ok = {True: "ok", False: "MISSED"}
+    rows: list[tuple[str, Any]] = [
+        ("device", result["device"]), ("image px / block l*", f"{size} / {block} of {n_blocks}"),
+        (f"plain forward ms (batch {a['batch']})", a["plain_forward_ms"]),
+        ("capture l* forward ms", a["capture_block_forward_ms"]),
+        ("ratio capture/plain (target <= 1.05)", f"{a['ratio']:.3f} {ok[a['meets_target']]}"),
+        ("capture all L blocks ratio", a["capture_all_ratio"]),
+        ("align() end to end ms", a["align_end_to_end_ms"]),
+        (f"sweep T={steps} x L={n_blocks}, {cases} cases: s/batch", s["seconds_per_batch"]),
+        ("sweep s/case", s["seconds_per_case"]),
+        (f"refine {args.steps} steps CFG s (target <= 2.0)",
+         f"{r['seconds']:.3f} {ok[r['meets_target']]}"),
+        ("refine ms/step", r["per_step_ms"]),
+    ]
+    print(format_table(rows, "benchmark_infer" + (" (smoke: targets meaningless)"
+                                                  if args.smoke else "")))
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

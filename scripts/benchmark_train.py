@@ -1,0 +1,327 @@
+"""Training-step throughput at real scale: the project's own step against the raw UNet anchor.
+
+Builds ``model=sd15_dinov2_random`` from the configs and runs ``RefineByAlignModule``'s own
+``training_step`` in a manual loop (data already on the device): two VAE encodes, DINOv2 + MLP,
+UNet forward + backward, gradient clipping, optimizer, LR scheduler and EMA, under bf16
+autocast. In the same process, the anchor of /work/shared/gpu/anchor_bench.py: a plain
+diffusers UNet of the same layout, bf16 autocast, fused AdamW, MSE. The ratio ours/anchor
+says what the project's extras cost; the per-part breakdown (parts timed in isolation) says
+where. ``--precomputed-latents`` replaces the VAE by cached latents, as a latent-shard
+pipeline would.
+
+    PYTHONPATH=. python scripts/benchmark_train.py --batch-size 32 --out runs/bench/train.json
+    PYTHONPATH=. python scripts/benchmark_train.py --smoke     # CPU, tiny, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.bench_common import (
+    FULL_MODEL_OVERRIDES,
+    SMOKE_MODEL_OVERRIDES,
+    autocast,
+    build_on,
+    compose,
+    environment,
+    format_table,
+    peak_memory_gib,
+    pick_device,
+    reset_peak_memory,
+    setup_backends,
+    time_it,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CachedLatents(nn.Module):
+    """Stands in for the VAE: ``encode`` returns stored latents, target then masked image.
+
+    What a latent-shard pipeline hands the step (the module encodes exactly twice per step).
+    """
+
+    def __init__(self, latents: torch.Tensor, masked_latents: torch.Tensor, vae: nn.Module):
+        super().__init__()
+        self.cache = (latents, masked_latents)
+        self.calls = 0
+        self.latent_channels, self.downsample = vae.latent_channels, vae.downsample
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.cache[self.calls % 2]
+        self.calls += 1
+        return out
+
+
+def make_batch(batch_size: int, image_size: int, reference_size: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch in the data contract (see data.modes), rectangle masks, both modes."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(batch_size, 1, image_size, image_size)
+    lo, hi = image_size // 4, image_size // 2
+    mask[:, :, lo:hi + lo // 2, lo:hi] = 1
+    ref_mask = torch.zeros(batch_size, 1, reference_size, reference_size)
+    r = reference_size // 4
+    ref_mask[:, :, r:3 * r, r:2 * r] = 1
+    batch = {
+        "target": torch.rand(batch_size, 3, image_size, image_size, generator=g) * 2 - 1,
+        "mask": mask,
+        "reference": torch.rand(batch_size, 3, reference_size, reference_size, generator=g),
+        "reference_mask": ref_mask,
+        "mode": torch.arange(batch_size) % 2,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (in place)")
+    p.add_argument("--fused-adamw", action="store_true", help="model.optimizer.fused=true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--grad-ckpt", action="store_true", help="UNet gradient checkpointing")
+    p.add_argument("--precomputed-latents", action="store_true", help="skip the VAE encodes")
+    p.add_argument("--anchor", choices=["same", "eager", "none"], default="same",
+                   help="anchor in the same mode (compile/channels-last/ckpt), eager, or none")
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override")
+    p.add_argument("--device", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch_size, args.steps, args.warmup = min(args.batch_size, 2), 2, 1
+    return args
+
+
+def variant_name(args: argparse.Namespace) -> str:
+    flags = [f for f in ("compile", "fused_adamw", "channels_last", "grad_ckpt",
+                         "precomputed_latents") if getattr(args, f)]
+    return "+".join(flags) or "eager"
+
+
+def optimizer_and_scheduler(module: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    conf = module.configure_optimizers()
+    if isinstance(conf, torch.optim.Optimizer):
+        return conf, None
+    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
+def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The module's own training step, timed; plus FLOPs, peak memory and a part breakdown."""
+    module = build_on(device, lambda: instantiate(cfg.model)).to(device)
+    module.train()
+    batch = make_batch(args.batch_size, cfg.data.image_size, cfg.data.reference_size, device)
+    if args.precomputed_latents:
+        with torch.no_grad(), autocast(device):
+            cached = (module.autoencoder.encode(batch["target"]),
+                      module.autoencoder.encode(batch["target"] * (1 - batch["mask"])))
+        module.autoencoder = CachedLatents(*cached, module.autoencoder)
+    if args.channels_last:
+        module.denoiser.to(memory_format=torch.channels_last)
+    optimizer, scheduler = optimizer_and_scheduler(module)
+    module.on_fit_start()
+    params = module.trainable_parameters()
+    clip = cfg.trainer.get("gradient_clip_val")
+    counter = {"i": 0}
+
+    def step() -> None:
+        with autocast(device):
+            loss = module.training_step(batch, counter["i"])
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        module.on_train_batch_end(loss, batch, counter["i"])
+        counter["i"] += 1
+
+    with FlopCounterMode(display=False) as flops:  # eager, before any compile
+        with autocast(device):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops_per_sample = flops.get_total_flops() / args.batch_size
+    if args.compile:
+        module.denoiser.compile()
+    reset_peak_memory(device)
+    seconds = time_it(step, device, args.steps, args.warmup)
+    result = {
+        "samples_per_s": round(args.batch_size / seconds, 2),
+        "step_ms": round(seconds * 1e3, 2),
+        "train_tflop_per_sample": round(flops_per_sample / 1e12, 4),
+        "achieved_tflop_per_s": round(flops_per_sample * args.batch_size / seconds / 1e12, 2),
+        "peak_memory_gib": peak_memory_gib(device),
+        "parameters_m": {name: round(sum(p.numel() for p in part.parameters()) / 1e6, 1)
+                         for name, part in (("denoiser", module.denoiser),
+                                            ("reference_encoder", module.reference_encoder),
+                                            ("autoencoder", module.autoencoder))},
+        "trainable_parameters_m": round(sum(p.numel() for p in params) / 1e6, 1),
+    }
+    if not args.no_breakdown:
+        result["breakdown_ms"] = breakdown(module, batch, optimizer, clip, args, device)
+    return result
+
+
+def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+              clip: float | None, args: argparse.Namespace, device: torch.device
+              ) -> dict[str, float]:
+    """Each part of the step timed alone (same inputs, same precision), in ms per step."""
+    from models.losses import diffusion_loss
+    from models.refinement import denoiser_input, latent_mask
+
+    iters, warm = max(1, args.steps // 2), 1
+    ae, enc, unet = module.autoencoder, module.reference_encoder, module.denoiser
+    target, mask = batch["target"], batch["mask"]
+    drop = torch.zeros(len(target), dtype=torch.bool, device=device)
+
+    def vae() -> None:
+        with torch.no_grad(), autocast(device):
+            ae.encode(target)
+            ae.encode(target * (1 - mask))
+
+    def reference() -> None:
+        with autocast(device):
+            enc(batch["reference"], drop)
+
+    with torch.no_grad(), autocast(device):
+        latents = ae.encode(target)
+        masked = ae.encode(target * (1 - mask))
+        context = enc(batch["reference"], drop)
+    mask_lat = latent_mask(mask, latents.shape[-2:])
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (len(target),), device=device)
+    x = denoiser_input(module.noise_scheduler.add_noise(latents, noise, t), masked, mask_lat)
+
+    def unet_step() -> None:
+        with autocast(device):
+            pred = unet(x, t, encoder_hidden_states=context).sample
+        diffusion_loss(pred, noise, mask_lat, module.hparams.masked_region_weight).mean().backward()
+
+    params = module.trainable_parameters()
+    out = {"vae_encode_x2": time_it(vae, device, iters, warm),
+           "dinov2_mlp_forward": time_it(reference, device, iters, warm),
+           "unet_fwd_bwd": time_it(unet_step, device, iters, warm)}
+
+    def opt_ema() -> None:  # gradients of the last unet_step stay in place
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if module.ema is not None:
+            module.ema.step(params)
+
+    out["optimizer_clip_ema"] = time_it(opt_ema, device, iters, warm)
+    optimizer.zero_grad(set_to_none=True)
+    return {k: round(v * 1e3, 2) for k, v in out.items()}
+
+
+def measure_anchor(cfg: Any, args: argparse.Namespace, device: torch.device,
+                   tokens: int) -> dict[str, Any]:
+    """anchor_bench.py's raw step: plain UNet, bf16 autocast, fused AdamW, MSE on epsilon."""
+    from diffusers import UNet2DConditionModel
+
+    unet_cfg = dict(cfg.model.denoiser.config)
+    unet = build_on(device, lambda: UNet2DConditionModel(**unet_cfg)).to(device)
+    same = args.anchor == "same"
+    if same and args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if same and args.grad_ckpt:
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=device.type == "cuda")
+    bs, lat = args.batch_size, int(unet_cfg["sample_size"])
+    x = torch.randn(bs, unet_cfg["in_channels"], lat, lat, device=device)
+    t = torch.randint(0, 1000, (bs,), device=device)
+    c = torch.randn(bs, tokens, unet_cfg["cross_attention_dim"], device=device)
+    y = torch.randn(bs, unet_cfg["out_channels"], lat, lat, device=device)
+    if same and args.compile:
+        unet.compile()
+
+    def step() -> None:
+        with autocast(device):
+            out = unet(x, t, encoder_hidden_states=c).sample
+        F.mse_loss(out.float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    seconds = time_it(step, device, args.steps, args.warmup)
+    result = {"samples_per_s": round(bs / seconds, 2), "step_ms": round(seconds * 1e3, 2),
+              "peak_memory_gib": peak_memory_gib(device), "mode": args.anchor,
+              "reference_tokens": tokens}
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    args = parse_args(argv)
+    device = pick_device(args.device, args.smoke)
+    setup_backends(device)
+    overrides = list(SMOKE_MODEL_OVERRIDES if args.smoke else FULL_MODEL_OVERRIDES)
+    if args.fused_adamw:
+        overrides.append("++model.optimizer.fused=true")
+    if args.grad_ckpt:
+        overrides.append("model.denoiser.gradient_checkpointing=true")
+    cfg = compose(overrides + ["trainer=cpu" if device.type == "cpu" else "trainer=gpu",
+                               *args.override])
+    torch.manual_seed(0)
+    result: dict[str, Any] = {
+        **environment(device), "benchmark": "train", "variant": variant_name(args),
+        "smoke": args.smoke, "batch_size": args.batch_size, "image_size": cfg.data.image_size,
+        "steps": args.steps, "warmup": args.warmup, "overrides": overrides + args.override,
+    }
+    log.info("measuring the module's training step (%s, batch %d, %d px) on %s",
+             result["variant"], args.batch_size, cfg.data.image_size, result["device"])
+    result["full_step"] = ours = measure_ours(cfg, args, device)
+    gc.collect()
+    tokens = ((cfg.data.reference_size // 14) ** 2) + 1  # DINOv2 sequence as in the anchor
+    result["anchor"] = (measure_anchor(cfg, args, device, tokens)
+                        if args.anchor != "none" else {"samples_per_s": None})
+    anchor = result["anchor"]["samples_per_s"]
+    result["ratio"] = round(ours["samples_per_s"] / anchor, 3) if anchor else None
+    result["anchor_published_h100"] = {"eager_bf16_bs32": 87.5, "compiled_bf16_bs32": 120.7}
+
+    rows: list[tuple[str, Any]] = [
+        ("device", result["device"]), ("variant", result["variant"]),
+        ("batch x px", f"{args.batch_size} x {cfg.data.image_size}"),
+        ("ours: samples/s", ours["samples_per_s"]), ("ours: step ms", ours["step_ms"]),
+        ("ours: TFLOP/sample (fwd+bwd)", ours["train_tflop_per_sample"]),
+        ("ours: achieved TFLOP/s", ours["achieved_tflop_per_s"]),
+        ("ours: peak GiB", ours["peak_memory_gib"]),
+    ]
+    for part, ms in ours.get("breakdown_ms", {}).items():
+        rows.append((f"  part (isolated) {part} ms/step", ms))
+    if anchor:
+        rows += [(f"anchor ({args.anchor}): samples/s", anchor),
+                 ("anchor: peak GiB", result["anchor"]["peak_memory_gib"]),
+                 ("ratio ours/anchor", result["ratio"])]
+    if not math.isnan(ours["samples_per_s"]):
+        rows.append(("anchor H100 published eager/compiled", "87.5 / 120.7 samples/s"))
+    print(format_table(rows, "benchmark_train"))
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU check of the "Scale and speed" benchmarks, about 4 minutes on one H100/H200:
+#   bash scripts/gpu_check.sh                    (device run: at most 7 files in $OUT)
+#   SMOKE=1 PYTHON=/tmp/venvtest/bin/python bash scripts/gpu_check.sh   (CPU check of this script)
+# The carried wheels (.whl/: diffusers, hydra-core, omegaconf, antlr4, webdataset, braceexpand,
+# importlib_metadata) are installed first; everything else is on the device image.
+# Order = priority: each step has its own timeout, and the torch.compile run only gets the
+# time left before DEADLINE_S, so a slow step costs the later ones, never the whole run.
+set -u -o pipefail
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import diffusers, hydra, webdataset" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+OUT=${OUT:-$(mktemp -d)}
+DEADLINE_S=${DEADLINE_S:-235}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+SMOKE_ARG=()
+if [ "${SMOKE:-0}" = 1 ]; then SMOKE_ARG=(--smoke); fi
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+step() {  # step NAME TIMEOUT_S ARGS...: one benchmark, its JSON in $OUT/NAME.json
+  local name=$1 limit=$2; shift 2
+  echo "=== [$(elapsed)s] $name (timeout ${limit}s)"
+  timeout "$limit" "$PY" "$@" "${SMOKE_ARG[@]}" --out "$OUT/$name.json" \
+    || echo "=== $name FAILED or timed out (rc $?)"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+"$PY" -c "import torch, diffusers, hydra, webdataset; print('torch', torch.__version__, \
+'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" || exit 1
+
+# 1. the module's full step vs the raw UNet anchor, eager bf16, batch 32, 512 px (~45 s)
+step train_eager 110 scripts/benchmark_train.py --batch-size 32 --steps 8
+# 2. alignment / sweep / 50-step guided refinement (~40 s)
+step infer 90 scripts/benchmark_infer.py
+# 3. data (CPU only) in the background while step 4 compiles, done before its timed steps
+echo "=== [$(elapsed)s] data (background, timeout 100s)"
+timeout 100 "$PY" scripts/benchmark_data.py --samples 48 --loader-workers 8 "${SMOKE_ARG[@]}" \
+  --out "$OUT/data.json" > "$OUT/data.log" 2>&1 &
+DATA_PID=$!
+# 4. torch.compile of the UNet (compile ~2 min on an H100), with the time that is left
+LEFT=$(( DEADLINE_S - $(elapsed) - 20 ))
+if [ "${SMOKE:-0}" = 1 ] && [ "${SMOKE_COMPILE:-0}" != 1 ]; then
+  echo "=== compile step skipped in SMOKE mode (SMOKE_COMPILE=1 runs it)"
+elif [ "$LEFT" -ge 90 ]; then
+  step train_compile "$LEFT" scripts/benchmark_train.py --batch-size 32 --compile \
+    --fused-adamw --anchor none --no-breakdown --warmup 2 --steps 8
+else
+  echo "=== compile step skipped: ${LEFT}s left before the ${DEADLINE_S}s deadline"
+fi
+wait "$DATA_PID" || echo "=== data FAILED or timed out"
+cat "$OUT/data.log"
+# 5. where time goes: no VAE encodes (latent shards) + fused AdamW (~30 s), if time is left
+LEFT=$(( DEADLINE_S - $(elapsed) ))
+if [ "$LEFT" -ge 40 ]; then
+  step train_latents_fused "$LEFT" scripts/benchmark_train.py --batch-size 32 \
+    --precomputed-latents --fused-adamw --anchor none --steps 8
+else
+  echo "=== latents+fused step skipped: ${LEFT}s left (the eager breakdown has the VAE share)"
+fi
+echo "=== done in $(elapsed)s; files in $OUT:"
+ls -la "$OUT"

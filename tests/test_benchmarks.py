@@ -1,0 +1,58 @@
+"""The benchmark scripts' smoke modes run in-process and write the JSON keys the lead reads.
+
+On a shared 2-core machine the train and infer smokes take 30-90 s each, so they are slow.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _run(module: str, tmp_path, *extra: str) -> dict:
+    import importlib
+
+    out = tmp_path / f"{module}.json"
+    result = importlib.import_module(f"scripts.{module}").main(
+        ["--smoke", "--out", str(out), *extra])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["benchmark"] == result["benchmark"]
+    for key in ("device", "date", "versions", "smoke"):
+        assert key in on_disk
+    return on_disk
+
+
+def test_benchmark_data_smoke(tmp_path) -> None:
+    res = _run("benchmark_data", tmp_path, "--gpu-rate", "70")
+    for source in ("synthetic", "shards"):
+        assert res[source]["samples_per_s_per_worker"] > 0
+        assert res[source]["workers_needed"] >= 1
+
+
+@pytest.mark.slow
+def test_benchmark_train_smoke(tmp_path) -> None:
+    res = _run("benchmark_train", tmp_path)
+    assert res["full_step"]["samples_per_s"] > 0
+    assert res["anchor"]["samples_per_s"] > 0
+    assert res["ratio"] == pytest.approx(
+        res["full_step"]["samples_per_s"] / res["anchor"]["samples_per_s"], rel=0.01)
+    assert set(res["full_step"]["breakdown_ms"]) == {
+        "vae_encode_x2", "dinov2_mlp_forward", "unet_fwd_bwd", "optimizer_clip_ema"}
+    assert res["full_step"]["train_tflop_per_sample"] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_train_variants_smoke(tmp_path) -> None:
+    res = _run("benchmark_train", tmp_path, "--precomputed-latents", "--fused-adamw",
+               "--grad-ckpt", "--channels-last", "--anchor", "none", "--no-breakdown")
+    assert res["variant"] == "fused_adamw+channels_last+grad_ckpt+precomputed_latents"
+    assert res["ratio"] is None and res["full_step"]["samples_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_infer_smoke(tmp_path) -> None:
+    res = _run("benchmark_infer", tmp_path)
+    assert res["alignment"]["ratio"] > 0
+    assert res["sweep"]["forwards_per_batch"] == 2
+    assert res["refinement"]["seconds"] > 0

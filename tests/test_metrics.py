@@ -1,0 +1,100 @@
+"""Refinement metrics: exact values on constructed images, and no numbers without weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation import metrics as M
+
+
+def _pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Target 128 grey with texture, output = target +-10 (checkerboard) inside a 20x16 box."""
+    rng = np.random.default_rng(0)
+    target = rng.integers(60, 190, size=(48, 40, 3)).astype(np.uint8)
+    mask = np.zeros((48, 40), bool)
+    mask[10:30, 12:28] = True
+    sign = np.where((np.indices((48, 40)).sum(0) % 2) == 0, 10, -10)[..., None]
+    output = np.where(mask[..., None], target.astype(int) + sign, target).astype(np.uint8)
+    output[0, 0] = 0  # outside the box: must not count
+    return output, target, mask
+
+
+def test_identical_images_are_perfect() -> None:
+    _, target, mask = _pair()
+    scores = M.ground_truth_metrics(target, target, mask)
+    assert math.isinf(scores["psnr"]) and scores["psnr"] > 0
+    assert scores["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["l1"] == 0.0
+
+
+def test_known_noise_gives_expected_values() -> None:
+    output, target, mask = _pair()
+    scores = M.ground_truth_metrics(output, target, mask)
+    assert scores["psnr"] == pytest.approx(20 * math.log10(255 / 10), abs=1e-3)
+    assert scores["l1"] == pytest.approx(10 / 255, abs=1e-9)
+    assert 0.0 < scores["ssim"] < 1.0
+
+
+def test_masked_l1_ignores_box_pixels_outside_the_mask() -> None:
+    target = np.full((16, 16, 3), 100, np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4, 4] = mask[10, 10] = True  # box 7x7, only two masked pixels
+    output = target.copy()
+    output[4, 4] = 151  # +51 in the mask
+    output[6, 6] = 0  # in the box, not in the mask
+    assert M.masked_l1(output, target, mask) == pytest.approx(51 / 255 / 2)
+
+
+@pytest.mark.parametrize("side", [1, 2, 3, 4, 6, 11])
+def test_ssim_small_boxes(side: int) -> None:
+    target = np.random.default_rng(side).integers(0, 255, (20, 20, 3)).astype(np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[2:2 + side, 3:3 + side] = True
+    assert M.ssim_in_box(target, target, mask) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_weight_metrics_not_available_without_weights(tmp_path) -> None:
+    garbage = tmp_path / "clip.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    assert M.load_clip_scorer("ViT-B-16", None) is None
+    assert M.load_clip_scorer("ViT-B-16", str(tmp_path / "missing.bin")) is None
+    assert M.load_clip_scorer("ViT-B-16", str(garbage)) is None
+    assert M.load_dino_scorer(None) is None
+    assert M.load_dino_scorer(str(tmp_path / "no_dinov2_here")) is None
+    assert M.load_fid(None) is None
+    assert M.load_fid(str(garbage)) is None
+
+    output, target, mask = _pair()
+    scores = M.identity_scores(None, [output], [mask], [target], [None])
+    assert scores == [M.NOT_AVAILABLE]
+    assert M.fid_score(None, [output] * 2, [target] * 2) == M.NOT_AVAILABLE
+    assert M.mean_value([M.NOT_AVAILABLE, M.NOT_AVAILABLE]) == M.NOT_AVAILABLE
+
+
+def test_dino_score_with_local_weights(tmp_path) -> None:
+    """The loading path itself, on a tiny DINOv2 saved locally (test-only weights)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=224, patch_size=14, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64)).save_pretrained(
+        tmp_path / "dino")
+    scorer = M.load_dino_scorer(str(tmp_path / "dino"))
+    assert scorer is not None
+    output, target, mask = _pair()
+    ref_mask = np.zeros(target.shape[:2], bool)
+    ref_mask[10:30, 12:28] = True
+    same, other = M.identity_scores(scorer, [target, output[::-1].copy()], [mask, mask],
+                                    [target, target], [ref_mask, ref_mask])
+    assert same == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= other <= 1.0
+
+
+def test_mean_value() -> None:
+    assert M.mean_value([1.0, None, 3.0]) == 2.0
+    assert M.mean_value([None, None]) is None
+    assert math.isinf(M.mean_value([1.0, float("inf")]))

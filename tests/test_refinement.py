@@ -1,0 +1,161 @@
+"""Refinement comparison: exact pixels outside the mask, and the full evaluation on 3 cases."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data.benchmark import load_benchmark, write_synthetic_benchmark
+from evaluation import refinement as R
+from evaluation.metrics import NOT_AVAILABLE
+from models.refinement import blend
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight export of the tiny model (the shipped one may not exist yet)."""
+    import hydra
+
+    from models.export import save_export
+    from tests.conftest import compose_config
+
+    cfg = compose_config([])
+    module = hydra.utils.instantiate(cfg.model)
+    return save_export(module.inference_state_dict(), cfg.model,
+                       tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="session")
+def components(tiny_export: Path):
+    from models.export import load_export
+
+    return load_export(tiny_export)
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory: pytest.TempPathFactory):
+    """3 synthetic cases in 2 categories; one at a non-native size, one with no reference_mask."""
+    root = tmp_path_factory.mktemp("bench")
+    write_synthetic_benchmark(root, 3, seed=0)
+    cases, skipped = load_benchmark(root)
+    assert not skipped
+    cases[0].meta["category"] = "logo"
+    cases[1].meta["category"] = "logo"
+    cases[2].meta["category"] = "try_on"
+    # case 1 at 80x96: the model runs at 64 and the content is pasted back at 80x96
+    big = cases[1]
+    big.image = np.asarray(
+        torch.nn.functional.interpolate(torch.from_numpy(big.image).permute(2, 0, 1)[None].float(),
+                                        size=(80, 96), mode="bilinear")[0]
+        .permute(1, 2, 0).round().byte())
+    big.target = big.image.copy()
+    big.mask = np.kron(big.mask[:, :48], np.ones((1, 2), bool))[:, :96]
+    big.mask = np.repeat(big.mask, 2, axis=0)[:80]
+    cases[2].reference_mask = None
+    return cases
+
+
+def test_paste_keeps_outside_bit_identical() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+    content = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)  # other size: upsampled
+    mask = np.zeros((37, 53), bool)
+    mask[10:20, 5:30] = True
+    for dilate, feather in [(0, 0), (2, 0), (3, 2)]:
+        out = R.paste(image, content, mask, dilate, feather)
+        region = R.dilated_mask(mask, dilate)
+        assert np.array_equal(out[~region], image[~region])
+        assert not np.array_equal(out[mask], image[mask])
+
+
+def test_blend_keeps_outside_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    original = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    generated = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:16, 4:20] = 1
+    out = blend(original, generated, mask, dilate=2, feather=3)
+    outside = R.dilated_mask(mask[0, 0].numpy() > 0, 2)
+    assert torch.equal(out[..., ~torch.from_numpy(outside)],
+                       original[..., ~torch.from_numpy(outside)])
+
+
+def test_telea_changes_only_the_mask() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    mask = np.zeros((40, 40), bool)
+    mask[12:20, 12:30] = True
+    out = R.telea(image, mask, dilate=1)
+    region = R.dilated_mask(mask, 1)
+    assert np.array_equal(out[~region], image[~region])
+
+
+def test_copy_from_reference_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.zeros((16, 16, 3), np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    fake = types.ModuleType("evaluation.baselines")
+    fake.warp_reference_into_image = lambda im, m, ref: (None, {"reason": "no matches"})
+    monkeypatch.setitem(sys.modules, "evaluation.baselines", fake)
+    out, fell_back = R.copy_from_reference(image, mask, image)
+    assert fell_back and np.array_equal(out, image)
+    fake.warp_reference_into_image = lambda im, m, ref: (np.full_like(im, 200), {})
+    out, fell_back = R.copy_from_reference(image, mask, image)
+    assert not fell_back and (out[mask] == 200).all() and (out[~mask] == 0).all()
+
+
+def test_oracle_crop_is_the_grown_gt_box() -> None:
+    reference = np.zeros((100, 120, 3), np.uint8)
+    ref_mask = np.zeros((100, 120), bool)
+    ref_mask[20:40, 30:80] = True
+    crop = R.oracle_crop(reference, ref_mask, margin=0.1)
+    assert tuple(crop.shape) == (3, 24, 60)  # 20 + 2*2 rows, 50 + 2*5 columns
+
+
+def test_evaluate_refinement_all_methods(cases, components) -> None:
+    cfg = OmegaConf.create({"num_steps": 2, "batch_size": 3, "dilate": 1, "feather": 1})
+    result = R.evaluate_refinement(cases, components, None, cfg)
+    outputs = result.pop("outputs")
+    json.dumps(result)  # everything but the images is JSON-able
+
+    assert set(result["methods"]) == set(R.METHODS)
+    assert set(result["by_category"]) == {"logo", "try_on"}
+    for metrics in result["by_category"].values():
+        assert set(metrics) == set(R.METHODS)
+    counts = result["counts"]
+    assert counts["cases"] == 3 and counts["aligned_on_the_fly"] == 3
+    assert counts["oracle_crop_skipped_no_reference_mask"] == 1
+    assert counts["scored"]["oracle_crop"] == 2 and counts["scored"]["input"] == 3
+    assert 0 <= counts.get("copy_from_reference_fallback", 0) <= 3
+
+    for name in ("clip", "dino", "fid"):
+        assert result["methods"]["aligned_crop"][name] == NOT_AVAILABLE
+    for name in ("psnr", "ssim", "l1"):
+        assert isinstance(result["methods"]["aligned_crop"][name], float)
+    assert result["methods"]["input"]["l1"] > 0
+
+    for case in cases:
+        region = R.dilated_mask(case.mask, 1)
+        for method, out in outputs[case.id].items():
+            assert out.shape == case.image.shape and out.dtype == np.uint8
+            assert np.array_equal(out[~region], case.image[~region]), (case.id, method)
+    assert "oracle_crop" not in outputs[cases[2].id]
+
+
+def test_given_alignments_are_used(cases, components) -> None:
+    from models.alignment import Alignment
+
+    crop = torch.rand(3, 20, 30)
+    alignments = {c.id: Alignment(torch.zeros(256), torch.zeros(224, 224),
+                                  torch.zeros(224, 224, dtype=torch.bool), (0, 0, 30, 20), crop)
+                  for c in cases}
+    cfg = OmegaConf.create({"methods": ["aligned_crop"], "num_steps": 1, "guidance_scale": 1.0})
+    result = R.evaluate_refinement(cases[:1], components, alignments, cfg)
+    assert result["counts"]["aligned_on_the_fly"] == 0
+    assert set(result["methods"]) == {"aligned_crop"}

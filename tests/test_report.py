@@ -1,0 +1,106 @@
+"""report.json schema: a good report passes, broken ones are rejected with the reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from evaluation.report import (
+    ReportError,
+    render_markdown,
+    validate_report,
+    write_report_json,
+    write_report_md,
+)
+
+PAIR = {"miou_mask": 0.4, "miou_box": 0.5}
+
+
+def good_report() -> dict:
+    rows = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+    return {
+        "schema_version": 1,
+        "meta": {"checkpoint": "ckpt", "bench_dir": "bench", "command": "eval.py",
+                 "device": "cpu", "date": "2025-01-01T00:00:00", "versions": {"torch": "x"}},
+        "counts": {"cases_found": 5, "cases_loaded": 4, "skipped": 1, "with_reference_mask": 4,
+                   "without_reference_mask": 0, "with_target": 4, "sweep_cases": 4,
+                   "feature_matching_failures": 2},
+        "skipped": [{"id": "bad", "reason": "missing required file(s): mask"}],
+        "correspondence": {
+            "num_cases": 4, "timesteps": [667, 334], "layers": [0, 1, 2], "seeds": [0],
+            "threshold": 0.5,
+            "table": {"mask": rows, "box": rows},
+            "curves": {"timestep": {"mask": [0.2, 0.5], "box": [0.2, 0.5]},
+                       "layer": {"mask": [0.25, 0.35, 0.45], "box": [0.25, 0.35, 0.45]}},
+            "best": {"t": 334, "t_index": 1, "layer": 2, "miou_mask": 0.6, "miou_box": 0.6},
+            "topk": {"ks": [1, 3], "best_cell": PAIR,
+                     "in_sample": [{"k": 1, "cells": [[1, 2]], **PAIR},
+                                   {"k": 3, "cells": [[1, 2], [1, 1], [1, 0]], **PAIR}],
+                     "in_sample_beats_best_cell": False, "held_out": None, "note": "n"},
+            "baselines": {"whole_reference": PAIR, "same_position_box": PAIR,
+                          "feature_matching": PAIR},
+            "feature_matching": {"attempts": 4, "failures": 2, "failed": []},
+            "deployed": {**PAIR, "num_cases": 4},
+            "by_category": {"synthetic": {"num_cases": 4, "ours": PAIR, "whole_reference": PAIR,
+                                          "same_position_box": PAIR, "feature_matching": PAIR}},
+        },
+        "refinement": {"aligned_crop": {"psnr": 20.0, "clip": "not available (no weights)"}},
+        "refinement_by_category": {"synthetic": {"aligned_crop": {"psnr": 20.0}}},
+        "refinement_status": {"run": True, "reason": None},
+        "alignment": {"timestep": 334, "block": 2, "threshold": 0.5, "margin": 0.1},
+        "figures": {"heatmap_mask": "figures/heatmap_mask.png"},
+    }
+
+
+def test_good_report_validates_and_renders(tmp_path) -> None:
+    report = good_report()
+    validate_report(report)
+    path = write_report_json(report, tmp_path / "report.json")
+    assert json.loads(path.read_text())["correspondence"]["best"]["layer"] == 2
+    md = write_report_md(report, tmp_path / "report.md").read_text()
+    for text in ("whole_reference", "same_position_box", "feature_matching", "aligned_crop",
+                 "synthetic", "figures/heatmap_mask.png", "bad"):
+        assert text in md
+
+
+def test_report_without_correspondence_or_refinement_is_valid() -> None:
+    report = good_report()
+    report["correspondence"] = None
+    report["refinement"], report["refinement_by_category"] = {}, {}
+    report["refinement_status"] = {"run": False, "reason": "evaluation.refinement missing"}
+    validate_report(report)
+    assert "Not run" in render_markdown(report)
+
+
+def _broken(path: str, value=None, delete: bool = False) -> dict:
+    report = copy.deepcopy(good_report())
+    *parents, last = path.split(".")
+    node = report
+    for key in parents:
+        node = node[key]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return report
+
+
+@pytest.mark.parametrize("report, expected", [
+    (_broken("correspondence.best", delete=True), "correspondence.best"),
+    (_broken("correspondence.best.t_index", 5), "t_index"),
+    (_broken("correspondence.best.t", 667), "does not match"),
+    (_broken("correspondence.table.mask", [[0.1, 0.2]]), "table.mask"),
+    (_broken("correspondence.baselines.feature_matching", {"miou_mask": 0.1}), "miou_box"),
+    (_broken("correspondence.baselines.whole_reference.miou_box", 1.5), "outside [0, 1]"),
+    (_broken("counts.skipped", 0), "counts.skipped"),
+    (_broken("skipped", [{"id": "x"}]), "skipped"),
+    (_broken("meta.date", delete=True), "meta.date"),
+    (_broken("refinement.aligned_crop", {"psnr": [1, 2]}), "refinement.aligned_crop"),
+    (_broken("alignment.block", delete=True), "alignment"),
+    (_broken("schema_version", 0), "schema_version"),
+])
+def test_broken_reports_are_rejected(report: dict, expected: str) -> None:
+    with pytest.raises(ReportError, match=expected.replace("[", r"\[")):
+        validate_report(report)

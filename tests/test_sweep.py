@@ -1,0 +1,148 @@
+"""Calibration sweep: schedule, one forward per timestep, table shapes, choices, top-k maths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from data.benchmark import BenchmarkCase
+from evaluation.sweep import (
+    SweepConfig,
+    aggregate_grids,
+    best_cell,
+    case_tensors,
+    collect_vectors,
+    normalised_grids,
+    run_sweep,
+    score_grids,
+    sweep_timesteps,
+    top_cells,
+)
+from models.attention_capture import cross_attention_blocks
+from models.correspondence import correspondence_scores
+from models.export import load_export, save_export
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spin-waiting threads are ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory: pytest.TempPathFactory):
+    """A random tiny export, saved and loaded the way eval.py does."""
+    torch.manual_seed(0)
+    cfg = compose_config([])
+    module = hydra.utils.instantiate(cfg.model)
+    out = Path(tmp_path_factory.mktemp("export"))
+    save_export(module.inference_state_dict(), cfg.model, out)
+    return load_export(out)
+
+
+def make_case(i: int, size: int = 64, ref: int = 224, with_gt: bool = True) -> BenchmarkCase:
+    rng = np.random.default_rng(i)
+    mask = np.zeros((size, size), bool)
+    mask[10 + i: 30 + i, 12:34] = True
+    gt = np.zeros((ref, ref), bool)
+    gt[40 + 5 * i: 120, 60:150] = True
+    return BenchmarkCase(
+        id=f"c{i}", image=rng.integers(0, 256, (size, size, 3), dtype=np.uint8), mask=mask,
+        reference=rng.integers(0, 256, (ref, ref, 3), dtype=np.uint8),
+        reference_mask=gt if with_gt else None, meta={"category": "synthetic"})
+
+
+def test_timesteps_are_ddim_schedule_noisiest_first(components) -> None:
+    steps = sweep_timesteps(components, 50)
+    ref = DDIMScheduler.from_config(components.noise_scheduler.config)
+    ref.set_timesteps(50)
+    assert steps == [int(t) for t in ref.timesteps]
+    assert len(steps) == 50 and steps[0] == max(steps) and steps == sorted(steps, reverse=True)
+
+
+def test_one_forward_per_batch_and_timestep_regardless_of_blocks(components) -> None:
+    cases = [make_case(i) for i in range(3)]
+    calls = []
+    handle = components.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        n_blocks = len(cross_attention_blocks(components.denoiser))
+        for blocks in ([0], list(range(n_blocks))):
+            calls.clear()
+            out = collect_vectors(components, cases, [900, 500, 100], blocks, [0],
+                                  batch_size=2, progress=False)
+            assert len(calls) == 2 * 3  # 2 batches x 3 timesteps
+            assert out.shape == (3, 1, 3, len(blocks), components.reference_encoder.num_tokens)
+            assert torch.allclose(out.sum(-1), torch.ones(out.shape[:-1]), atol=1e-4)
+    finally:
+        handle.remove()
+
+
+def test_run_sweep_tables_curves_and_topk(components) -> None:
+    cases = [make_case(i) for i in range(4)] + [make_case(9, with_gt=False)]
+    cfg = SweepConfig(num_timesteps=3, seeds=[0, 1], batch_size=4, topk=[1, 2, 50])
+    result = run_sweep(components, cases, cfg, progress=False)
+    n_layers = len(cross_attention_blocks(components.denoiser))
+    assert result.case_ids == ["c0", "c1", "c2", "c3"]  # the case without GT is not scored
+    assert result.table_mask.shape == result.table_box.shape == (3, n_layers)
+    assert result.scores_mask.shape == (4, 2, 3, n_layers)
+    curves = result.curves()
+    assert len(curves["timestep"]["mask"]) == 3 and len(curves["layer"]["box"]) == n_layers
+    best = result.best
+    assert best["miou_mask"] == pytest.approx(result.table_mask.max())
+    assert best["t"] == result.timesteps[best["t_index"]]
+    assert [r["k"] for r in result.topk["in_sample"]] == [1, 2, 50]
+    assert len(result.topk["in_sample"][2]["cells"]) == 3 * n_layers  # k capped at T x L
+    held = result.topk["held_out"]
+    assert held["num_select"] == 2 and held["num_score"] == 2
+    assert result.best_heat(0, (224, 224)).shape == (224, 224)
+    d = result.to_dict()
+    assert len(d["table"]["mask"]) == 3 and len(d["table"]["mask"][0]) == n_layers
+
+
+def test_best_cell_on_constructed_table() -> None:
+    mask = np.zeros((4, 3))
+    mask[2, 1] = 0.7
+    mask[0, 2] = 0.7  # a tie: the noisier timestep (lower index) wins
+    box = np.full((4, 3), 0.1)
+    best = best_cell(mask, box, [900, 600, 300, 0], [4, 5, 6])
+    assert best == {"t": 900, "t_index": 0, "layer": 6, "miou_mask": 0.7, "miou_box": 0.1}
+
+
+def test_top_cells_and_aggregation_math() -> None:
+    table = np.array([[0.1, 0.5], [0.9, 0.3]])
+    assert top_cells(table, 3) == [(1, 0), (0, 1), (1, 1)]
+    grids = torch.rand(2, 3, 2, 2, 4, 4)  # N, S, T, L, gh, gw
+    cells = [(1, 0), (0, 1)]
+    agg = aggregate_grids(grids, cells)
+    expected = (grids[:, :, 1, 0] + grids[:, :, 0, 1]).sum(1) / 6
+    assert torch.allclose(agg, expected)
+    assert torch.allclose(aggregate_grids(grids, [(1, 1)], seeds=[2]), grids[:, 2, 1, 1])
+
+
+def test_score_grids_matches_correspondence_scores() -> None:
+    torch.manual_seed(0)
+    vectors = torch.rand(5, 256)
+    gt = torch.zeros(100, 150, dtype=torch.bool)
+    gt[20:60, 30:90] = True
+    grids = normalised_grids(vectors, (16, 16), 0)
+    m, b = score_grids(grids, gt, 0.5, chunk_pixels=100 * 150 * 2)  # exercise chunking
+    ref = correspondence_scores(vectors, gt.expand(5, -1, -1).float(), (16, 16), 0, 0.5)
+    assert torch.allclose(m, ref["mask"]) and torch.allclose(b, ref["box"])
+
+
+def test_case_tensors_resize_image_not_reference() -> None:
+    case = make_case(0, size=32, ref=100)
+    image, mask, reference = case_tensors(case, 64)
+    assert image.shape == (1, 3, 64, 64) and mask.shape == (1, 1, 64, 64)
+    assert reference.shape == (1, 3, 100, 100)
+    assert image.min() >= -1 and image.max() <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert mask.sum() > 0
