@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -109,6 +110,22 @@ def time_it(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int
     for _ in range(iters):
         fn()
     return (time.perf_counter() - t0) / iters
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], device: torch.device, iters: int, repeats: int = 6,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Median seconds per call of each ``fn``, timed in alternation so that clock and cache
+    drift hits every variant alike (timing one variant after another biased small ratios)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_it(fn, device, iters, 0))
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

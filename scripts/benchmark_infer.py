@@ -40,6 +40,7 @@ from scripts.bench_common import (
     compose,
     environment,
     format_table,
+    interleaved_times,
     peak_memory_gib,
     pick_device,
     reset_peak_memory,
@@ -120,10 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with capture_cross_attention(unet, mask, None):
                 unet(x, t, encoder_hidden_states=context)
 
-        plain_s = time_it(plain, device, args.iters, 2)
-        capture_s = time_it(captured, device, args.iters, 2)
-        capture_all_s = time_it(captured_all, device, args.iters, 2)
-        plain_s = min(plain_s, time_it(plain, device, args.iters, 0))  # order effects out
+        times = interleaved_times({"plain": plain, "one": captured, "all": captured_all},
+                                  device, args.iters)
+        plain_s, capture_s, capture_all_s = times["plain"], times["one"], times["all"]
     gen = torch.Generator()
     with autocast(device):
         align_s = time_it(lambda: align(comp, image[:1], mask[:1], reference[:1], timestep, block,
