@@ -75,6 +75,11 @@ class RefineByAlignModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
 
         self.blocks = cross_attention_blocks(denoiser)
+        # a single reference token (CLS only, Paint-by-Example style) has no spatial map
+        self.has_token_grid = reference_encoder.grid != (1, 1)
+        if not self.has_token_grid and attn_loss_weight > 0:
+            log.warning("one reference token: no correspondence map, attention loss disabled")
+            self.hparams.attn_loss_weight = 0.0
         if not 0 <= val_block < len(self.blocks):
             raise ValueError(f"val_block {val_block} outside 0..{len(self.blocks) - 1}")
         self.attn_loss_blocks = (
@@ -200,11 +205,14 @@ class RefineByAlignModule(pl.LightningModule):
         batch_size = batch["target"].shape[0]
         generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed + batch_idx)
         timesteps = torch.full((batch_size,), self.hparams.val_timestep, device=self.device)
-        out = self.model_step(batch, generator, list(range(len(self.blocks))), timesteps)
+        capture = list(range(len(self.blocks))) if self.has_token_grid else None
+        out = self.model_step(batch, generator, capture, timesteps)
         self.log("val/loss", out["diffusion"].mean(), batch_size=batch_size, sync_dist=True)
+        if batch_idx == 0:
+            self._val_batch = {k: v[: self.hparams.val_num_samples] for k, v in batch.items()}
 
         aligned = batch["mode"] == 0
-        if not aligned.any():
+        if not (aligned.any() and self.has_token_grid):
             return
         enc = self.reference_encoder
         ref_mask = batch["reference_mask"][aligned]
@@ -216,10 +224,11 @@ class RefineByAlignModule(pl.LightningModule):
         for name, scores in baseline_scores(batch["mask"][aligned], ref_mask).items():
             for kind in ("mask", "box"):
                 self.val_baselines[f"{name}_{kind}"].update(scores[kind])
-        if batch_idx == 0:
-            self._val_batch = {k: v[: self.hparams.val_num_samples] for k, v in batch.items()}
 
     def on_validation_epoch_end(self) -> None:
+        if not self.has_token_grid:
+            self._finish_validation()
+            return
         per_block = {
             b.index: {kind: float(self.val_miou[f"{kind}_{b.index}"].compute())
                       for kind in ("mask", "box")}
@@ -242,6 +251,9 @@ class RefineByAlignModule(pl.LightningModule):
         })
         self.val_table = {"timestep": self.hparams.val_timestep, "blocks": per_block,
                           "baselines": baselines, "best_block": best}
+        self._finish_validation()
+
+    def _finish_validation(self) -> None:
         self.val_step = self.global_step
         if self._val_batch is not None and not self.trainer.sanity_checking:
             self.log_sample_grid(self._val_batch)

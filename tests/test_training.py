@@ -82,3 +82,15 @@ def test_train_entry_point_runs_and_exports(tmp_path):
     assert len(exports) == 1
     assert list(tmp_path.glob("train/*/checkpoints/last.ckpt"))
     assert list(tmp_path.glob("train/*/csv/metrics.csv"))
+
+
+def test_cls_token_ablation_trains_and_validates_without_a_map(tmp_path):
+    cfg = compose_config(FAST + ["experiment=ablation_cls_token", "model.attn_loss_weight=0.5"])
+    module = instantiate(cfg.model)
+    assert not module.has_token_grid and module.hparams.attn_loss_weight == 0
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, limit_val_batches=1, val_check_interval=1,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert "val/loss" in trainer.callback_metrics
+    assert "val/miou_mask" not in trainer.callback_metrics
