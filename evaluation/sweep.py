@@ -11,8 +11,8 @@ Beyond the paper: the min-max normalised maps of the top-k cells (and of several
 are averaged before thresholding. Picking cells on the cases they are scored on is optimistic,
 so the cases are also split 50/50: cells chosen on one half, scored on the other.
 
-Noise: :func:`attention_vectors` draws one noise tensor per batch from a generator seeded with
-(seed, batch start), so results are reproducible for a given benchmark, order and batch size.
+Noise: each case's noise is drawn from its own generator seeded with (seed, case position), so
+a case's maps do not depend on which cases share its batch.
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ def collect_vectors(
         refs = torch.cat([resize_reference(t[2], encoder.image_size) for t in tensors])
         context = encoder(refs.to(device))
         for s, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + start)
+            noise_seeds = [int(seed) * 1_000_003 + start + i for i in range(len(chunk))]
             vectors = attention_vectors(components, image, mask, context, timesteps, blocks,
-                                        generator)
+                                        noise_seeds=noise_seeds)
             for ti, t in enumerate(timesteps):
                 for li, b in enumerate(blocks):
                     out[start: start + len(chunk), s, ti, li] = vectors[int(t)][b].float().cpu()

@@ -36,17 +36,27 @@ def attention_vectors(
     timesteps: Sequence[int],
     blocks: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    noise_seeds: Sequence[int] | None = None,
 ) -> dict[int, dict[int, torch.Tensor]]:
     """Masked-query attention over reference tokens: {timestep: {block: [B, tokens]}}.
 
-    ``image`` [B,3,H,W] in [-1,1] is noised to each timestep with the same noise (drawn once
-    from ``generator``), so timesteps differ only by noise level, as in Algorithm 1.
+    ``image`` [B,3,H,W] in [-1,1] is noised to each timestep with the same noise, so timesteps
+    differ only by noise level, as in Algorithm 1. The noise comes from ``generator``, or
+    row by row from ``noise_seeds`` so that a case's noise does not depend on its batch.
     """
     ae, unet, scheduler = components.autoencoder, components.denoiser, components.noise_scheduler
     latents = ae.encode(image)
     masked_latent = ae.encode(image * (1 - mask))
     mask_lat = latent_mask(mask, latents.shape[-2:])
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if noise_seeds is not None:
+        if len(noise_seeds) != len(image):
+            raise ValueError(f"{len(noise_seeds)} noise seeds for a batch of {len(image)}")
+        noise = torch.stack([
+            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+            for s in noise_seeds
+        ])
+    else:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     noise = noise.to(latents.device, latents.dtype)
     out: dict[int, dict[int, torch.Tensor]] = {}
     with capture_cross_attention(unet, mask, blocks) as maps:

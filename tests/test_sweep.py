@@ -146,3 +146,27 @@ def test_case_tensors_resize_image_not_reference() -> None:
     assert reference.shape == (1, 3, 100, 100)
     assert image.min() >= -1 and image.max() <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
     assert mask.sum() > 0
+
+
+def test_case_noise_does_not_depend_on_the_batch():
+    """A case's captured vectors are the same alone and inside a larger batch."""
+    import torch
+    from hydra.utils import instantiate
+
+    from models.alignment import attention_vectors
+    from models.export import Components
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data.image_size=32"])
+    parts = {k: instantiate(cfg.model[k]) for k in ("denoiser", "reference_encoder",
+             "autoencoder", "noise_scheduler", "sampling_scheduler")}
+    comp = Components(**parts, config=cfg.model).eval()
+    torch.manual_seed(0)
+    image = torch.rand(3, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(3, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    context = comp.reference_encoder(torch.rand(3, 3, 224, 224))
+    both = attention_vectors(comp, image, mask, context, [500], [0], noise_seeds=[7, 8, 9])
+    alone = attention_vectors(comp, image[1:2], mask[1:2], context[1:2], [500], [0],
+                              noise_seeds=[8])
+    torch.testing.assert_close(both[500][0][1:2], alone[500][0])
