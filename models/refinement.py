@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
@@ -62,6 +64,7 @@ def sample_inpaint(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
+    stochastic = "generator" in inspect.signature(scheduler.step).parameters
     for t in steps:
         model_in = scheduler.scale_model_input(latents, t)
         model_in = torch.cat([model_in] * 2) if guided else model_in
@@ -71,7 +74,8 @@ def sample_inpaint(
         if guided:
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(pred, t, latents).prev_sample
+        extra = {"generator": generator} if stochastic else {}
+        latents = scheduler.step(pred, t, latents, **extra).prev_sample
     return autoencoder.decode(latents).clamp(-1, 1)
 
 
