@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from omegaconf import OmegaConf
 
 from models.alignment import Alignment, align, resize_reference
-from models.export import Components
+from models.export import DEFAULT_EXPORT, REPO_ROOT, Components
 from models.refinement import blend, sample_inpaint
 
 # Ancestral DDPM is the default: the tiny pixel-space model (cosine schedule, epsilon) sampled
@@ -24,6 +26,27 @@ class AlignmentConfig:
     block: int = 3
     threshold: float = 0.5
     margin: float = 0.1
+
+
+ALIGNMENT_KEYS = ("timestep", "block", "threshold", "margin")
+DEFAULT_ALIGNMENT = REPO_ROOT / "configs" / "alignment" / "default.yaml"
+
+
+def load_alignment(path: str | Path | None = None,
+                   export_dir: str | Path | None = None) -> AlignmentConfig:
+    """The alignment read-out to deploy: ``path``, else the export's own calibrated
+    ``alignment.yaml`` (written by eval.py), else configs/alignment/default.yaml."""
+    candidates = [Path(path)] if path else [Path(export_dir or DEFAULT_EXPORT) / "alignment.yaml",
+                                            DEFAULT_ALIGNMENT]
+    found = next((p for p in candidates if p.is_file()), None)
+    if path and found is None:
+        raise FileNotFoundError(f"alignment config not found: {path}")
+    if found is None:
+        return AlignmentConfig()
+    cfg = OmegaConf.to_container(OmegaConf.load(found), resolve=True)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{found} must be a mapping with keys {ALIGNMENT_KEYS}")
+    return AlignmentConfig(**{k: cfg[k] for k in ALIGNMENT_KEYS if k in cfg})
 
 
 @dataclass

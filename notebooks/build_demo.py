@@ -55,7 +55,7 @@ from evaluation.sweep import model_image_size
 from models.alignment import attention_vectors, postprocess, resize_reference
 from models.attention_capture import cross_attention_blocks
 from models.export import DEFAULT_EXPORT, load_export, save_export
-from models.pipeline import AlignmentConfig, RefineByAlign, RefinementConfig
+from models.pipeline import RefineByAlign, RefinementConfig, load_alignment
 
 %matplotlib inline
 # (after the imports: evaluation.figures selects the Agg backend for its PNG writers)
@@ -82,9 +82,7 @@ print(f"export: {export_dir} ({'trained' if trained else 'RANDOM weights'}); "
 CASE = """bench = TMP / "bench"
 write_synthetic_benchmark(bench, 1, seed=3)
 case = load_benchmark(bench)[0][0]
-align_path = ROOT / "configs" / "alignment" / "default.yaml"
-align_cfg = (AlignmentConfig(**OmegaConf.to_container(OmegaConf.load(align_path)))
-             if align_path.is_file() else AlignmentConfig())
+align_cfg = load_alignment(export_dir=export_dir)  # the export's calibrated (t*, block*)
 print(case.id, case.meta, "alignment:", align_cfg)
 
 fig, axes = plt.subplots(1, 4, figsize=(12, 3))
@@ -132,7 +130,7 @@ REFINE_MD = """## Both stages at the deployed (t, block)
 Pixels outside the mask are the input's, bit for bit."""
 
 REFINE = """pipeline = RefineByAlign(components, align_cfg,
-                         RefinementConfig(num_steps=25, guidance_scale=3.0))
+                         RefinementConfig())
 found = pipeline.align(image, mask, reference, seed=0)
 refined = refine_batch(pipeline, [case.image], [case.mask], [found.crop], seed=0)[0]
 crop = (found.crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

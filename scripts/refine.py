@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable
@@ -28,11 +27,9 @@ from evaluation.figures import correspondence_overlay  # noqa: E402
 from evaluation.refinement import reference_tensor, refine_batch, to_model_inputs  # noqa: E402
 from evaluation.sweep import model_image_size  # noqa: E402
 from models.export import load_export  # noqa: E402
-from models.pipeline import SAMPLERS, AlignmentConfig, RefineByAlign, RefinementConfig  # noqa: E402
+from models.pipeline import SAMPLERS, RefineByAlign, RefinementConfig, load_alignment  # noqa: E402
 
 log = logging.getLogger("refine")
-DEFAULT_ALIGNMENT = Path(__file__).resolve().parents[1] / "configs" / "alignment" / "default.yaml"
-ALIGNMENT_KEYS = ("timestep", "block", "threshold", "margin")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="export folder (model.safetensors + model.yaml); default: shipped one")
     p.add_argument("--alignment", type=Path, default=None,
                    help="yaml with timestep, block, threshold, margin (as written by eval.py); "
-                        "default: configs/alignment/default.yaml if present")
+                        "default: the export's alignment.yaml (written by eval.py's calibration), "
+                        "else configs/alignment/default.yaml")
     defaults = RefinementConfig()
     p.add_argument("--steps", type=int, default=defaults.num_steps)
     p.add_argument("--guidance", type=float, default=defaults.guidance_scale)
@@ -81,20 +79,6 @@ def read_mask(path: Path) -> np.ndarray:
     return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
 
 
-def load_alignment_config(path: Path | None) -> AlignmentConfig:
-    """--alignment yaml, else configs/alignment/default.yaml, else AlignmentConfig defaults."""
-    if path is None and DEFAULT_ALIGNMENT.is_file():
-        path = DEFAULT_ALIGNMENT
-    if path is None:
-        return AlignmentConfig()
-    if not path.is_file():
-        raise FileNotFoundError(f"alignment config not found: {path}")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must be a mapping with keys {ALIGNMENT_KEYS}")
-    return AlignmentConfig(**{k: cfg[k] for k in ALIGNMENT_KEYS if k in cfg})
-
-
 def save_correspondence(reference: np.ndarray, heat: np.ndarray, box: tuple[int, ...],
                         path: Path) -> None:
     """The reference at its own pixel size with the heat map and the chosen box drawn over."""
@@ -121,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         raise ValueError(f"mask {args.mask} is empty: nothing to refine")
 
     components = load_export(args.ckpt, args.device)
-    alignment_cfg = load_alignment_config(args.alignment)
+    alignment_cfg = load_alignment(args.alignment, args.ckpt)
     pipeline = RefineByAlign(
         components, alignment_cfg,
         RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate, args.feather),
