@@ -1,6 +1,6 @@
 """The benchmark scripts' smoke modes run in-process and write the JSON keys the lead reads.
 
-On a shared 2-core machine the train and infer smokes take 30-90 s each, so they are slow.
+The train and infer smokes run in the default suite (CI); the variant sweep is marked slow.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def test_benchmark_data_smoke(tmp_path) -> None:
         assert res[source]["workers_needed"] >= 1
 
 
-@pytest.mark.slow
 def test_benchmark_train_smoke(tmp_path) -> None:
     res = _run("benchmark_train", tmp_path)
     assert res["full_step"]["samples_per_s"] > 0
@@ -50,7 +49,6 @@ def test_benchmark_train_variants_smoke(tmp_path) -> None:
     assert res["ratio"] is None and res["full_step"]["samples_per_s"] > 0
 
 
-@pytest.mark.slow
 def test_benchmark_infer_smoke(tmp_path) -> None:
     res = _run("benchmark_infer", tmp_path)
     assert res["alignment"]["ratio"] > 0

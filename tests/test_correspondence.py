@@ -1,0 +1,88 @@
+"""Post-processing of correspondence maps: normalise, upsample, threshold, box, crop, IoU."""
+
+import pytest
+import torch
+
+from models.alignment import crop_box, postprocess
+from models.correspondence import (
+    baseline_scores,
+    boxes_to_masks,
+    correspondence_scores,
+    expand_boxes,
+    heatmap,
+    mask_boxes,
+    mask_iou,
+    same_position_boxes,
+    tokens_to_grid,
+)
+
+
+def _peaked_vector(row: int, col: int, grid: int = 16) -> torch.Tensor:
+    vec = torch.full((1, grid * grid), 0.1)
+    vec[0, row * grid + col] = 5.0
+    return vec / vec.sum()
+
+
+def test_heatmap_is_normalised_and_upsampled_where_the_peak_is():
+    heat = heatmap(tokens_to_grid(_peaked_vector(3, 12), (16, 16)), (224, 224))
+    assert heat.shape == (1, 224, 224)
+    assert heat.min() == pytest.approx(0) and 0.9 < heat.max() <= 1  # bilinear: peak between px
+    y, x = divmod(int(heat[0].argmax()), 224)
+    assert abs(y - (3 + 0.5) * 14) <= 14 and abs(x - (12 + 0.5) * 14) <= 14
+
+
+def test_cls_prefix_is_dropped_and_wrong_token_counts_fail():
+    vec = torch.cat([torch.tensor([[100.0]]), _peaked_vector(0, 0)], dim=1)
+    grid = tokens_to_grid(vec, (16, 16), num_prefix_tokens=1)
+    assert grid.shape == (1, 16, 16) and grid[0, 0, 0] == grid.max()
+    with pytest.raises(ValueError):
+        tokens_to_grid(torch.ones(1, 100), (16, 16))
+
+
+def test_region_box_and_margin():
+    heat, region, boxes = postprocess(_peaked_vector(8, 8), (16, 16), 0, (160, 160),
+                                      threshold=0.5, margin=0.0)
+    x0, y0, x1, y1 = boxes[0].tolist()
+    assert region[0, y0:y1, x0:x1].any() and not region[0, :y0].any()
+    assert x0 < 8.5 * 10 < x1 and y0 < 8.5 * 10 < y1
+    grown = expand_boxes(boxes, 0.5, (160, 160))[0].tolist()
+    assert grown[0] < x0 and grown[2] > x1
+    clipped = expand_boxes(torch.tensor([[0, 0, 150, 150]]), 1.0, (160, 160))[0].tolist()
+    assert clipped == [0, 0, 160, 160]
+
+
+def test_boxes_masks_iou_round_trip():
+    masks = torch.zeros(2, 20, 30, dtype=torch.bool)
+    masks[0, 2:7, 5:9] = True
+    boxes = mask_boxes(masks)
+    assert boxes.tolist() == [[5, 2, 9, 7], [0, 0, 0, 0]]
+    back = boxes_to_masks(boxes, (20, 30))
+    assert torch.equal(back[0], masks[0]) and not back[1].any()
+    iou = mask_iou(back, masks)
+    assert iou.tolist() == [1.0, 1.0]  # two empty masks agree
+    half = masks.clone()
+    half[0, 2:7, 7:9] = False
+    assert mask_iou(half[:1], masks[:1]).item() == pytest.approx(0.5)
+
+
+def test_scores_and_baselines_on_a_known_case():
+    ref_mask = torch.zeros(1, 1, 224, 224)
+    ref_mask[..., 112:140, 168:196] = 1  # token (8..9, 12..13)
+    vec = torch.full((1, 256), 1e-3)
+    for r in (8, 9):
+        for c in (12, 13):
+            vec[0, r * 16 + c] = 1.0
+    scores = correspondence_scores(vec, ref_mask, (16, 16))
+    assert scores["mask"].item() > 0.5 and scores["box"].item() > 0.5
+    target_mask = torch.zeros(1, 1, 64, 64)
+    target_mask[..., 0:8, 0:8] = 1  # top-left: far from the true region
+    base = baseline_scores(target_mask, ref_mask)
+    assert base["whole_reference"]["mask"].item() == pytest.approx(28 * 28 / 224**2)
+    assert base["same_position_box"]["mask"].item() == 0
+    assert same_position_boxes(target_mask, (224, 224))[0].tolist() == [0, 0, 28, 28]
+
+
+def test_crop_is_never_empty():
+    image = torch.rand(3, 50, 60)
+    assert crop_box(image, (10, 10, 30, 40)).shape == (3, 30, 20)
+    assert min(crop_box(image, (20, 20, 20, 20)).shape[1:]) >= 8
