@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.pipeline import DEFAULT_ALIGNMENT, load_alignment
 from tests.test_refinement import tiny_export  # noqa: F401  (session fixture)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "refine.py"
@@ -86,4 +87,16 @@ def test_refine_errors(tmp_path: Path, tiny_export: Path, caplog) -> None:  # no
     assert "not found" in caplog.text
 
     with pytest.raises(FileNotFoundError):
-        refine.load_alignment_config(tmp_path / "no_alignment.yaml")
+        load_alignment(tmp_path / "no_alignment.yaml")
+
+
+def test_alignment_prefers_the_exports_calibration(tmp_path: Path) -> None:
+    (tmp_path / "alignment.yaml").write_text("timestep: 42\nblock: 5\n")
+    chosen = load_alignment(export_dir=tmp_path)
+    assert (chosen.timestep, chosen.block) == (42, 5)
+    explicit = tmp_path / "other.yaml"
+    explicit.write_text("timestep: 7\nblock: 1\nthreshold: 0.3\n")
+    chosen = load_alignment(explicit, export_dir=tmp_path)
+    assert (chosen.timestep, chosen.block, chosen.threshold) == (7, 1, 0.3)
+    fallback = load_alignment(export_dir=tmp_path / "no_calibration")
+    assert fallback == load_alignment(DEFAULT_ALIGNMENT)
