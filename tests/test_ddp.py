@@ -90,7 +90,7 @@ def test_ddp_child_command_runs_only_its_job(monkeypatch, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_two_process_checkpoint_resumes_in_one(tmp_path) -> None:
-    """A 2-process (ddp_spawn, gloo) run's last.ckpt resumes in 1 process, EMA included."""
+    """A 2-process (ddp_spawn, gloo) run's last.ckpt resumes in 1 process, and back in 2."""
     from tests.conftest import compose_config
     from train import train
 
@@ -111,3 +111,14 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path) -> None:
     cfg.paths.output_dir = str(tmp_path / "one")
     second = train(cfg)
     assert second["global_step"] == 4
+
+    # and the reverse: the 1-process checkpoint resumes in 2 processes
+    one_ckpt = Path(second["checkpoint_dir"]) / "last.ckpt"
+    cfg = compose_config(common + ["trainer.max_steps=6", "+trainer.strategy=ddp_spawn",
+                                   "trainer.devices=2", f"ckpt_path={one_ckpt}"])
+    cfg.paths.output_dir = str(tmp_path / "two_again")
+    third = train(cfg)
+    state = torch.load(Path(third["checkpoint_dir"]) / "last.ckpt", map_location="cpu",
+                       weights_only=False)
+    assert state["global_step"] == 6 and "ema" in state
+
