@@ -44,7 +44,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if module.val_step != trainer.global_step:  # stopped between validations (max_time)
+    # stopped between validations (max_time); a ddp_spawn parent (global_step 0) trained nothing
+    if trainer.global_step and module.val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
