@@ -1,4 +1,5 @@
-"""LightningDataModule over synthetic pairs or shards, plus an alignment-mode validation set.
+"""LightningDataModule over synthetic pairs, pixel shards or latent shards, plus an
+alignment-mode validation set.
 
 Validation is always synthetic, in alignment mode (the full reference) with its own seed, so
 correspondence mIoU of the cross-attention maps is measured on the same cases every run,
@@ -12,6 +13,7 @@ import logging
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from data.latent_shards import latent_shard_dataset, read_manifest
 from data.masks import MaskConfig
 from data.modes import ALIGNMENT
 from data.shards import shard_dataset
@@ -19,11 +21,16 @@ from data.synthetic import SyntheticPairs
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "shards")
+SOURCES = ("synthetic", "shards", "latent_shards")
 
 
 class PairDataModule(pl.LightningDataModule):
-    """Training pairs from `source` ("synthetic" or "shards") and a fixed validation set."""
+    """Training pairs from `source` and a fixed validation set.
+
+    `source`: "synthetic" (generated on the fly), "shards" (scripts/make_shards.py) or
+    "latent_shards" (scripts/make_latent_shards.py: latents precomputed, no VAE in the step;
+    mode mix and masks were fixed when they were written).
+    """
 
     def __init__(
         self,
@@ -50,8 +57,9 @@ class PairDataModule(pl.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        if source == "shards" and not shard_urls:
-            raise ValueError("source='shards' needs shard_urls, e.g. 'dir/shard-{0000..0009}.tar'")
+        if source != "synthetic" and not shard_urls:
+            raise ValueError(f"source={source!r} needs shard_urls, e.g. "
+                             "'dir/shard-{000000..000009}.tar'")
         if train_seed == val_seed:
             raise ValueError("train_seed and val_seed must differ (held-out validation)")
         self.save_hyperparameters(logger=False)
@@ -59,6 +67,7 @@ class PairDataModule(pl.LightningDataModule):
                                       mask_max_area)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.latent_manifest: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -72,8 +81,16 @@ class PairDataModule(pl.LightningDataModule):
                 per_worker = max(1, hp.train_length // max(1, hp.num_workers))
                 trainer = self.trainer
                 rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
+                urls = hp.shard_urls if isinstance(hp.shard_urls, str) else list(hp.shard_urls)
+            if hp.source == "latent_shards":
+                self.latent_manifest = self._checked_manifest(urls)
+                self.train_set = latent_shard_dataset(
+                    urls, seed=hp.train_seed, shuffle=hp.shuffle_buffer,
+                    resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
+                    rank=rank, world_size=world)
+            elif hp.source == "shards":
                 self.train_set = shard_dataset(
-                    hp.shard_urls, seed=hp.train_seed, image_size=hp.image_size,
+                    urls, seed=hp.train_seed, image_size=hp.image_size,
                     reference_size=hp.reference_size, align_ratio=hp.align_ratio,
                     mask_config=self.mask_config, shuffle=hp.shuffle_buffer,
                     resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
@@ -83,6 +100,20 @@ class PairDataModule(pl.LightningDataModule):
                 length=hp.val_length, seed=hp.val_seed, image_size=hp.image_size,
                 reference_size=hp.reference_size, force_mode=ALIGNMENT,
                 mask_config=self.mask_config)
+
+    def _checked_manifest(self, urls: str | list[str]) -> dict:
+        """The latent shards' manifest, refused if written for other image sizes."""
+        hp = self.hparams
+        manifest = read_manifest(urls)
+        for field in ("image_size", "reference_size"):
+            if manifest[field] != hp[field]:
+                raise ValueError(f"latent shards were written at {field}={manifest[field]}, "
+                                 f"data.{field} is {hp[field]}")
+        written = manifest.get("source", {}).get("align_ratio")
+        if written is not None and written != hp.align_ratio:
+            log.warning("data.align_ratio=%s is ignored: these latent shards fixed the modes "
+                        "with align_ratio=%s when they were written", hp.align_ratio, written)
+        return manifest
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams

@@ -292,25 +292,15 @@ def split_by_rank(urls: Iterable[str], rank: int, world_size: int) -> Iterator[s
     yield from islice(urls, rank, None, world_size)
 
 
-def shard_dataset(
+def split_webdataset(
     urls: str | list[str],
     seed: int = 0,
-    image_size: int = 64,
-    reference_size: int = 224,
-    align_ratio: float = 0.5,
-    force_mode: int | None = None,
-    mask_config: MaskConfig | None = None,
     shuffle: int = 0,
     resampled: bool = False,
-    epoch_length: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> wds.WebDataset:
-    """IterableDataset over shards (brace pattern or list), decoded to the sample contract.
-
-    `shuffle` > 0 shuffles shards and a sample buffer of that size (order only: contents
-    stay fixed per key). `resampled` draws shards with replacement forever; give
-    `epoch_length` (samples per worker) to bound an epoch.
+    """Raw samples of the shards this rank and worker own, optionally shuffled or resampled.
 
     Shards are split over ranks by (`rank`, `world_size`), resolved here in the main process
     (from torch.distributed when not given): DataLoader workers cannot see the process group,
@@ -329,10 +319,30 @@ def shard_dataset(
         seed=seed,
         empty_check=False,
     )
-    if shuffle > 0:
-        ds = ds.shuffle(shuffle)
+    return ds.shuffle(shuffle) if shuffle > 0 else ds
+
+
+def shard_dataset(
+    urls: str | list[str],
+    seed: int = 0,
+    image_size: int = 64,
+    reference_size: int = 224,
+    align_ratio: float = 0.5,
+    force_mode: int | None = None,
+    mask_config: MaskConfig | None = None,
+    shuffle: int = 0,
+    resampled: bool = False,
+    epoch_length: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.WebDataset:
+    """IterableDataset over shards (brace pattern or list), decoded to the sample contract.
+
+    `shuffle` > 0 shuffles shards and a sample buffer of that size (order only: contents
+    stay fixed per key). `resampled` draws shards with replacement forever; give
+    `epoch_length` (samples per worker) to bound an epoch. Splitting: `split_webdataset`.
+    """
+    ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size)
     ds = ds.map(SampleDecoder(seed, image_size, reference_size, align_ratio, force_mode,
                               mask_config))
-    if epoch_length is not None:
-        ds = ds.with_epoch(epoch_length)
-    return ds
+    return ds.with_epoch(epoch_length) if epoch_length is not None else ds

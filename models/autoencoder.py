@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class PixelSpace(nn.Module):
@@ -61,3 +64,32 @@ def build_vae(
 
 
 Autoencoder = PixelSpace | VAE
+
+
+def autoencoder_fingerprint(autoencoder: Autoencoder) -> dict[str, Any]:
+    """What a latent depends on: the autoencoder's kind, shape, scale and weights' origin."""
+    vae = getattr(autoencoder, "vae", None)
+    return {
+        "kind": type(autoencoder).__name__,
+        "latent_channels": int(autoencoder.latent_channels),
+        "downsample": int(autoencoder.downsample),
+        "scaling_factor": float(getattr(autoencoder, "scaling_factor", 1.0)),
+        "name_or_path": str(vae.config.get("_name_or_path", "")) if vae is not None else "",
+    }
+
+
+def check_autoencoder(made_by: dict[str, Any], autoencoder: Autoencoder) -> None:
+    """Refuse latents made by an autoencoder of another shape or scale; warn on another origin.
+
+    ``made_by`` is the fingerprint stored with precomputed latents.
+    """
+    ours = autoencoder_fingerprint(autoencoder)
+    for field in ("kind", "latent_channels", "downsample", "scaling_factor"):
+        if made_by[field] != ours[field]:
+            raise ValueError(
+                f"latent shards were made with {field}={made_by[field]!r} but the model's "
+                f"autoencoder has {field}={ours[field]!r}; rewrite them with "
+                "scripts/make_latent_shards.py and the same model config")
+    if made_by["name_or_path"] != ours["name_or_path"]:
+        log.warning("latent shards come from autoencoder %r, the model uses %r",
+                    made_by["name_or_path"], ours["name_or_path"])

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from models.attention_capture import capture_cross_attention, cross_attention_blocks
-from models.autoencoder import Autoencoder
+from models.autoencoder import Autoencoder, check_autoencoder
 from models.correspondence import baseline_scores, correspondence_scores
 from models.losses import (
     attention_alignment_loss,
@@ -111,10 +111,8 @@ class RefineByAlignModule(pl.LightningModule):
         drop: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One denoising forward; returns per-sample losses and any captured attention."""
-        target, mask, reference = batch["target"], batch["mask"], batch["reference"]
-        with torch.no_grad():
-            latents = self.autoencoder.encode(target)
-            masked_latent = self.autoencoder.encode(target * (1 - mask))
+        mask, reference = batch["mask"], batch["reference"]
+        latents, masked_latent = self.encode_inputs(batch)
         mask_lat = latent_mask(mask, latents.shape[-2:])
         noise = _randn(latents, generator)
         if timesteps is None:
@@ -137,8 +135,28 @@ class RefineByAlignModule(pl.LightningModule):
         loss = diffusion_loss(pred, goal, mask_lat, self.hparams.masked_region_weight)
         return {"diffusion": loss, "attention": dict(attention)}
 
+    @torch.no_grad()
+    def encode_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target latent, masked-image latent): read from latent shards, or encoded here."""
+        if "latents" not in batch:
+            target, mask = batch["target"], batch["mask"]
+            return self.autoencoder.encode(target), self.autoencoder.encode(target * (1 - mask))
+        latents, masked = batch["latents"], batch["masked_latents"]
+        ae, size = self.autoencoder, batch["mask"].shape[-1]
+        expected = (ae.latent_channels, size // ae.downsample, size // ae.downsample)
+        if tuple(latents.shape[1:]) != expected or masked.shape != latents.shape:
+            raise ValueError(
+                f"precomputed latents {tuple(latents.shape[1:])} / {tuple(masked.shape[1:])} "
+                f"do not fit this model's autoencoder at {size} px (expected {expected})")
+        return latents, masked
+
+    def on_train_start(self) -> None:
+        manifest = getattr(self.trainer.datamodule, "latent_manifest", None)
+        if manifest is not None:
+            check_autoencoder(manifest["autoencoder"], self.autoencoder)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        batch_size = batch["target"].shape[0]
+        batch_size = len(batch["mode"])
         drop = torch.rand(batch_size, device=self.device) < self.hparams.cond_dropout
         use_attn = self.hparams.attn_loss_weight > 0
         out = self.model_step(
@@ -198,6 +216,12 @@ class RefineByAlignModule(pl.LightningModule):
             self.ema.restore(params)
 
     def on_validation_epoch_start(self) -> None:
+        # Fresh, process-private metric states. torchmetrics states are neither parameters nor
+        # buffers, so a CPU ddp_spawn launch (whose arguments travel through shared memory)
+        # leaves them shared by every rank: each rank would accumulate every rank's updates,
+        # and the first validation would be right with or without the cross-rank sync.
+        for metric in [*self.val_miou.values(), *self.val_baselines.values()]:
+            metric.reset()
         self._ema_context = self.ema_weights()
         self._ema_context.__enter__()
 

@@ -1,9 +1,12 @@
-"""Data throughput per CPU worker: the on-the-fly generator and the shard reader.
+"""Data throughput per CPU worker: the on-the-fly generator, the shard and latent-shard readers.
 
 Per worker = one process producing samples alone (what one DataLoader worker gives); the
 workers needed to feed a GPU at ``--gpu-rate`` samples/s follow from it. Shards are written to
 a temporary directory first (from the same generator, ``data.shards.synthetic_records``), so
-the reader decodes PNG + float16 flow and draws masks and modes as in training.
+the reader decodes PNG + float16 flow and draws masks and modes as in training. Latent shards
+are then written from those shards in the SD-1.5 VAE's latent shape (4 x size/8 x size/8,
+float16) by a shape-only stand-in encoder: reading costs the same whatever the latent values,
+and the real encode is a one-off GPU job (``benchmark_train.py`` times it).
 ``--loader-workers N`` also measures a real DataLoader with N workers, to check the scaling.
 
     PYTHONPATH=. python scripts/benchmark_data.py --image-size 512 --gpu-rate 70
@@ -28,11 +31,22 @@ from torch.utils.data import DataLoader
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.latent_shards import latent_shard_dataset, shard_samples, write_latent_shards
 from data.shards import shard_dataset, synthetic_records, write_shards
 from data.synthetic import SyntheticPairs
 from scripts.bench_common import environment, format_table, write_json
 
 log = logging.getLogger(__name__)
+
+
+class LatentShapeEncoder(torch.nn.Module):
+    """Random float16-sized latents in the SD-1.5 VAE's shape: for timing the reader only."""
+
+    latent_channels, downsample, scaling_factor = 4, 8, 0.18215
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        return torch.randn(b, self.latent_channels, h // self.downsample, w // self.downsample)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,7 +91,7 @@ def loader_rate(dataset: Any, workers: int, batch_size: int, samples: int) -> fl
     t0, n = time.perf_counter(), 0
     while n < samples:
         try:
-            n += len(next(it)["target"])
+            n += len(next(it)["mode"])
         except StopIteration:
             break
     return n / (time.perf_counter() - t0)
@@ -104,6 +118,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         urls = [str(s) for s in shards]
         bytes_per_sample = sum(s.stat().st_size for s in shards) / (n + 1)
         shard_rate = rate(shard_dataset(urls, seed=0, image_size=size, reference_size=ref), n)
+        latent_dir = Path(tmp) / "latent"
+        latent_urls = [str(p) for p in write_latent_shards(
+            shard_samples(urls, [0], size, ref), LatentShapeEncoder(), latent_dir,
+            args.per_shard, size, ref, batch_size=args.batch_size)]
+        latent_bytes = sum(Path(u).stat().st_size for u in latent_urls) / (n + 1)
+        latent_rate = rate(latent_shard_dataset(latent_urls), n)
         loaders = {}
         if args.loader_workers:
             w = args.loader_workers
@@ -111,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loaders["shards"] = loader_rate(
                 shard_dataset(urls, seed=0, image_size=size, reference_size=ref), w,
                 args.batch_size, n)
+            loaders["latent_shards"] = loader_rate(latent_shard_dataset(latent_urls), w,
+                                                   args.batch_size, n)
 
     def need(per_worker: float) -> int:
         return math.ceil(args.gpu_rate / per_worker) if per_worker > 0 else -1
@@ -121,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "workers_needed": need(shard_rate),
                         "write_samples_per_s": round(write_rate, 2), "num_shards": len(shards),
                         "kib_per_sample": round(bytes_per_sample / 1024, 1)}
+    result["latent_shards"] = {"samples_per_s_per_worker": round(latent_rate, 2),
+                               "workers_needed": need(latent_rate),
+                               "kib_per_sample": round(latent_bytes / 1024, 1),
+                               "latent_values": "random (reader timing only)"}
     if loaders:
         result["dataloader"] = {"workers": args.loader_workers,
                                 **{f"{k}_samples_per_s": round(v, 2) for k, v in loaders.items()}}
@@ -133,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("shards: write samples/s (1 process)", result["shards"]["write_samples_per_s"]),
         ("shards: KiB per sample", result["shards"]["kib_per_sample"]),
         ("ratio shards/synthetic per worker", round(shard_rate / syn_rate, 3)),
+        ("latent shards: samples/s per worker", round(latent_rate, 2)),
+        (f"latent shards: workers for {args.gpu_rate:g}/s", need(latent_rate)),
+        ("latent shards: KiB per sample", result["latent_shards"]["kib_per_sample"]),
     ]
     for k, v in loaders.items():
         rows.append((f"DataLoader {args.loader_workers} workers {k} samples/s", round(v, 2)))

@@ -6,8 +6,8 @@ UNet forward + backward, gradient clipping, optimizer, LR scheduler and EMA, und
 autocast. In the same process, the anchor of /work/shared/gpu/anchor_bench.py: a plain
 diffusers UNet of the same layout, bf16 autocast, fused AdamW, MSE. The ratio ours/anchor
 says what the project's extras cost; the per-part breakdown (parts timed in isolation) says
-where. ``--precomputed-latents`` replaces the VAE by cached latents, as a latent-shard
-pipeline would.
+where. ``--precomputed-latents`` feeds the step what ``data=latent_shards`` gives it (both
+latents, no target pixels), so the module's step runs no VAE encode.
 
     PYTHONPATH=. python scripts/benchmark_train.py --batch-size 32 --out runs/bench/train.json
     PYTHONPATH=. python scripts/benchmark_train.py --smoke     # CPU, tiny, < 60 s
@@ -50,24 +50,6 @@ from scripts.bench_common import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class CachedLatents(nn.Module):
-    """Stands in for the VAE: ``encode`` returns stored latents, target then masked image.
-
-    What a latent-shard pipeline hands the step (the module encodes exactly twice per step).
-    """
-
-    def __init__(self, latents: torch.Tensor, masked_latents: torch.Tensor, vae: nn.Module):
-        super().__init__()
-        self.cache = (latents, masked_latents)
-        self.calls = 0
-        self.latent_channels, self.downsample = vae.latent_channels, vae.downsample
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.cache[self.calls % 2]
-        self.calls += 1
-        return out
 
 
 def make_batch(batch_size: int, image_size: int, reference_size: int,
@@ -131,11 +113,10 @@ def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> di
     module = build_on(device, lambda: instantiate(cfg.model)).to(device)
     module.train()
     batch = make_batch(args.batch_size, cfg.data.image_size, cfg.data.reference_size, device)
-    if args.precomputed_latents:
+    if args.precomputed_latents:  # what data=latent_shards hands the step: no target pixels
         with torch.no_grad(), autocast(device):
-            cached = (module.autoencoder.encode(batch["target"]),
-                      module.autoencoder.encode(batch["target"] * (1 - batch["mask"])))
-        module.autoencoder = CachedLatents(*cached, module.autoencoder)
+            batch["latents"], batch["masked_latents"] = module.encode_inputs(batch)
+        del batch["target"]
     if args.channels_last:
         module.denoiser.to(memory_format=torch.channels_last)
     optimizer, scheduler = optimizer_and_scheduler(module)
@@ -192,26 +173,23 @@ def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     from models.refinement import denoiser_input, latent_mask
 
     iters, warm = max(1, args.steps // 2), 1
-    ae, enc, unet = module.autoencoder, module.reference_encoder, module.denoiser
-    target, mask = batch["target"], batch["mask"]
-    drop = torch.zeros(len(target), dtype=torch.bool, device=device)
+    enc, unet = module.reference_encoder, module.denoiser
+    drop = torch.zeros(len(batch["mode"]), dtype=torch.bool, device=device)
 
     def vae() -> None:
-        with torch.no_grad(), autocast(device):
-            ae.encode(target)
-            ae.encode(target * (1 - mask))
+        with autocast(device):
+            module.encode_inputs(batch)
 
     def reference() -> None:
         with autocast(device):
             enc(batch["reference"], drop)
 
     with torch.no_grad(), autocast(device):
-        latents = ae.encode(target)
-        masked = ae.encode(target * (1 - mask))
+        latents, masked = module.encode_inputs(batch)
         context = enc(batch["reference"], drop)
-    mask_lat = latent_mask(mask, latents.shape[-2:])
+    mask_lat = latent_mask(batch["mask"], latents.shape[-2:])
     noise = torch.randn_like(latents)
-    t = torch.randint(0, 1000, (len(target),), device=device)
+    t = torch.randint(0, 1000, (len(latents),), device=device)
     x = denoiser_input(module.noise_scheduler.add_noise(latents, noise, t), masked, mask_lat)
 
     def unet_step() -> None:
@@ -220,9 +198,9 @@ def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
         diffusion_loss(pred, noise, mask_lat, module.hparams.masked_region_weight).mean().backward()
 
     params = module.trainable_parameters()
-    out = {"vae_encode_x2": time_it(vae, device, iters, warm),
-           "dinov2_mlp_forward": time_it(reference, device, iters, warm),
-           "unet_fwd_bwd": time_it(unet_step, device, iters, warm)}
+    out = {} if "latents" in batch else {"vae_encode_x2": time_it(vae, device, iters, warm)}
+    out["dinov2_mlp_forward"] = time_it(reference, device, iters, warm)
+    out["unet_fwd_bwd"] = time_it(unet_step, device, iters, warm)
 
     def opt_ema() -> None:  # gradients of the last unet_step stay in place
         if clip:

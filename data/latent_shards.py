@@ -1,0 +1,223 @@
+"""Latent shards: training samples with their autoencoder latents computed once, ahead of time.
+
+A pixel sample (from shards or the procedural generator) fixes its mask and mode by
+(seed, key), so encoding its target and its masked target once gives exactly the two latents
+the training step would compute: the model's inputs do not change, the step just skips both
+VAE encodes. Each extra pass over the source with another seed adds the same objects with
+fresh masks and modes (mask variety costs disk, not step time).
+
+  <key>.lat.npy      float16 [C, h, w] target latent, scaled as the model sees it
+  <key>.mlat.npy     float16 [C, h, w] latent of the masked target (target * (1 - mask))
+  <key>.mask.png     target mask at image size
+  <key>.ref.png      reference image, uint8 RGB (exact: the contract's reference is k / 255)
+  <key>.refmask.png  reference mask
+  <key>.json         {"mode", "seed", "source_key"}
+
+``latents.json`` next to the shards records the sizes and the autoencoder that made them;
+the DataModule and the LightningModule check it before training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from data.masks import MaskConfig
+from data.shards import (
+    SampleDecoder,
+    decode_npy,
+    decode_png,
+    encode_npy,
+    encode_png,
+    split_webdataset,
+)
+from data.synthetic import SyntheticPairs
+from models.autoencoder import autoencoder_fingerprint
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "latents.json"
+LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def manifest_path(urls: str | list[str]) -> Path:
+    """``latents.json`` in the folder of the first shard (brace patterns expanded)."""
+    import braceexpand
+
+    first = next(iter(braceexpand.braceexpand(urls))) if isinstance(urls, str) else urls[0]
+    return Path(first).parent / MANIFEST
+
+
+def read_manifest(urls: str | list[str]) -> dict[str, Any]:
+    path = manifest_path(urls)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST} next to the shards ({path}): latent shards are written by "
+            "scripts/make_latent_shards.py")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- sources
+Triple = tuple[str, int, dict[str, torch.Tensor]]
+
+
+def shard_samples(urls: str | list[str], seeds: Iterable[int], image_size: int,
+                  reference_size: int, align_ratio: float = 0.5,
+                  mask_config: MaskConfig | None = None) -> Iterator[Triple]:
+    """Every pixel-shard sample decoded as training decodes it with each seed (mask, mode)."""
+    for seed in seeds:
+        decode = SampleDecoder(seed, image_size, reference_size, align_ratio, None, mask_config)
+        for raw in split_webdataset(urls, rank=0, world_size=1):
+            yield raw["__key__"], seed, decode(raw)
+
+
+def synthetic_samples(num: int, seeds: Iterable[int], image_size: int, reference_size: int,
+                      align_ratio: float = 0.5,
+                      mask_config: MaskConfig | None = None) -> Iterator[Triple]:
+    """Items 0..num-1 of ``SyntheticPairs(seed=s)`` for each seed (new objects per seed)."""
+    for seed in seeds:
+        ds = SyntheticPairs(length=num, seed=seed, image_size=image_size,
+                            reference_size=reference_size, align_ratio=align_ratio,
+                            mask_config=mask_config)
+        for i in range(num):
+            yield f"{i:08d}", seed, ds[i]
+
+
+# ----------------------------------------------------------------------------- writing
+@torch.no_grad()
+def encode_samples(
+    samples: Iterable[Triple],
+    autoencoder: torch.nn.Module,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, int, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """(source key, seed, sample, latent, masked latent) for each sample, encoded in batches.
+
+    The two encodes are exactly those of the training step: ``target`` and
+    ``target * (1 - mask)``, through the module's own ``Autoencoder.encode``.
+    """
+    device = torch.device(device)
+    autoencoder = autoencoder.to(device).eval()
+
+    def flush(chunk: list) -> Iterator:
+        target = torch.stack([s["target"] for _, _, s in chunk]).to(device)
+        mask = torch.stack([s["mask"] for _, _, s in chunk]).to(device)
+        with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+            latents = autoencoder.encode(target).float().cpu()
+            masked = autoencoder.encode(target * (1 - mask)).float().cpu()
+        for (key, seed, sample), lat, mlat in zip(chunk, latents, masked, strict=True):
+            yield key, seed, sample, lat, mlat
+
+    chunk: list = []
+    for item in samples:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield from flush(chunk)
+            chunk = []
+    if chunk:
+        yield from flush(chunk)
+
+
+def latent_record(source_key: str, seed: int, sample: dict[str, torch.Tensor],
+                  latent: torch.Tensor, masked_latent: torch.Tensor,
+                  dtype: torch.dtype = torch.float16) -> dict:
+    """One latent-shard sample, keyed ``<source_key>_s<seed>`` (fields: module docstring)."""
+    key = f"{source_key}_s{seed}"
+    if "." in key:
+        raise ValueError(f"sample keys must not contain '.': {key!r}")
+    reference = (sample["reference"] * 255).round().clamp(0, 255).byte().permute(1, 2, 0)
+    return {
+        "__key__": key,
+        "lat.npy": encode_npy(latent.to(dtype).numpy()),
+        "mlat.npy": encode_npy(masked_latent.to(dtype).numpy()),
+        "mask.png": encode_png(sample["mask"][0].numpy() > 0.5),
+        "ref.png": encode_png(np.ascontiguousarray(reference.numpy())),
+        "refmask.png": encode_png(sample["reference_mask"][0].numpy() > 0.5),
+        "json": json.dumps({"mode": int(sample["mode"]), "seed": seed,
+                            "source_key": source_key}).encode(),
+    }
+
+
+def write_latent_shards(
+    samples: Iterable[Triple],
+    autoencoder: torch.nn.Module,
+    out_dir: str | Path,
+    per_shard: int,
+    image_size: int,
+    reference_size: int,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    dtype: str = "float16",
+    autocast_dtype: torch.dtype | None = None,
+    total: int | None = None,
+    source: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Encode ``(source key, seed, sample)`` triples into ``<out_dir>/latent-*.tar`` + manifest."""
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(LATENT_DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    encoded = encode_samples(samples, autoencoder, batch_size, device, autocast_dtype)
+    with wds.ShardWriter(str(out / "latent-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for key, seed, sample, lat, mlat in tqdm(encoded, total=total, desc="encode",
+                                                 unit="sample"):
+            if sample["target"].shape[-1] != image_size:
+                raise ValueError(f"sample {key} is {sample['target'].shape[-1]} px, "
+                                 f"expected {image_size}")
+            sink.write(latent_record(key, seed, sample, lat, mlat, LATENT_DTYPES[dtype]))
+            count += 1
+    manifest = {"count": count, "image_size": image_size, "reference_size": reference_size,
+                "dtype": dtype, "autoencoder": autoencoder_fingerprint(autoencoder),
+                "source": source or {}}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return sorted(out.glob("latent-*.tar"))
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class LatentDecoder:
+    """Raw latent-shard sample -> the sample contract, with ``latents`` and ``masked_latents``
+    in place of ``target`` (which the step only needs for encoding)."""
+
+    def __call__(self, sample: dict) -> dict[str, Any]:
+        ref = decode_png(sample["ref.png"])
+        meta = json.loads(sample["json"])
+
+        def mask(field: str) -> torch.Tensor:
+            return torch.from_numpy(decode_png(sample[field], mask=True)[None].astype(np.float32))
+
+        return {
+            "__key__": sample["__key__"],
+            "latents": torch.from_numpy(decode_npy(sample["lat.npy"]).astype(np.float32)),
+            "masked_latents": torch.from_numpy(decode_npy(sample["mlat.npy"]).astype(np.float32)),
+            "mask": mask("mask.png"),
+            "reference": torch.from_numpy(
+                np.ascontiguousarray(ref.transpose(2, 0, 1), dtype=np.float32) / 255.0),
+            "reference_mask": mask("refmask.png"),
+            "mode": torch.tensor(meta["mode"], dtype=torch.int64),
+        }
+
+
+def latent_shard_dataset(
+    urls: str | list[str],
+    seed: int = 0,
+    shuffle: int = 0,
+    resampled: bool = False,
+    epoch_length: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> wds.WebDataset:
+    """IterableDataset over latent shards, split over ranks and workers like pixel shards."""
+    ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size).map(LatentDecoder())
+    return ds.with_epoch(epoch_length) if epoch_length is not None else ds

@@ -1,0 +1,93 @@
+"""Encode training samples once into latent shards, so the training step skips both VAE encodes.
+
+The model config (Hydra overrides, as for train.py) names the autoencoder, the sizes, the mode
+mix and the mask distribution; train with the same config plus ``data=latent_shards``.
+
+  # pixel shards (from make_shards.py), three mask/mode draws per object, SD-1.5 VAE on a GPU
+  python scripts/make_latent_shards.py --source 'shards/synth/shard-{000000..000009}.tar' \\
+      --out shards/synth_sd15 --seeds 0 1 2 --device cuda -o experiment=sd15_24gb
+  python train.py experiment=sd15_24gb data=latent_shards \\
+      data.shard_urls='shards/synth_sd15/latent-{000000..000029}.tar'
+
+  # procedural pairs for the tiny pixel-space model (latents = pixels)
+  python scripts/make_latent_shards.py --synthetic 1000 --out shards/tiny_latents
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.latent_shards import (  # noqa: E402
+    LATENT_DTYPES,
+    shard_samples,
+    synthetic_samples,
+    write_latent_shards,
+)
+from data.masks import MaskConfig  # noqa: E402
+from scripts.bench_common import compose  # noqa: E402
+
+log = logging.getLogger("make_latent_shards")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", help="pixel shard urls (brace pattern) from make_shards.py")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N procedural pairs per seed")
+    p.add_argument("--out", required=True, type=Path, help="output folder for latent-*.tar")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one pass per seed: fresh masks and modes (and objects, if synthetic)")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    p.add_argument("--batch-size", type=int, default=16, help="encode batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(LATENT_DTYPES), default="float16",
+                   help="storage dtype of the latents")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    p.add_argument("-o", "--override", action="append", default=[],
+                   help="Hydra override of the train config (model, data sizes, masks)")
+    args = p.parse_args(argv)
+    if args.synthetic is not None and args.synthetic < 1:
+        p.error("--synthetic needs N >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = compose(args.override)
+    data = cfg.data
+    mask_config = MaskConfig(data.mask_p_detail, data.mask_p_brush, data.mask_p_box,
+                             data.mask_min_area, data.mask_max_area)
+    common = dict(seeds=args.seeds, image_size=data.image_size,
+                  reference_size=data.reference_size, align_ratio=data.align_ratio,
+                  mask_config=mask_config)
+    if args.source:
+        samples = shard_samples(args.source, **common)
+        total, source = None, {"shards": args.source, "seeds": args.seeds}
+    else:
+        samples = synthetic_samples(args.synthetic, **common)
+        total, source = args.synthetic * len(args.seeds), {"synthetic": args.synthetic,
+                                                            "seeds": args.seeds}
+    source["align_ratio"] = data.align_ratio
+    autoencoder = instantiate(cfg.model.autoencoder)
+    paths = write_latent_shards(
+        samples, autoencoder, args.out, args.per_shard, data.image_size, data.reference_size,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        autocast_dtype=torch.bfloat16 if args.bf16 else None, total=total, source=source)
+    log.info("wrote %d latent shard(s) to %s; train with data=latent_shards "
+             "data.shard_urls='%s/latent-{000000..%06d}.tar'", len(paths), args.out, args.out,
+             len(paths) - 1)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

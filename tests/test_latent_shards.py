@@ -1,0 +1,140 @@
+"""Latent shards: the step without VAE encodes sees exactly what the pixel step computes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import default_collate
+
+from data.latent_shards import (
+    MANIFEST,
+    latent_shard_dataset,
+    shard_samples,
+    write_latent_shards,
+)
+from data.shards import SampleDecoder, split_webdataset, synthetic_records, write_shards
+from models.autoencoder import autoencoder_fingerprint, check_autoencoder
+from scripts.bench_common import SMOKE_MODEL_OVERRIDES
+from tests.conftest import compose_config
+
+SEEDS = (5, 6)
+CONTRACT = ("mask", "reference", "reference_mask", "mode")
+
+
+@pytest.fixture(scope="module")
+def vae_module():
+    """The SD-1.5 layout shrunk to CPU size, with a random VAE (latents at 1/8)."""
+    cfg = compose_config(SMOKE_MODEL_OVERRIDES)
+    torch.manual_seed(0)
+    return cfg, instantiate(cfg.model).eval()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, vae_module):
+    """Pixel shards, and latent shards of them (two seeds) in float32 and float16."""
+    cfg, module = vae_module
+    size, ref = cfg.data.image_size, cfg.data.reference_size
+    root = tmp_path_factory.mktemp("latent")
+    pixel = [str(p) for p in write_shards(
+        synthetic_records(6, seed=0, image_size=size, reference_size=ref), root / "px", 3)]
+    latent = {}
+    for dtype in ("float32", "float16"):
+        paths = write_latent_shards(
+            shard_samples(pixel, SEEDS, size, ref), module.autoencoder, root / dtype,
+            per_shard=5, image_size=size, reference_size=ref, batch_size=4, dtype=dtype)
+        latent[dtype] = {s["__key__"]: s for s in latent_shard_dataset([str(p) for p in paths])}
+    return pixel, latent, root
+
+
+def test_latent_samples_match_pixel_decoding_and_reproduce_the_step(vae_module, shards):
+    cfg, module = vae_module
+    pixel, latent, _ = shards
+    exact = latent["float32"]
+    assert len(exact) == 6 * len(SEEDS)
+    pairs = []
+    for seed in SEEDS:
+        decode = SampleDecoder(seed, cfg.data.image_size, cfg.data.reference_size)
+        for raw in split_webdataset(pixel):
+            px, lt = decode(raw), exact[f"{raw['__key__']}_s{seed}"]
+            for field in CONTRACT:
+                assert torch.equal(px[field], lt[field]), field
+            pairs.append((px, lt))
+    first = [lt["mask"] for key, lt in sorted(exact.items()) if key.endswith(f"_s{SEEDS[0]}")]
+    second = [lt["mask"] for key, lt in sorted(exact.items()) if key.endswith(f"_s{SEEDS[1]}")]
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+    px_batch = default_collate([{k: v for k, v in px.items() if k != "__key__"}
+                                for px, _ in pairs[:4]])
+    lt_batch = default_collate([{k: v for k, v in lt.items() if k != "__key__"}
+                                for _, lt in pairs[:4]])
+    assert "target" not in lt_batch
+    t = torch.tensor([10, 200, 500, 900])
+    with torch.no_grad():
+        from_pixels = module.model_step(px_batch, torch.Generator().manual_seed(0), timesteps=t)
+        from_latents = module.model_step(lt_batch, torch.Generator().manual_seed(0), timesteps=t)
+    torch.testing.assert_close(from_latents["diffusion"], from_pixels["diffusion"],
+                               rtol=1e-4, atol=1e-6)
+
+    for key, sample in latent["float16"].items():  # storage rounding only
+        for field in ("latents", "masked_latents"):
+            torch.testing.assert_close(sample[field], exact[key][field], rtol=2e-3, atol=2e-3)
+
+
+def test_datamodule_checks_the_manifest(shards, tmp_path):
+    from data.datamodule import PairDataModule
+
+    _, _, root = shards
+    urls = str(root / "float16" / "latent-{000000..000002}.tar")
+    dm = PairDataModule(source="latent_shards", shard_urls=urls, image_size=64, reference_size=56)
+    dm.setup("fit")
+    assert dm.latent_manifest["count"] == 12 and dm.latent_manifest["autoencoder"]["kind"] == "VAE"
+    with pytest.raises(ValueError, match="image_size=64"):
+        PairDataModule(source="latent_shards", shard_urls=urls, image_size=128,
+                       reference_size=56).setup("fit")
+    with pytest.raises(FileNotFoundError, match="make_latent_shards"):
+        PairDataModule(source="latent_shards", shard_urls=str(tmp_path / "latent-000000.tar"),
+                       image_size=64, reference_size=56).setup("fit")
+    with pytest.raises(ValueError, match="shard_urls"):
+        PairDataModule(source="latent_shards")
+
+
+def test_latents_of_another_autoencoder_are_refused(vae_module, shards):
+    cfg, module = vae_module
+    _, latent, root = shards
+    sample = next(iter(latent["float16"].values()))
+    batch = default_collate([{k: v for k, v in sample.items() if k != "__key__"}])
+    batch["latents"] = batch["latents"][:, :3]
+    with pytest.raises(ValueError, match="do not fit"):
+        module.model_step(batch)
+
+    made_by = json.loads((root / "float16" / MANIFEST).read_text())["autoencoder"]
+    check_autoencoder(made_by, module.autoencoder)
+    from models.autoencoder import PixelSpace
+
+    with pytest.raises(ValueError, match="kind"):
+        check_autoencoder(made_by, PixelSpace())
+    assert autoencoder_fingerprint(module.autoencoder)["downsample"] == 8
+
+
+def test_make_latent_shards_then_train(tmp_path: Path) -> None:
+    """The CLI writes shards for the tiny (pixel-space) model; train.py trains on them."""
+    from scripts.make_latent_shards import main as make_latent_shards
+    from train import train
+
+    paths = make_latent_shards(["--synthetic", "6", "--seeds", "0", "1", "--per-shard", "8",
+                                "--out", str(tmp_path / "lat")])
+    assert len(paths) == 2
+    cfg = compose_config(["data=latent_shards", "data.shard_urls=unused", "trainer.max_steps=2",
+                          "trainer.val_check_interval=2", "data.val_length=2",
+                          "data.batch_size=4", "data.num_workers=0",
+                          "model.val_sample_steps=1", "model.val_num_samples=1",
+                          "callbacks.progress_bar.refresh_rate=0"])
+    cfg.data.shard_urls = [str(p) for p in paths]
+    cfg.paths.output_dir = str(tmp_path / "run")
+    result = train(cfg)
+    assert result["global_step"] == 2
+    assert (Path(result["export_dir"]) / "model.safetensors").is_file()
