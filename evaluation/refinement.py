@@ -39,7 +39,7 @@ from models.alignment import Alignment, crop_box, resize_reference
 from models.correspondence import expand_boxes, mask_boxes
 from models.export import Components
 from models.pipeline import AlignmentConfig, RefineByAlign, RefinementConfig
-from models.refinement import blend, blend_weights, sample_inpaint
+from models.refinement import blend, blend_weights, resize_mask, sample_inpaint
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,15 @@ def to_model_inputs(image: np.ndarray, mask: np.ndarray, size: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 image / bool mask -> [1,3,S,S] in [-1,1] and [1,1,S,S] at the model's size.
 
-    Unlike the sweep's soft ``case_tensors`` mask, the mask is max-pooled when shrunk so that
-    every masked pixel of the original falls in a masked cell (the generated content then
-    covers the whole mask after upsampling).
+    Unlike the sweep's ``case_tensors`` mask (its faithful shape), this mask covers every
+    masked pixel of the original, so the generated content spans the whole mask.
     """
     img = _chw(image)[None] / 255.0
     msk = torch.from_numpy(mask.astype(np.float32))[None, None]
     if img.shape[-2:] != (size, size):
         img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True,
                             align_corners=False).clamp(0, 1)
-        h, w = msk.shape[-2:]
-        msk = (F.adaptive_max_pool2d(msk, (size, size)) if h >= size and w >= size
-               else F.interpolate(msk, size=(size, size), mode="nearest"))
-    return img * 2 - 1, (msk > 0.5).float()
+    return img * 2 - 1, resize_mask(msk, (size, size), cover=True)
 
 
 def reference_tensor(reference: np.ndarray) -> torch.Tensor:

@@ -41,6 +41,7 @@ from models.correspondence import (
     tokens_to_grid,
 )
 from models.export import Components
+from models.refinement import resize_mask
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,7 @@ def case_tensors(
         size = (image_size, image_size)
         image = F.interpolate(image, size=size, mode="bilinear", antialias=True,
                               align_corners=False).clamp(-1, 1)
-        soft = F.interpolate(mask, size=size, mode="area")
-        # a thin mask may fall under half a pixel everywhere: keep it rather than lose the case
-        mask = (soft >= 0.5).float() if (soft >= 0.5).any() else (soft > 0).float()
+        mask = resize_mask(mask, size, cover=False)
     return image, mask, reference
 
 

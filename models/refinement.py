@@ -12,11 +12,29 @@ from diffusers.schedulers import SchedulerMixin
 from models.autoencoder import Autoencoder
 
 
-def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixel mask [B,1,H,W] -> latent grid; a latent cell is masked if any of its pixels is."""
-    if tuple(mask.shape[-2:]) == tuple(latent_hw):
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> torch.Tensor:
+    """Binary mask [B,1,H,W] at ``size``, one policy per purpose.
+
+    ``cover=True`` (model inputs): a cell is masked if any pixel under it is, so generated
+    content spans the whole original mask. ``cover=False`` (scoring): a cell is masked if at
+    least half covered, the faithful shape; a thin mask that would vanish keeps any coverage.
+    """
+    size = tuple(size)
+    if tuple(mask.shape[-2:]) == size:
         return (mask > 0.5).to(mask.dtype)
-    return (F.adaptive_max_pool2d(mask.float(), latent_hw) > 0.5).to(mask.dtype)
+    m = mask.float()
+    if cover:
+        shrinking = m.shape[-2] >= size[0] and m.shape[-1] >= size[1]
+        m = F.adaptive_max_pool2d(m, size) if shrinking else F.interpolate(m, size=size)
+        return (m > 0.5).to(mask.dtype)
+    soft = F.interpolate(m, size=size, mode="area")
+    half = soft >= 0.5
+    return (half if half.any() else soft > 0).to(mask.dtype)
+
+
+def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel mask -> latent grid; a latent cell is masked if any of its pixels is."""
+    return resize_mask(mask, latent_hw, cover=True)
 
 
 def denoiser_input(
