@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -122,3 +123,85 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path) -> None:
                        weights_only=False)
     assert state["global_step"] == 6 and "ema" in state
 
+
+class _SaveRankValidation(pl.Callback):
+    """Writes what each rank validated (sample indices) and its `val_table` to `out_dir`."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save({"indices": list(trainer.val_dataloaders.sampler),
+                    "val_table": pl_module.val_table},
+                   Path(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.slow
+def test_validation_metrics_reduce_over_two_processes(tmp_path) -> None:
+    """2-process (ddp_spawn, gloo) validation logs the baseline mIoUs of the whole set.
+
+    The set is ordered so that the two ranks' halves (DistributedSampler, no shuffle: rank r
+    takes positions r, r+2, ...) have clearly different baseline mIoU: an unsynced rank 0
+    would log its own half's mean, not the whole set's. (An earlier version passed without the
+    sync too: a CPU ddp_spawn launch hands the module to the ranks through shared memory and
+    Lightning unshares only parameters and buffers, so the MeanMetric states were one tensor
+    that both ranks updated; the module now resets them at the start of each validation.)
+    Fails with MeanMetric(sync_on_compute=False): each value is then rank 0's half.
+    """
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    from models.correspondence import baseline_scores
+    from models.lightning_module import BASELINES
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data.val_length=8", "data.batch_size=2", "data.num_workers=0",
+                          "model.val_sample_steps=1", "model.val_num_samples=1"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("validate")
+    items = [datamodule.val_set[i] for i in range(len(datamodule.val_set))]
+    scores = baseline_scores(torch.stack([x["mask"] for x in items]),
+                             torch.stack([x["reference_mask"] for x in items]))
+    keys = [f"{name}_{kind}" for name in BASELINES for kind in ("mask", "box")]
+    per_sample = {f"{n}_{k}": scores[n][k].double() for n in BASELINES for k in ("mask", "box")}
+    # best half (by the sum of the four scores) at even positions, worst half at odd ones
+    ranked = torch.stack(list(per_sample.values())).sum(0).argsort(descending=True).tolist()
+    half = len(ranked) // 2
+    order = [i for pair in zip(ranked[:half], ranked[half:], strict=True) for i in pair]
+    val_set = Subset(datamodule.val_set, order)
+    split = [[order[j] for j in DistributedSampler(val_set, num_replicas=WORLD, rank=r,
+                                                   shuffle=False)] for r in range(WORLD)]
+    whole = {k: float(v.mean()) for k, v in per_sample.items()}
+    halves = [{k: float(v[idx].mean()) for k, v in per_sample.items()} for idx in split]
+    for k in keys:  # the test is only meaningful if the halves clearly differ
+        assert abs(halves[0][k] - halves[1][k]) > 0.02, (k, halves)
+
+    def validate(devices: int, out_dir: Path) -> dict[str, float]:
+        pl.seed_everything(0)
+        module = instantiate(cfg.model)
+        out_dir.mkdir()
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False,
+            callbacks=[_SaveRankValidation(str(out_dir))],
+            **({"strategy": "ddp_spawn"} if devices > 1 else {}))
+        loader = DataLoader(val_set, batch_size=cfg.data.batch_size, shuffle=False)
+        (logged,) = trainer.validate(module, dataloaders=loader, verbose=False)
+        return {k: logged[f"val/baseline_{k}"] for k in keys}  # rank 0's, in a ddp_spawn parent
+
+    one = validate(1, tmp_path / "one")
+    two = validate(WORLD, tmp_path / "two")
+    ranks = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False)
+             for r in range(WORLD)]
+    assert [sorted(order[j] for j in r["indices"]) for r in ranks] == [sorted(s) for s in split]
+    table = ranks[0]["val_table"]["baselines"]
+    values = {"1 process": one, "2 processes, logged": two,
+              "2 processes, rank-0 val_table": {f"{n}_{k}": table[n][k] for n in table
+                                                for k in table[n]}}
+    for k in keys:
+        for source, got in values.items():
+            assert got[k] == pytest.approx(whole[k], abs=1e-6), (k, source, got[k], whole[k],
+                                                                 halves)
+            assert all(abs(got[k] - h[k]) > 0.005 for h in halves), (k, source, halves)
+    # every block's mIoU (model-dependent) is the same on both ranks once reduced
+    assert ranks[1]["val_table"] == ranks[0]["val_table"]
