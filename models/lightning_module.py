@@ -59,6 +59,7 @@ class RefineByAlignModule(pl.LightningModule):
         val_sample_steps: int = 20,
         val_num_samples: int = 4,
         val_guidance_scale: float = 2.0,
+        compile_denoiser: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -99,6 +100,11 @@ class RefineByAlignModule(pl.LightningModule):
         self.val_table: dict[str, Any] = {}
         self.val_step = -1  # global step of the last completed validation
         self._val_batch: dict[str, torch.Tensor] | None = None
+
+    def setup(self, stage: str) -> None:
+        # in place: parameter names (checkpoints, EMA, export) stay those of the eager module
+        if self.hparams.compile_denoiser and stage == "fit":
+            self.denoiser.compile()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.denoiser.parameters()) + list(self.reference_encoder.parameters())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check of the "Scale and speed" benchmarks, about 4 minutes on one H100/H200:
 #   bash scripts/gpu_check.sh                    (device run: at most 7 files in $OUT)
-#   SMOKE=1 PYTHON=/tmp/venvtest/bin/python bash scripts/gpu_check.sh   (CPU check of this script)
+#   SMOKE=1 PYTHON=.venv/bin/python bash scripts/gpu_check.sh   (CPU check of this script)
 # The carried wheels (.whl/: diffusers, hydra-core, omegaconf, antlr4, webdataset, braceexpand,
 # importlib_metadata) are installed first; everything else is on the device image.
 # Order = priority: each step has its own timeout, and the torch.compile run only gets the
@@ -31,34 +31,35 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 "$PY" -c "import torch, diffusers, hydra, webdataset; print('torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" || exit 1
 
-# 1. the module's full step vs the raw UNet anchor, eager bf16, batch 32, 512 px (~45 s)
-step train_eager 110 scripts/benchmark_train.py --batch-size 32 --steps 8
+# 1. the real latent-shard step (data=latent_shards: no VAE encodes) + fused AdamW vs the
+#    raw UNet anchor in the same process, batch 32, 512 px (~45 s)
+step train_latents_fused 110 scripts/benchmark_train.py --batch-size 32 --precomputed-latents \
+  --fused-adamw --steps 8
 # 2. alignment / sweep / 50-step guided refinement (~40 s)
 step infer 90 scripts/benchmark_infer.py
-# 3. data (CPU only) in the background while step 4 compiles, done before its timed steps
+# 3. data (CPU only, latent-shard reader included) in the background while step 4 compiles
 echo "=== [$(elapsed)s] data (background, timeout 100s)"
 timeout 100 "$PY" scripts/benchmark_data.py --samples 48 --loader-workers 8 "${SMOKE_ARG[@]}" \
   --out "$OUT/data.json" > "$OUT/data.log" 2>&1 &
 DATA_PID=$!
-# 4. torch.compile of the UNet (compile ~2 min on an H100), with the time that is left
+# 4. torch.compile of the UNet on the latent step (compile ~2 min on an H100), time left
 LEFT=$(( DEADLINE_S - $(elapsed) - 20 ))
 if [ "${SMOKE:-0}" = 1 ] && [ "${SMOKE_COMPILE:-0}" != 1 ]; then
   echo "=== compile step skipped in SMOKE mode (SMOKE_COMPILE=1 runs it)"
 elif [ "$LEFT" -ge 90 ]; then
-  step train_compile "$LEFT" scripts/benchmark_train.py --batch-size 32 --compile \
-    --fused-adamw --anchor none --no-breakdown --warmup 2 --steps 8
+  step train_latents_compile "$LEFT" scripts/benchmark_train.py --batch-size 32 --compile \
+    --precomputed-latents --fused-adamw --anchor none --no-breakdown --warmup 2 --steps 8
 else
   echo "=== compile step skipped: ${LEFT}s left before the ${DEADLINE_S}s deadline"
 fi
 wait "$DATA_PID" || echo "=== data FAILED or timed out"
 cat "$OUT/data.log"
-# 5. where time goes: no VAE encodes (latent shards) + fused AdamW (~30 s), if time is left
+# 5. the full pixel step with its per-part breakdown (VAE share), if time is left
 LEFT=$(( DEADLINE_S - $(elapsed) ))
-if [ "$LEFT" -ge 40 ]; then
-  step train_latents_fused "$LEFT" scripts/benchmark_train.py --batch-size 32 \
-    --precomputed-latents --fused-adamw --anchor none --steps 8
+if [ "$LEFT" -ge 50 ]; then
+  step train_eager "$LEFT" scripts/benchmark_train.py --batch-size 32 --steps 8
 else
-  echo "=== latents+fused step skipped: ${LEFT}s left (the eager breakdown has the VAE share)"
+  echo "=== eager pixel step skipped: ${LEFT}s left (benchmarks/h100-2026-11-26 has it)"
 fi
 echo "=== done in $(elapsed)s; files in $OUT:"
 ls -la "$OUT"

@@ -2,7 +2,7 @@
 # The one device run of a session (about 9 minutes on one H100): train the shipped tiny model
 # (experiment=tiny_gpu, TRAIN_TIME of wall time), then the scale benchmarks (gpu_check.sh).
 #   device: run(command="bash scripts/gpu_session.sh", carry=[".whl", ".fonts"], timeout_s=590)
-#   CPU check: SMOKE=1 PYTHON=/tmp/venvtest/bin/python OUT=/tmp/o bash scripts/gpu_session.sh
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_session.sh
 # Files back in $OUT: model.safetensors.part00/01, model.yaml, train.tar.gz (log, metrics,
 # sample grids), bench.tar.gz (benchmark JSON and logs). .fonts carries the DejaVu fonts that the
 # data generator finds on the CPU machines, so the GPU sees the same data distribution.
