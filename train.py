@@ -32,8 +32,32 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if node and "_target_" in node]
 
 
+def uses_fsdp(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config selects Lightning's FSDPStrategy (by name or class)."""
+    from hydra.utils import get_class
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, str):
+        return strategy in FSDPStrategy.get_registered_strategies()
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    if not target:
+        return False
+    cls = get_class(target)
+    return isinstance(cls, type) and issubclass(cls, FSDPStrategy)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before any work, combinations known to fail later."""
+    if uses_fsdp(cfg.trainer) and cfg.model.get("ema_decay"):
+        raise ValueError(
+            "FSDP shards the parameters, but the module's EMA keeps full unsharded copies "
+            "and fails at the first step: run trainer=fsdp with model.ema_decay=null")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the module described by ``cfg``; export EMA weights; return the final metrics."""
+    check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule = instantiate(cfg.data)

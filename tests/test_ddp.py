@@ -205,3 +205,19 @@ def test_validation_metrics_reduce_over_two_processes(tmp_path) -> None:
             assert all(abs(got[k] - h[k]) > 0.005 for h in halves), (k, source, halves)
     # every block's mIoU (model-dependent) is the same on both ranks once reduced
     assert ranks[1]["val_table"] == ranks[0]["val_table"]
+
+
+def test_fsdp_config_without_norm_clipping_and_refused_with_ema() -> None:
+    """trainer=fsdp (which Lightning runs on CUDA only): no norm clipping, no EMA."""
+    from tests.conftest import compose_config
+    from train import check_config, train, uses_fsdp
+
+    cfg = compose_config(["trainer=fsdp"])
+    assert uses_fsdp(cfg.trainer)
+    assert cfg.trainer.gradient_clip_val is None  # FSDPPrecision rejects norm clipping
+    with pytest.raises(ValueError, match="model.ema_decay=null"):
+        train(cfg)
+    check_config(compose_config(["trainer=fsdp", "model.ema_decay=null"]))
+    check_config(compose_config(["trainer=ddp"]))  # EMA is fine without sharding
+    assert not uses_fsdp(compose_config(["+trainer.strategy=ddp_spawn"]).trainer)
+    assert uses_fsdp(compose_config(["+trainer.strategy=fsdp"]).trainer)
