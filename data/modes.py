@@ -11,6 +11,8 @@ Sample contract (what models/ and train.py rely on):
   reference       float32 [3,R,R] in [0,1] (the encoder normalises)
   reference_mask  float32 [1,R,R] in {0,1}, region of `reference` matching `mask`
   mode            int64 scalar, 0 = alignment, 1 = refinement
+Latent shards (data/latent_shards.py) carry `latents` and `masked_latents` [C,h,w] instead
+of `target`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ REFINEMENT = 1
 MODE_NAMES = {ALIGNMENT: "alignment", REFINEMENT: "refinement"}
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a collated batch, whichever source (pixels or latents) it came from."""
+    return len(batch["mode"])
 
 
 def mask_bbox(mask: np.ndarray) -> Box | None:

@@ -200,6 +200,8 @@ class RefineByAlignModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+            # process-private copies: a CPU ddp_spawn launch shares them between ranks
+            self.ema.shadow_params = [p.clone() for p in self.ema.shadow_params]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:

@@ -125,3 +125,14 @@ def test_compiled_denoiser_gives_the_eager_losses_and_gradients(tiny_batch):
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_ema_shadow_weights_become_private_to_the_process():
+    """ddp_spawn on CPU hands ranks shared-memory tensors; each rank must average on its own."""
+    module = instantiate(compose_config(FAST).model)
+    for p in module.ema.shadow_params:
+        p.share_memory_()
+    before = [p.clone() for p in module.ema.shadow_params]
+    module.on_fit_start()
+    assert not any(p.is_shared() for p in module.ema.shadow_params)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.ema.shadow_params, strict=True))
