@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from data.masks import MaskConfig
@@ -70,26 +71,57 @@ def read_manifest(urls: str | list[str]) -> dict[str, Any]:
 Triple = tuple[str, int, dict[str, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class _KeyedDecoder:
+    """Raw pixel-shard sample -> (key, seed, decoded sample); picklable for loader workers."""
+
+    decode: SampleDecoder
+
+    def __call__(self, raw: dict) -> Triple:
+        return raw["__key__"], self.decode.seed, self.decode(raw)
+
+
+class _KeyedSynthetic(Dataset):
+    """Item i of ``SyntheticPairs(seed=s)`` for every seed s, as (key, seed, sample)."""
+
+    def __init__(self, num: int, seeds: Sequence[int], **kwargs: Any) -> None:
+        self.num, self.seeds = num, list(seeds)
+        self.sets = [SyntheticPairs(length=num, seed=s, **kwargs) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return self.num * len(self.seeds)
+
+    def __getitem__(self, index: int) -> Triple:
+        which, i = divmod(index, self.num)
+        return f"{i:08d}", self.seeds[which], self.sets[which][i]
+
+
+def _iterate(dataset: Any, workers: int) -> Iterable[Triple]:
+    """The dataset's items, in order, produced by ``workers`` loader processes (0: here)."""
+    if workers <= 0:
+        return dataset if isinstance(dataset, IterableDataset) else map(
+            dataset.__getitem__, range(len(dataset)))
+    return DataLoader(dataset, batch_size=None, num_workers=workers)
+
+
 def shard_samples(urls: str | list[str], seeds: Iterable[int], image_size: int,
                   reference_size: int, align_ratio: float = 0.5,
-                  mask_config: MaskConfig | None = None) -> Iterator[Triple]:
+                  mask_config: MaskConfig | None = None, workers: int = 0) -> Iterator[Triple]:
     """Every pixel-shard sample decoded as training decodes it with each seed (mask, mode)."""
     for seed in seeds:
         decode = SampleDecoder(seed, image_size, reference_size, align_ratio, None, mask_config)
-        for raw in split_webdataset(urls, rank=0, world_size=1):
-            yield raw["__key__"], seed, decode(raw)
+        raw = split_webdataset(urls, rank=0, world_size=1)
+        yield from _iterate(raw.map(_KeyedDecoder(decode)), workers)
 
 
 def synthetic_samples(num: int, seeds: Iterable[int], image_size: int, reference_size: int,
-                      align_ratio: float = 0.5,
-                      mask_config: MaskConfig | None = None) -> Iterator[Triple]:
+                      align_ratio: float = 0.5, mask_config: MaskConfig | None = None,
+                      workers: int = 0) -> Iterable[Triple]:
     """Items 0..num-1 of ``SyntheticPairs(seed=s)`` for each seed (new objects per seed)."""
-    for seed in seeds:
-        ds = SyntheticPairs(length=num, seed=seed, image_size=image_size,
-                            reference_size=reference_size, align_ratio=align_ratio,
-                            mask_config=mask_config)
-        for i in range(num):
-            yield f"{i:08d}", seed, ds[i]
+    dataset = _KeyedSynthetic(num, list(seeds), image_size=image_size,
+                              reference_size=reference_size, align_ratio=align_ratio,
+                              mask_config=mask_config)
+    return _iterate(dataset, workers)
 
 
 # ----------------------------------------------------------------------------- writing

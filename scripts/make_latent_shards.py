@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one pass per seed: fresh masks and modes (and objects, if synthetic)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     p.add_argument("--batch-size", type=int, default=16, help="encode batch")
+    p.add_argument("--workers", type=int, default=0,
+                   help="loader processes that generate/decode samples while the VAE encodes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(LATENT_DTYPES), default="float16",
                    help="storage dtype of the latents")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                              data.mask_min_area, data.mask_max_area)
     common = dict(seeds=args.seeds, image_size=data.image_size,
                   reference_size=data.reference_size, align_ratio=data.align_ratio,
-                  mask_config=mask_config)
+                  mask_config=mask_config, workers=args.workers)
     if args.source:
         samples = shard_samples(args.source, **common)
         total, source = None, {"shards": args.source, "seeds": args.seeds}

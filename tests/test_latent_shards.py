@@ -138,3 +138,20 @@ def test_make_latent_shards_then_train(tmp_path: Path) -> None:
     result = train(cfg)
     assert result["global_step"] == 2
     assert (Path(result["export_dir"]) / "model.safetensors").is_file()
+
+
+def test_sources_give_the_same_samples_with_loader_workers(shards) -> None:
+    from data.latent_shards import synthetic_samples
+
+    pixel, _, _ = shards
+
+    def as_dict(triples):
+        return {(k, s): sample for k, s, sample in triples}
+
+    for make in (lambda w: synthetic_samples(3, [0, 1], 32, 56, workers=w),
+                 lambda w: shard_samples(pixel, [5], 64, 56, workers=w)):
+        here, loaded = as_dict(make(0)), as_dict(make(2))
+        assert here.keys() == loaded.keys() and len(here) == 6
+        for key, sample in here.items():
+            for field in ("target", *CONTRACT):
+                assert torch.equal(sample[field], loaded[key][field]), (key, field)
