@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from data.latent_shards import latent_shard_dataset, read_manifest
 from data.masks import MaskConfig
 from data.modes import ALIGNMENT
-from data.shards import shard_dataset
+from data.shards import expand_urls, shard_dataset
 from data.synthetic import SyntheticPairs
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class PairDataModule(pl.LightningDataModule):
                 per_worker = max(1, hp.train_length // max(1, hp.num_workers))
                 trainer = self.trainer
                 rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
-                urls = hp.shard_urls if isinstance(hp.shard_urls, str) else list(hp.shard_urls)
+                urls = expand_urls(hp.shard_urls)
             if hp.source == "latent_shards":
                 self.latent_manifest = self._checked_manifest(urls)
                 self.train_set = latent_shard_dataset(

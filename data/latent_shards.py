@@ -39,6 +39,8 @@ from data.shards import (
     decode_png,
     encode_npy,
     encode_png,
+    expand_urls,
+    split_by_rank,
     split_webdataset,
 )
 from data.synthetic import SyntheticPairs
@@ -50,21 +52,28 @@ MANIFEST = "latents.json"
 LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def manifest_path(urls: str | list[str]) -> Path:
-    """``latents.json`` in the folder of the first shard (brace patterns expanded)."""
-    import braceexpand
-
-    first = next(iter(braceexpand.braceexpand(urls))) if isinstance(urls, str) else urls[0]
-    return Path(first).parent / MANIFEST
-
-
 def read_manifest(urls: str | list[str]) -> dict[str, Any]:
-    path = manifest_path(urls)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST} next to the shards ({path}): latent shards are written by "
-            "scripts/make_latent_shards.py")
-    return json.loads(path.read_text())
+    """The manifest of every folder the shards live in, checked to agree; counts summed.
+
+    Folders come from parallel writers (``make_latent_shards.py --part``); all must have been
+    written for the same sizes, storage dtype and autoencoder.
+    """
+    folders = sorted({Path(u).parent for u in expand_urls(urls)})
+    manifests = []
+    for folder in folders:
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {MANIFEST} next to the shards ({path}): latent shards are written by "
+                "scripts/make_latent_shards.py")
+        manifests.append(json.loads(path.read_text()))
+    first = manifests[0]
+    for folder, other in zip(folders[1:], manifests[1:], strict=True):
+        for field in ("image_size", "reference_size", "dtype", "autoencoder"):
+            if other[field] != first[field]:
+                raise ValueError(f"latent shards in {folder} have {field}={other[field]!r}, "
+                                 f"those in {folders[0]} {first[field]!r}")
+    return {**first, "count": sum(m["count"] for m in manifests), "folders": len(folders)}
 
 
 # ----------------------------------------------------------------------------- sources
@@ -82,17 +91,21 @@ class _KeyedDecoder:
 
 
 class _KeyedSynthetic(Dataset):
-    """Item i of ``SyntheticPairs(seed=s)`` for every seed s, as (key, seed, sample)."""
+    """Items ``part::parts`` of ``SyntheticPairs(seed=s)`` for every seed s, as
+    (key, seed, sample); keys are the global item numbers, unique across parts."""
 
-    def __init__(self, num: int, seeds: Sequence[int], **kwargs: Any) -> None:
-        self.num, self.seeds = num, list(seeds)
+    def __init__(self, num: int, seeds: Sequence[int], part: int = 0, parts: int = 1,
+                 **kwargs: Any) -> None:
+        self.items = list(range(part, num, parts))
+        self.seeds = list(seeds)
         self.sets = [SyntheticPairs(length=num, seed=s, **kwargs) for s in self.seeds]
 
     def __len__(self) -> int:
-        return self.num * len(self.seeds)
+        return len(self.items) * len(self.seeds)
 
     def __getitem__(self, index: int) -> Triple:
-        which, i = divmod(index, self.num)
+        which, j = divmod(index, len(self.items))
+        i = self.items[j]
         return f"{i:08d}", self.seeds[which], self.sets[which][i]
 
 
@@ -106,19 +119,24 @@ def _iterate(dataset: Any, workers: int) -> Iterable[Triple]:
 
 def shard_samples(urls: str | list[str], seeds: Iterable[int], image_size: int,
                   reference_size: int, align_ratio: float = 0.5,
-                  mask_config: MaskConfig | None = None, workers: int = 0) -> Iterator[Triple]:
-    """Every pixel-shard sample decoded as training decodes it with each seed (mask, mode)."""
+                  mask_config: MaskConfig | None = None, workers: int = 0, part: int = 0,
+                  parts: int = 1) -> Iterator[Triple]:
+    """Every pixel-shard sample decoded as training decodes it with each seed (mask, mode);
+    with ``parts`` > 1, only the shards of ``part`` (every parts-th shard)."""
+    mine = list(split_by_rank(expand_urls(urls), part, parts))
+    if not mine:
+        return
     for seed in seeds:
         decode = SampleDecoder(seed, image_size, reference_size, align_ratio, None, mask_config)
-        raw = split_webdataset(urls, rank=0, world_size=1)
+        raw = split_webdataset(mine, rank=0, world_size=1)
         yield from _iterate(raw.map(_KeyedDecoder(decode)), workers)
 
 
 def synthetic_samples(num: int, seeds: Iterable[int], image_size: int, reference_size: int,
                       align_ratio: float = 0.5, mask_config: MaskConfig | None = None,
-                      workers: int = 0) -> Iterable[Triple]:
-    """Items 0..num-1 of ``SyntheticPairs(seed=s)`` for each seed (new objects per seed)."""
-    dataset = _KeyedSynthetic(num, list(seeds), image_size=image_size,
+                      workers: int = 0, part: int = 0, parts: int = 1) -> Iterable[Triple]:
+    """Items 0..num-1 (those of ``part``) of ``SyntheticPairs(seed=s)`` for each seed."""
+    dataset = _KeyedSynthetic(num, list(seeds), part, parts, image_size=image_size,
                               reference_size=reference_size, align_ratio=align_ratio,
                               mask_config=mask_config)
     return _iterate(dataset, workers)

@@ -287,6 +287,23 @@ class SampleDecoder:
                          self.image_size, self.reference_size, mode_rng)
 
 
+def expand_urls(urls: str | Iterable[str]) -> list[str]:
+    """Shard urls from a list, a brace pattern ('dir/shard-{000000..000009}.tar') or a local
+    glob ('dir/*/latent-*.tar', sorted); refuses a glob that matches nothing."""
+    import glob
+
+    import braceexpand
+
+    if not isinstance(urls, str):
+        return [str(u) for u in urls]
+    if any(c in urls for c in "*?["):
+        found = sorted(glob.glob(urls, recursive=True))
+        if not found:
+            raise FileNotFoundError(f"no shard matches {urls!r}")
+        return found
+    return list(braceexpand.braceexpand(urls))
+
+
 def split_by_rank(urls: Iterable[str], rank: int, world_size: int) -> Iterator[str]:
     """This rank's shards: every `world_size`-th url, starting at `rank`."""
     yield from islice(urls, rank, None, world_size)

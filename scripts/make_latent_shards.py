@@ -11,6 +11,11 @@ mix and the mask distribution; train with the same config plus ``data=latent_sha
 
   # procedural pairs for the tiny pixel-space model (latents = pixels)
   python scripts/make_latent_shards.py --synthetic 1000 --out shards/tiny_latents
+
+  # 8 writers (one per GPU), each its share of the source into <out>/part-NNN
+  for i in $(seq 0 7); do CUDA_VISIBLE_DEVICES=$i python scripts/make_latent_shards.py \
+      --source '...' --out shards/lat --part $i --parts 8 -o experiment=sd15_24gb & done; wait
+  python train.py ... data=latent_shards data.shard_urls='shards/lat/part-*/latent-*.tar'
 """
 
 from __future__ import annotations
@@ -54,11 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(LATENT_DTYPES), default="float16",
                    help="storage dtype of the latents")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    p.add_argument("--part", type=int, default=0,
+                   help="with --parts N: this writer's share (0..N-1), e.g. one per GPU")
+    p.add_argument("--parts", type=int, default=1,
+                   help="split the source over N writers; each writes to <out>/part-NNN")
     p.add_argument("-o", "--override", action="append", default=[],
                    help="Hydra override of the train config (model, data sizes, masks)")
     args = p.parse_args(argv)
     if args.synthetic is not None and args.synthetic < 1:
         p.error("--synthetic needs N >= 1")
+    if not 0 <= args.part < args.parts:
+        p.error(f"--part must be in 0..{args.parts - 1}")
     return args
 
 
@@ -71,23 +82,26 @@ def main(argv: list[str] | None = None) -> list[Path]:
                              data.mask_min_area, data.mask_max_area)
     common = dict(seeds=args.seeds, image_size=data.image_size,
                   reference_size=data.reference_size, align_ratio=data.align_ratio,
-                  mask_config=mask_config, workers=args.workers)
+                  mask_config=mask_config, workers=args.workers, part=args.part,
+                  parts=args.parts)
+    out = args.out / f"part-{args.part:03d}" if args.parts > 1 else args.out
     if args.source:
         samples = shard_samples(args.source, **common)
         total, source = None, {"shards": args.source, "seeds": args.seeds}
     else:
         samples = synthetic_samples(args.synthetic, **common)
-        total, source = args.synthetic * len(args.seeds), {"synthetic": args.synthetic,
-                                                            "seeds": args.seeds}
-    source["align_ratio"] = data.align_ratio
+        mine = len(range(args.part, args.synthetic, args.parts))
+        total, source = mine * len(args.seeds), {"synthetic": args.synthetic,
+                                                 "seeds": args.seeds}
+    source.update(align_ratio=data.align_ratio, part=args.part, parts=args.parts)
     autoencoder = instantiate(cfg.model.autoencoder)
     paths = write_latent_shards(
-        samples, autoencoder, args.out, args.per_shard, data.image_size, data.reference_size,
+        samples, autoencoder, out, args.per_shard, data.image_size, data.reference_size,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         autocast_dtype=torch.bfloat16 if args.bf16 else None, total=total, source=source)
+    pattern = f"{args.out}/part-*/latent-*.tar" if args.parts > 1 else f"{out}/latent-*.tar"
     log.info("wrote %d latent shard(s) to %s; train with data=latent_shards "
-             "data.shard_urls='%s/latent-{000000..%06d}.tar'", len(paths), args.out, args.out,
-             len(paths) - 1)
+             "data.shard_urls='%s'", len(paths), out, pattern)
     return paths
 
 

@@ -120,20 +120,36 @@ def test_latents_of_another_autoencoder_are_refused(vae_module, shards):
     assert autoencoder_fingerprint(module.autoencoder)["downsample"] == 8
 
 
-def test_make_latent_shards_then_train(tmp_path: Path) -> None:
-    """The CLI writes shards for the tiny (pixel-space) model; train.py trains on them."""
+def test_make_latent_shards_in_parts_then_train(tmp_path: Path) -> None:
+    """Two writers split the items; train.py reads both parts through one glob."""
+    from data.latent_shards import read_manifest
     from scripts.make_latent_shards import main as make_latent_shards
     from train import train
 
-    paths = make_latent_shards(["--synthetic", "6", "--seeds", "0", "1", "--per-shard", "8",
-                                "--out", str(tmp_path / "lat")])
-    assert len(paths) == 2
-    cfg = compose_config(["data=latent_shards", "data.shard_urls=unused", "trainer.max_steps=2",
-                          "trainer.val_check_interval=2", "data.val_length=2",
-                          "data.batch_size=4", "data.num_workers=0",
+    out = tmp_path / "lat"
+    for part in ("0", "1"):
+        make_latent_shards(["--synthetic", "5", "--seeds", "0", "1", "--per-shard", "4",
+                            "--out", str(out), "--part", part, "--parts", "2"])
+    urls = str(out / "part-*" / "latent-*.tar")
+    keys = [{s["__key__"] for s in latent_shard_dataset(sorted(map(str, (out / p).glob("*.tar"))))}
+            for p in ("part-000", "part-001")]
+    assert not keys[0] & keys[1]
+    assert keys[0] | keys[1] == {f"{i:08d}_s{seed}" for i in range(5) for seed in (0, 1)}
+    assert read_manifest(urls)["count"] == 10 and read_manifest(urls)["folders"] == 2
+
+    manifest = json.loads((out / "part-001" / MANIFEST).read_text())
+    manifest["image_size"] = 32
+    (out / "part-001" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="image_size=32"):
+        read_manifest(urls)
+    manifest["image_size"] = 64
+    (out / "part-001" / MANIFEST).write_text(json.dumps(manifest))
+
+    cfg = compose_config(["data=latent_shards", f"data.shard_urls='{urls}'",
+                          "trainer.max_steps=2", "trainer.val_check_interval=2",
+                          "data.val_length=2", "data.batch_size=4", "data.num_workers=0",
                           "model.val_sample_steps=1", "model.val_num_samples=1",
                           "callbacks.progress_bar.refresh_rate=0"])
-    cfg.data.shard_urls = [str(p) for p in paths]
     cfg.paths.output_dir = str(tmp_path / "run")
     result = train(cfg)
     assert result["global_step"] == 2
