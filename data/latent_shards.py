@@ -3,8 +3,8 @@
 A pixel sample (from shards or the procedural generator) fixes its mask and mode by
 (seed, key), so encoding its target and its masked target once gives exactly the two latents
 the training step would compute: the model's inputs do not change, the step just skips both
-VAE encodes. Each extra pass over the source with another seed adds the same objects with
-fresh masks and modes (mask variety costs disk, not step time).
+VAE encodes. Each extra pass with another seed draws fresh masks and modes (over the same
+objects, for pixel shards): mask variety costs disk, not step time.
 
   <key>.lat.npy      float16 [C, h, w] target latent, scaled as the model sees it
   <key>.mlat.npy     float16 [C, h, w] latent of the masked target (target * (1 - mask))
@@ -20,7 +20,6 @@ the DataModule and the LightningModule check it before training.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,6 @@ from data.shards import (
 )
 from data.synthetic import SyntheticPairs
 from models.autoencoder import autoencoder_fingerprint
-
-log = logging.getLogger(__name__)
 
 MANIFEST = "latents.json"
 LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
