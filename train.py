@@ -55,6 +55,19 @@ def check_config(cfg: DictConfig) -> None:
             "and fails at the first step: run trainer=fsdp with model.ema_decay=null")
 
 
+class ValidateAtLastStep(pl.Callback):
+    """Make the fit loop validate at ``max_steps`` (by asking it to stop there).
+
+    Used under FSDP, where train.py cannot validate after ``fit``: ``trainer.validate`` then
+    sets the module up again, finds its layers wrapped already and leaves the FSDP root off,
+    so the weights outside the wrapped layers stay flat shards (Lightning issue #19015).
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # the loop validates on a stop request, then ends
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the module described by ``cfg``; export EMA weights; return the final metrics."""
     check_config(cfg)
@@ -62,20 +75,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if uses_fsdp(cfg.trainer):
+        callbacks.append(ValidateAtLastStep())
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")),
-        logger=instantiate_group(cfg.get("logger")) or False,
+        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # stopped between validations (max_time); a ddp_spawn parent (global_step 0) trained nothing
     if trainer.global_step and module.val_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if module.fsdp_root() is None:
+            trainer.validate(module, datamodule=datamodule)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        else:  # see ValidateAtLastStep: trainer.validate after fit fails under FSDP
+            log.warning("FSDP: no validation at the final step %d (trainer.validate after fit "
+                        "fails under FSDP); metrics are from step %d", trainer.global_step,
+                        module.val_step)
 
     export_dir = None
-    if trainer.is_global_zero:
-        export_dir = save_export(module.inference_state_dict(), cfg.model, Path(cfg.export_dir))
+    # under FSDP, gathering the whole weights (to rank 0) is a collective: every rank joins
+    if trainer.is_global_zero or module.fsdp_root() is not None:
+        weights = module.inference_state_dict()
+        if trainer.is_global_zero:
+            export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
     return {"metrics": metrics, "val_table": module.val_table, "export_dir": export_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}

@@ -288,7 +288,7 @@ class RefineByAlignModule(pl.LightningModule):
     def _finish_validation(self) -> None:
         self.val_step = self.global_step
         if self._val_batch is not None and not self.trainer.sanity_checking:
-            self.log_sample_grid(self._val_batch)
+            self.log_sample_grid(self._val_batch)  # on every rank (a collective under FSDP)
         self._val_batch = None
         self._ema_context.__exit__(None, None, None)
 
@@ -297,22 +297,19 @@ class RefineByAlignModule(pl.LightningModule):
         """Log rows of (target, mask, reference, prediction) to every logger that takes images."""
         from torchvision.utils import make_grid
 
-        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
-        size = batch["target"].shape[-2:]
-        context = self.reference_encoder(batch["reference"])
-        pred = sample_inpaint(
-            self.denoiser, self.autoencoder, self.sampling_scheduler, batch["target"],
-            batch["mask"], context, self.reference_encoder.null(len(context)),
-            self.hparams.val_sample_steps, self.hparams.val_guidance_scale, generator,
-        )
+        pred = self.call_with_full_weights("sample_predictions", batch)
+        # float32: under FSDP with bf16 the batch (cast by the root's forward) and pred are bf16
+        target, mask, reference, pred = (x.float() for x in (
+            batch["target"], batch["mask"], batch["reference"], pred))
+        size = target.shape[-2:]
         resize = torch.nn.functional.interpolate
         columns = [
-            (batch["target"] + 1) / 2,
-            batch["mask"].expand(-1, 3, -1, -1),
-            resize(batch["reference"], size=size, mode="bilinear", antialias=True),
+            (target + 1) / 2,
+            mask.expand(-1, 3, -1, -1),
+            resize(reference, size=size, mode="bilinear", antialias=True),
             (pred + 1) / 2,
         ]
-        grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=4).clamp(0, 1).float()
+        grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=4).clamp(0, 1)
         for logger in self.loggers:
             log_image = getattr(logger, "log_image", None)
             experiment = getattr(logger, "experiment", None)
@@ -328,6 +325,42 @@ class RefineByAlignModule(pl.LightningModule):
                 out = Path(logger.log_dir) / "samples"
                 out.mkdir(parents=True, exist_ok=True)
                 save_image(grid, out / f"step{self.global_step:07d}.png")
+
+    @torch.no_grad()
+    def sample_predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sample grid's inpainted targets (in [-1, 1]), with a fixed seed."""
+        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
+        context = self.reference_encoder(batch["reference"])
+        return sample_inpaint(
+            self.denoiser, self.autoencoder, self.sampling_scheduler, batch["target"],
+            batch["mask"], context, self.reference_encoder.null(len(context)),
+            self.hparams.val_sample_steps, self.hparams.val_guidance_scale, generator,
+        )
+
+    # --- sharded weights (FSDP) -----------------------------------------------------------
+    def fsdp_root(self) -> Any:
+        """The FSDP wrapper that shards this module's weights, or None (no trainer, no FSDP)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self._trainer.strategy.model if self._trainer is not None else None
+        return model if isinstance(model, FullyShardedDataParallel) else None
+
+    def call_with_full_weights(self, method: str, *args: Any) -> Any:
+        """``getattr(self, method)(*args)`` for code outside a training or validation step.
+
+        Under FSDP the submodules hold only this rank's shards outside a forward of the FSDP
+        root, so the call is routed as Lightning routes ``validation_step``: through the root's
+        forward (which gathers the weights, in the run's precision) inside the precision
+        plugin's step context. That is a collective: every rank must make the same call.
+        Without FSDP, a plain call.
+        """
+        root = self.fsdp_root()
+        if root is None:
+            return getattr(self, method)(*args)
+        strategy = self.trainer.strategy
+        with torch.no_grad(), strategy.precision_plugin.val_step_context():
+            # Lightning's (private) redirection, the one its FSDP training/validation steps use
+            return strategy._forward_redirection(root, self, method, *args)
 
     # --- optimisation and checkpoints -----------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -347,7 +380,22 @@ class RefineByAlignModule(pl.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        """Denoiser and reference-encoder weights (EMA if kept) for export."""
+        """Denoiser and reference-encoder weights (EMA if kept) for export.
+
+        Under FSDP a collective that every rank must call: the whole weights are gathered to
+        global rank 0 (on the CPU) and the other ranks get an empty dict.
+        """
+        root = self.fsdp_root()
+        if root is not None:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+            with self.ema_weights(), FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
+                                                          config):
+                full = root.state_dict()
+            return {k: v.detach().cpu().clone() for k, v in full.items()
+                    if k.startswith(("denoiser.", "reference_encoder."))}
         with self.ema_weights():
             return {
                 **{f"denoiser.{k}": v.detach().cpu().clone()

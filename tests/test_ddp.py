@@ -221,3 +221,101 @@ def test_fsdp_config_without_norm_clipping_and_refused_with_ema() -> None:
     check_config(compose_config(["trainer=ddp"]))  # EMA is fine without sharding
     assert not uses_fsdp(compose_config(["+trainer.strategy=ddp_spawn"]).trainer)
     assert uses_fsdp(compose_config(["+trainer.strategy=fsdp"]).trainer)
+
+
+def _fsdp_rank(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
+    """One rank of a torchrun-style FSDP run: the whole of train.py's ``train()``."""
+    from tests.conftest import compose_config
+    from tests.cpu_fsdp import torchrun_env
+    from train import train
+
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    torchrun_env(rank, WORLD, port)
+    cfg = compose_config(overrides)
+    cfg.paths.output_dir = out_dir
+    result = train(cfg)
+    torch.save({k: result[k] for k in ("export_dir", "global_step", "checkpoint_dir")},
+               Path(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fsdp_train_completes_on_two_cpu_processes(tmp_path, precision: str) -> None:
+    """trainer=fsdp, 2 gloo processes (CPU test harness): fit, validation with the sample grid,
+    sharded checkpoint and export; the export holds the trained whole weights.
+
+    Ranks start torchrun-style (each runs ``train()``): FSDPStrategy only launches by re-running
+    the script, and a ddp_spawn-style launch would not run train.py's export on every rank.
+    max_steps=3 with validation every 2 steps: the last validation (step 3) comes from
+    ValidateAtLastStep (trainer.validate after fit fails under FSDP).
+    """
+    import time
+
+    import numpy as np
+    from hydra.utils import instantiate
+    from PIL import Image
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from models.export import load_export
+    from tests.conftest import compose_config
+
+    common = ["model.ema_decay=null", "model.val_sample_steps=1", "model.val_num_samples=1",
+              "model.lr_scheduler.num_warmup_steps=0", "data.num_workers=0",
+              "data.batch_size=2", "data.val_length=4", "logger=csv",
+              "callbacks.progress_bar.refresh_rate=0"]
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", f"trainer.devices={WORLD}",
+            f"trainer.precision={precision}", "trainer.max_steps=3",
+            "trainer.val_check_interval=2", "callbacks.model_checkpoint.every_n_train_steps=3",
+            "trainer.strategy._target_=tests.cpu_fsdp.CPUFSDPStrategy"]
+    out = tmp_path / "fsdp"
+    ranks = mp.start_processes(_fsdp_rank, args=(_free_port(), common + fsdp, str(out)),
+                               nprocs=WORLD, start_method="spawn", join=False)
+    deadline = time.monotonic() + 600
+    while not ranks.join(timeout=5):  # raises if a rank failed (and ends the other one)
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("FSDP ranks still running after 600 s: a collective some rank skipped?")
+
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert [r["global_step"] for r in results] == [3] * WORLD
+    assert results[0]["export_dir"] == out / "export" and results[1]["export_dir"] is None
+    samples = out / "csv" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step0000002.png", "step0000003.png"]
+
+    # the export is the trained whole weights: those of the sharded (distcp) checkpoint
+    ckpt = Path(results[0]["checkpoint_dir"]) / "last.ckpt"
+    assert ckpt.is_dir()  # state_dict_type: sharded
+    assert torch.load(ckpt / "meta.pt", weights_only=False)["global_step"] == 3
+    dcp_to_torch_save(ckpt, tmp_path / "consolidated.pt")
+    trained = torch.load(tmp_path / "consolidated.pt", weights_only=False)["model"]
+    exported = load_export(out / "export")
+    pl.seed_everything(0)  # cfg.seed: the weights train() started from
+    initial = instantiate(compose_config(common).model)
+    changed = 0
+    for name in ("denoiser", "reference_encoder"):
+        got = getattr(exported, name).state_dict()
+        start = getattr(initial, name).state_dict()
+        want = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(f"{name}.")}
+        assert got.keys() == want.keys() == start.keys()
+        for k in got:
+            assert got[k].dtype == torch.float32 and got[k].shape == start[k].shape, k
+            assert torch.equal(got[k], want[k]), k
+            changed += not torch.equal(got[k], start[k])
+    assert changed > len(trained) // 2, (changed, len(trained))
+
+    if precision == "32-true":
+        # the last grid was sampled with the whole weights: the same grid as one process gives
+        # with the exported weights (rank 0's first validation sample is the set's first)
+        cfg = compose_config(common)
+        module = instantiate(cfg.model)
+        module.denoiser.load_state_dict(exported.denoiser.state_dict())
+        module.reference_encoder.load_state_dict(exported.reference_encoder.state_dict())
+        trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=1,
+                             enable_progress_bar=False, enable_checkpointing=False,
+                             logger=pl.loggers.CSVLogger(str(tmp_path / "eager"), name="",
+                                                         version=""))
+        trainer.validate(module, datamodule=instantiate(cfg.data), verbose=False)
+        grids = [np.asarray(Image.open(path)) for path in
+                 (samples / "step0000003.png", tmp_path / "eager" / "samples" / "step0000000.png")]
+        assert np.array_equal(*grids)
