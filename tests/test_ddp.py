@@ -21,7 +21,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _read_rank(rank: int, port: int, urls: list[str], out_dir: str, rank_env: bool) -> None:
+def _read_rank(rank: int, port: int, urls: list[str], out_dir: str, rank_env: bool,
+               resampled: bool = False) -> None:
     """One rank: iterate its split of the shards with WORKERS loader workers, save the keys."""
     from torch.utils.data import DataLoader
 
@@ -32,8 +33,9 @@ def _read_rank(rank: int, port: int, urls: list[str], out_dir: str, rank_env: bo
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        loader = DataLoader(shard_dataset(urls, seed=0, image_size=32, reference_size=56),
-                            batch_size=1, num_workers=WORKERS)
+        dataset = shard_dataset(urls, seed=0, image_size=32, reference_size=56,
+                                resampled=resampled, epoch_length=8 if resampled else None)
+        loader = DataLoader(dataset, batch_size=1, num_workers=WORKERS)
         keys = [k for batch in loader for k in batch["__key__"]]
         Path(out_dir, f"rank{rank}.txt").write_text("\n".join(keys))
         dist.barrier()
@@ -59,6 +61,21 @@ def test_shards_split_disjoint_over_ranks_and_workers(tmp_path, rank_env: bool) 
     assert not set(seen[0]) & set(seen[1])
     expected = {f"{0:06d}_{i:08d}" for i in range(SHARDS * PER_SHARD)}
     assert set(seen[0]) | set(seen[1]) == expected
+
+
+def test_resampled_streams_differ_between_ranks(tmp_path) -> None:
+    """Resampling (the default for shards) draws shards at random per rank and worker: with
+    the same data seed on every rank, no two ranks may replay one stream."""
+    from data.shards import synthetic_records, write_shards
+
+    shards = write_shards(synthetic_records(SHARDS * PER_SHARD, seed=0, image_size=32,
+                                            reference_size=56), tmp_path / "shards", PER_SHARD)
+    mp.start_processes(_read_rank, args=(_free_port(), [str(s) for s in shards], str(tmp_path),
+                                         False, True), nprocs=WORLD, start_method="spawn")
+    seen = [Path(tmp_path, f"rank{r}.txt").read_text().split() for r in range(WORLD)]
+    assert all(len(keys) == 8 * WORKERS for keys in seen)
+    assert seen[0] != seen[1]
+    assert seen[0][0::2] != seen[0][1::2]  # the loader alternates its two workers
 
 
 def test_ddp_child_command_runs_only_its_job(monkeypatch, tmp_path) -> None:
