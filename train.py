@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distributed import use_job_command_for_ddp_children
 from models.export import save_export
+from models.lightning_module import val_table_from_metrics
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights = module.inference_state_dict()
         if trainer.is_global_zero:
             export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
-    return {"metrics": metrics, "val_table": module.val_table, "export_dir": export_dir,
+    val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
+    return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}
 

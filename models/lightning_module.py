@@ -7,7 +7,7 @@ wires the training objective, EMA, validation metrics and sample grids.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -278,7 +278,8 @@ class RefineByAlignModule(pl.LightningModule):
         self.log_dict({
             "val/miou_mask": chosen["mask"], "val/miou_box": chosen["box"],
             "val/best_block": float(best), "val/best_miou_mask": per_block[best]["mask"],
-            **{f"val/miou_mask_block{i}": v["mask"] for i, v in per_block.items()},
+            **{f"val/miou_{kind}_block{i}": v[kind] for i, v in per_block.items()
+               for kind in ("mask", "box")},
             **{f"val/baseline_{n}_{k}": v[k] for n, v in baselines.items() for k in v},
         })
         self.val_table = {"timestep": self.hparams.val_timestep, "blocks": per_block,
@@ -403,6 +404,22 @@ class RefineByAlignModule(pl.LightningModule):
                 **{f"reference_encoder.{k}": v.detach().cpu().clone()
                    for k, v in self.reference_encoder.state_dict().items()},
             }
+
+
+def val_table_from_metrics(metrics: Mapping[str, float], timestep: int) -> dict[str, Any]:
+    """The per-block validation table rebuilt from logged metrics, for a process that never
+    held the module that validated (the parent of a ddp_spawn launch); {} without them."""
+    prefix = "val/miou_mask_block"
+    blocks = sorted(int(k[len(prefix):]) for k in metrics if k.startswith(prefix))
+    if not blocks:
+        return {}
+    kinds = ("mask", "box")
+    return {
+        "timestep": timestep,
+        "blocks": {i: {k: metrics[f"val/miou_{k}_block{i}"] for k in kinds} for i in blocks},
+        "baselines": {n: {k: metrics[f"val/baseline_{n}_{k}"] for k in kinds} for n in BASELINES},
+        "best_block": int(metrics["val/best_block"]),
+    }
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

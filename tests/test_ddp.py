@@ -122,6 +122,7 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path) -> None:
     first = train(cfg)
     ckpt = Path(first["checkpoint_dir"]) / "last.ckpt"
     assert ckpt.is_file()  # (ddp_spawn trains in children: the parent's trainer stays at 0)
+    assert first["val_table"]["blocks"]  # rebuilt from rank 0's metrics in the parent
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert "ema" in state and state["global_step"] == 2
 

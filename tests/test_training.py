@@ -136,3 +136,23 @@ def test_ema_shadow_weights_become_private_to_the_process():
     module.on_fit_start()
     assert not any(p.is_shared() for p in module.ema.shadow_params)
     assert all(torch.equal(a, b) for a, b in zip(before, module.ema.shadow_params, strict=True))
+
+
+def test_val_table_rebuilt_from_logged_metrics_equals_the_modules(tmp_path):
+    """What a ddp_spawn parent prints (it only gets rank 0's logged metrics)."""
+    from models.lightning_module import val_table_from_metrics
+    from train import train
+
+    cfg = compose_config(FAST + ["trainer.max_steps=1", "trainer.val_check_interval=1",
+                                 "logger=csv", "callbacks.progress_bar.refresh_rate=0"])
+    cfg.paths.output_dir = str(tmp_path)
+    result = train(cfg)
+    table = result["val_table"]
+    assert table["blocks"] and table["baselines"]
+    rebuilt = val_table_from_metrics(result["metrics"], cfg.model.val_timestep)
+    assert rebuilt.keys() == table.keys() and rebuilt["best_block"] == table["best_block"]
+    for part in ("blocks", "baselines"):
+        assert rebuilt[part].keys() == table[part].keys()
+        for name, scores in table[part].items():
+            assert rebuilt[part][name] == pytest.approx(scores, abs=1e-6)
+    assert val_table_from_metrics({}, 300) == {}
