@@ -34,6 +34,7 @@ from tqdm import tqdm
 from data.masks import MaskConfig
 from data.shards import (
     SampleDecoder,
+    ShardPipeline,
     decode_npy,
     decode_png,
     encode_npy,
@@ -264,7 +265,7 @@ def latent_shard_dataset(
     epoch_length: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-) -> wds.WebDataset:
+) -> ShardPipeline:
     """IterableDataset over latent shards, split over ranks and workers like pixel shards."""
     ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size).map(LatentDecoder())
     return ds.with_epoch(epoch_length) if epoch_length is not None else ds

@@ -309,6 +309,16 @@ def split_by_rank(urls: Iterable[str], rank: int, world_size: int) -> Iterator[s
     yield from islice(urls, rank, None, world_size)
 
 
+class ShardPipeline(wds.DataPipeline, wds.compat.FluidInterface):
+    """A webdataset pipeline with the fluent interface (``.map``, ``.with_epoch``)."""
+
+
+def same_stream_seed() -> int:
+    """ResampledShards' per-process seed: one for every rank and worker (they then split the
+    one stream, see `split_webdataset`)."""
+    return 0
+
+
 def split_webdataset(
     urls: str | list[str],
     seed: int = 0,
@@ -316,27 +326,35 @@ def split_webdataset(
     resampled: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
-) -> wds.WebDataset:
+) -> ShardPipeline:
     """Raw samples of the shards this rank and worker own, optionally shuffled or resampled.
 
     Shards are split over ranks by (`rank`, `world_size`), resolved here in the main process
     (from torch.distributed when not given): DataLoader workers cannot see the process group,
     and Lightning's DDP launcher and SLURM export no RANK for webdataset to read.
+
+    Reproducible given `seed`: `resampled` draws one seeded infinite sequence of shards in
+    every process and each rank and worker keeps its own slice of it (distinct streams, the
+    same on every run); `shuffle` > 0 shuffles shard order (without resampling) and a sample
+    buffer of that size with seeded, per-epoch permutations.
     """
     if rank is None and dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     node_split = (wds.split_by_node if rank is None or world_size is None
                   else partial(split_by_rank, rank=rank, world_size=world_size))
-    ds = wds.WebDataset(
-        urls,
-        nodesplitter=node_split,
-        workersplitter=wds.split_by_worker,
-        shardshuffle=False if resampled or shuffle <= 0 else shuffle,
-        resampled=resampled,
-        seed=seed,
-        empty_check=False,
-    )
-    return ds.shuffle(shuffle) if shuffle > 0 else ds
+    urls = expand_urls(urls)
+    if resampled:
+        source = wds.ResampledShards(urls, seed=seed, deterministic=True,
+                                     worker_seed=same_stream_seed, empty_check=False)
+    else:
+        source = wds.SimpleShardList(urls)
+    stages = [source, node_split, wds.split_by_worker]
+    if shuffle > 0 and not resampled:
+        stages.append(wds.detshuffle(shuffle, seed=seed))
+    stages.append(wds.tarfile_to_samples())
+    if shuffle > 0:
+        stages.append(wds.detshuffle(shuffle, seed=seed + 1))
+    return ShardPipeline(*stages)
 
 
 def shard_dataset(
@@ -352,7 +370,7 @@ def shard_dataset(
     epoch_length: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-) -> wds.WebDataset:
+) -> ShardPipeline:
     """IterableDataset over shards (brace pattern or list), decoded to the sample contract.
 
     `shuffle` > 0 shuffles shards and a sample buffer of that size (order only: contents

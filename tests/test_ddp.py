@@ -63,19 +63,25 @@ def test_shards_split_disjoint_over_ranks_and_workers(tmp_path, rank_env: bool) 
     assert set(seen[0]) | set(seen[1]) == expected
 
 
-def test_resampled_streams_differ_between_ranks(tmp_path) -> None:
-    """Resampling (the default for shards) draws shards at random per rank and worker: with
-    the same data seed on every rank, no two ranks may replay one stream."""
+def test_resampled_streams_differ_between_ranks_and_replay_on_rerun(tmp_path) -> None:
+    """Resampling (the default for shards) with the same data seed on every rank: each rank
+    and worker reads its own stream, and a second run reads the same streams again."""
     from data.shards import synthetic_records, write_shards
 
     shards = write_shards(synthetic_records(SHARDS * PER_SHARD, seed=0, image_size=32,
                                             reference_size=56), tmp_path / "shards", PER_SHARD)
-    mp.start_processes(_read_rank, args=(_free_port(), [str(s) for s in shards], str(tmp_path),
-                                         False, True), nprocs=WORLD, start_method="spawn")
-    seen = [Path(tmp_path, f"rank{r}.txt").read_text().split() for r in range(WORLD)]
+    runs = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        out.mkdir()
+        mp.start_processes(_read_rank, args=(_free_port(), [str(s) for s in shards], str(out),
+                                             False, True), nprocs=WORLD, start_method="spawn")
+        runs.append([Path(out, f"rank{r}.txt").read_text().split() for r in range(WORLD)])
+    seen = runs[0]
     assert all(len(keys) == 8 * WORKERS for keys in seen)
     assert seen[0] != seen[1]
     assert seen[0][0::2] != seen[0][1::2]  # the loader alternates its two workers
+    assert runs[1] == runs[0]
 
 
 def test_ddp_child_command_runs_only_its_job(monkeypatch, tmp_path) -> None:
