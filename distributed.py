@@ -1,12 +1,15 @@
-"""Multi-GPU launching with Hydra: make Lightning's DDP child processes run one job only.
+"""Distributed training with Hydra and Lightning: DDP under multirun, and FSDP's limits.
 
-Started from a shell with ``strategy=ddp`` and ``devices=N``, Lightning starts local ranks
+DDP + multirun. Started from a shell with ``strategy=ddp`` and ``devices=N``, Lightning starts local ranks
 1..N-1 by re-running ``sys.argv``. Under ``python train.py -m a=1,2`` that command line is
 the whole sweep, so every child starts a sweep of its own and rank 0 waits forever (the known
 DDP + multirun hang, Lightning issue #11300). :func:`use_job_command_for_ddp_children` makes
 each child run exactly the job of its rank 0: that job's own overrides, in RUN mode, in that
 job's output directory. Under SLURM (``hydra/launcher=slurm``) nothing is re-launched: each
 task is one rank already, and this patch is never called.
+
+FSDP. :func:`check_config` refuses what fails later; :class:`ValidateAtLastStep` moves the
+final validation inside the fit.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +50,39 @@ def use_job_command_for_ddp_children() -> None:
     from pytorch_lightning.strategies.launchers import subprocess_script
 
     subprocess_script._hydra_subprocess_cmd = job_subprocess_command
+
+
+def uses_fsdp(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config selects Lightning's FSDPStrategy (by name or class)."""
+    from hydra.utils import get_class
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, str):
+        return strategy in FSDPStrategy.get_registered_strategies()
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    if not target:
+        return False
+    cls = get_class(target)
+    return isinstance(cls, type) and issubclass(cls, FSDPStrategy)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before any work, combinations known to fail later."""
+    if uses_fsdp(cfg.trainer) and cfg.model.get("ema_decay"):
+        raise ValueError(
+            "FSDP shards the parameters, but the module's EMA keeps full unsharded copies "
+            "and fails at the first step: run trainer=fsdp with model.ema_decay=null")
+
+
+class ValidateAtLastStep(pl.Callback):
+    """Make the fit loop validate at ``max_steps`` (by asking it to stop there).
+
+    Used under FSDP, where train.py cannot validate after ``fit``: ``trainer.validate`` then
+    sets the module up again, finds its layers wrapped already and leaves the FSDP root off,
+    so the weights outside the wrapped layers stay flat shards (Lightning issue #19015).
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # the loop validates on a stop request, then ends

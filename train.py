@@ -19,7 +19,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from distributed import use_job_command_for_ddp_children
+from distributed import (
+    ValidateAtLastStep,
+    check_config,
+    use_job_command_for_ddp_children,
+    uses_fsdp,
+)
 from models.export import save_export
 from models.lightning_module import val_table_from_metrics
 
@@ -31,42 +36,6 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(node) for node in cfg.values() if node and "_target_" in node]
-
-
-def uses_fsdp(trainer_cfg: DictConfig) -> bool:
-    """Whether the trainer config selects Lightning's FSDPStrategy (by name or class)."""
-    from hydra.utils import get_class
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    strategy = trainer_cfg.get("strategy")
-    if isinstance(strategy, str):
-        return strategy in FSDPStrategy.get_registered_strategies()
-    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
-    if not target:
-        return False
-    cls = get_class(target)
-    return isinstance(cls, type) and issubclass(cls, FSDPStrategy)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Refuse, before any work, combinations known to fail later."""
-    if uses_fsdp(cfg.trainer) and cfg.model.get("ema_decay"):
-        raise ValueError(
-            "FSDP shards the parameters, but the module's EMA keeps full unsharded copies "
-            "and fails at the first step: run trainer=fsdp with model.ema_decay=null")
-
-
-class ValidateAtLastStep(pl.Callback):
-    """Make the fit loop validate at ``max_steps`` (by asking it to stop there).
-
-    Used under FSDP, where train.py cannot validate after ``fit``: ``trainer.validate`` then
-    sets the module up again, finds its layers wrapped already and leaves the FSDP root off,
-    so the weights outside the wrapped layers stay flat shards (Lightning issue #19015).
-    """
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.should_stop = True  # the loop validates on a stop request, then ends
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -233,8 +233,9 @@ def test_validation_metrics_reduce_over_two_processes(tmp_path) -> None:
 
 def test_fsdp_config_without_norm_clipping_and_refused_with_ema() -> None:
     """trainer=fsdp (which Lightning runs on CUDA only): no norm clipping, no EMA."""
+    from distributed import check_config, uses_fsdp
     from tests.conftest import compose_config
-    from train import check_config, train, uses_fsdp
+    from train import train
 
     cfg = compose_config(["trainer=fsdp"])
     assert uses_fsdp(cfg.trainer)
