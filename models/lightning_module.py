@@ -275,15 +275,15 @@ class RefineByAlignModule(pl.LightningModule):
             metric.reset()
         best = max(per_block, key=lambda i: per_block[i]["mask"])
         chosen = per_block[self.hparams.val_block]
-        self.log_dict({
+        logged = {
             "val/miou_mask": chosen["mask"], "val/miou_box": chosen["box"],
             "val/best_block": float(best), "val/best_miou_mask": per_block[best]["mask"],
             **{f"val/miou_{kind}_block{i}": v[kind] for i, v in per_block.items()
                for kind in ("mask", "box")},
             **{f"val/baseline_{n}_{k}": v[k] for n, v in baselines.items() for k in v},
-        })
-        self.val_table = {"timestep": self.hparams.val_timestep, "blocks": per_block,
-                          "baselines": baselines, "best_block": best}
+        }
+        self.log_dict(logged)
+        self.val_table = val_table_from_metrics(logged, self.hparams.val_timestep)
         self._finish_validation()
 
     def _finish_validation(self) -> None:
@@ -387,23 +387,17 @@ class RefineByAlignModule(pl.LightningModule):
         global rank 0 (on the CPU) and the other ranks get an empty dict.
         """
         root = self.fsdp_root()
+        gather = nullcontext()
         if root is not None:
             from torch.distributed.fsdp import FullStateDictConfig, StateDictType
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-            with self.ema_weights(), FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
-                                                          config):
-                full = root.state_dict()
-            return {k: v.detach().cpu().clone() for k, v in full.items()
-                    if k.startswith(("denoiser.", "reference_encoder."))}
-        with self.ema_weights():
-            return {
-                **{f"denoiser.{k}": v.detach().cpu().clone()
-                   for k, v in self.denoiser.state_dict().items()},
-                **{f"reference_encoder.{k}": v.detach().cpu().clone()
-                   for k, v in self.reference_encoder.state_dict().items()},
-            }
+            gather = FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config)
+        with self.ema_weights(), gather:
+            state = (root or self).state_dict()
+        return {k: v.detach().cpu().clone() for k, v in state.items()
+                if k.startswith(("denoiser.", "reference_encoder."))}
 
 
 def val_table_from_metrics(metrics: Mapping[str, float], timestep: int) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from data.latent_shards import (  # noqa: E402
     synthetic_samples,
     write_latent_shards,
 )
-from data.masks import MaskConfig  # noqa: E402
 from scripts.bench_common import compose  # noqa: E402
 
 log = logging.getLogger("make_latent_shards")
@@ -77,12 +76,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = compose(args.override)
-    data = cfg.data
-    mask_config = MaskConfig(data.mask_p_detail, data.mask_p_brush, data.mask_p_box,
-                             data.mask_min_area, data.mask_max_area)
+    datamodule = instantiate(cfg.data)  # its sizes, mode mix and mask distribution
+    data = datamodule.hparams
     common = dict(seeds=args.seeds, image_size=data.image_size,
                   reference_size=data.reference_size, align_ratio=data.align_ratio,
-                  mask_config=mask_config, workers=args.workers, part=args.part,
+                  mask_config=datamodule.mask_config, workers=args.workers, part=args.part,
                   parts=args.parts)
     out = args.out / f"part-{args.part:03d}" if args.parts > 1 else args.out
     if args.source:
