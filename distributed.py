@@ -1,7 +1,8 @@
 """Distributed training with Hydra and Lightning: DDP under multirun, and FSDP's limits.
 
-DDP + multirun. Started from a shell with ``strategy=ddp`` and ``devices=N``, Lightning starts local ranks
-1..N-1 by re-running ``sys.argv``. Under ``python train.py -m a=1,2`` that command line is
+DDP + multirun. Started from a shell with ``strategy=ddp`` and ``devices=N``, Lightning starts
+local ranks 1..N-1 by re-running ``sys.argv``. Under ``python train.py -m a=1,2`` that command
+line is
 the whole sweep, so every child starts a sweep of its own and rank 0 waits forever (the known
 DDP + multirun hang, Lightning issue #11300). :func:`use_job_command_for_ddp_children` makes
 each child run exactly the job of its rank 0: that job's own overrides, in RUN mode, in that

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
@@ -41,7 +40,7 @@ from models.correspondence import (
     tokens_to_grid,
 )
 from models.export import Components
-from models.refinement import resize_mask
+from models.refinement import build_sampler, resize_mask
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class SweepResult:
 # ----------------------------------------------------------------------------- inputs
 def sweep_timesteps(components: Components, num_timesteps: int) -> list[int]:
     """The DDIM schedule's timesteps over the training scheduler, noisiest first."""
-    scheduler = DDIMScheduler.from_config(components.noise_scheduler.config)
+    scheduler = build_sampler("ddim", components.noise_scheduler.config, components.autoencoder)
     scheduler.set_timesteps(num_timesteps)
     return [int(t) for t in scheduler.timesteps]
 

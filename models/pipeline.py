@@ -6,16 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from omegaconf import OmegaConf
 
 from models.alignment import Alignment, align, resize_reference
 from models.export import DEFAULT_EXPORT, REPO_ROOT, Components
-from models.refinement import blend, sample_inpaint
-
-# Ancestral DDPM is the default: the tiny pixel-space model (cosine schedule, epsilon) sampled
-# with deterministic DDIM or DPM-Solver gives far worse masked MSE (see README, Refinement).
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+from models.refinement import blend, build_sampler, sample_inpaint
 
 
 @dataclass
@@ -51,6 +46,8 @@ def load_alignment(path: str | Path | None = None,
 
 @dataclass
 class RefinementConfig:
+    # Ancestral DDPM is the default: the tiny pixel-space model (cosine schedule, epsilon)
+    # sampled with deterministic DDIM or DPM-Solver gives far worse masked MSE (README).
     sampler: str = "ddpm"
     num_steps: int = 50
     guidance_scale: float = 2.0
@@ -67,11 +64,9 @@ class RefineByAlign:
     refinement: RefinementConfig = field(default_factory=RefinementConfig)
 
     def __post_init__(self) -> None:
-        if self.refinement.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}")
-        self.scheduler = SAMPLERS[self.refinement.sampler].from_config(
-            self.components.noise_scheduler.config
-        )
+        self.scheduler = build_sampler(self.refinement.sampler,
+                                       self.components.noise_scheduler.config,
+                                       self.components.autoencoder)
 
     @property
     def device(self) -> torch.device:

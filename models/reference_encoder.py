@@ -28,12 +28,20 @@ def build_dinov2(
 
 
 class ReferenceEncoder(nn.Module):
-    """Image in [0,1] -> context tokens [B, T, context_dim] (patch tokens, optionally CLS first)."""
+    """Image in [0,1] -> context tokens [B, T, context_dim] (patch tokens, optionally CLS first).
+
+    The input size is ours to choose, not the backbone config's: the public DINOv2 configs say
+    ``image_size: 518`` (their position-embedding grid), and DINOv2 interpolates its position
+    embeddings to any multiple of the patch size. At the paper's 224 px with patch 14 the
+    reference becomes 16x16 = 256 tokens. Pixels are normalised with the ImageNet mean and
+    std, as the public DINOv2 image processor does.
+    """
 
     def __init__(
         self,
         backbone: Dinov2Model,
         context_dim: int,
+        image_size: int = 224,
         use_patch_tokens: bool = True,
         use_cls_token: bool = False,
         mlp_hidden_dim: int | None = None,
@@ -52,8 +60,12 @@ class ReferenceEncoder(nn.Module):
             mask_token.requires_grad_(False)
 
         cfg = backbone.config
-        self.image_size = int(cfg.image_size)
-        side = self.image_size // int(cfg.patch_size)
+        patch = int(cfg.patch_size)
+        if image_size <= 0 or image_size % patch:
+            raise ValueError(f"reference image_size {image_size} must be a positive multiple of "
+                             f"the backbone's patch size {patch}")
+        self.image_size = int(image_size)
+        side = self.image_size // patch
         self.grid = (side, side) if use_patch_tokens else (1, 1)
         self.num_prefix_tokens = int(use_cls_token and use_patch_tokens)
         self.num_tokens = (side * side if use_patch_tokens else 0) + int(use_cls_token)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.schedulers import SchedulerMixin
 
-from models.autoencoder import Autoencoder
+from models.autoencoder import Autoencoder, PixelSpace
+
+SAMPLERS: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler,
+}
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> torch.Tensor:
@@ -40,8 +50,38 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
 def denoiser_input(
     noisy: torch.Tensor, masked_latent: torch.Tensor, mask_latent: torch.Tensor
 ) -> torch.Tensor:
-    """The 9-channel (for SD) input: noisy latent, masked-image latent, mask."""
-    return torch.cat([noisy, masked_latent, mask_latent.to(noisy.dtype)], dim=1)
+    """The 9-channel (for SD) input in SD inpainting's order: noisy latent, mask, masked image.
+
+    The order is the one SD inpainting checkpoints were trained on (and diffusers'
+    ``StableDiffusionInpaintPipeline`` builds), so a pretrained ``conv_in`` reads each channel
+    as it learned to.
+    """
+    return torch.cat([noisy, mask_latent.to(noisy.dtype), masked_latent], dim=1)
+
+
+def build_sampler(
+    name: str, training_config: Any, autoencoder: Autoencoder | None = None
+) -> SchedulerMixin:
+    """An inference sampler over the training noise schedule, with sampling conventions.
+
+    The training ``DDPMScheduler`` config carries training defaults (``clip_sample=True``,
+    and for DDIM ``set_alpha_to_one=True``, ``steps_offset=0``) that are wrong for SD-1.5
+    latents. Samplers here follow SD-1.5's scheduler config: no clipping (latents are not in
+    [-1, 1]), the final alpha from the schedule, steps offset by one. Pixel-space models keep
+    clipping: their clean sample does live in [-1, 1].
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    cls = SAMPLERS[name]
+    conventions = {
+        "clip_sample": isinstance(autoencoder, PixelSpace),
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls.from_config(
+        training_config, **{k: v for k, v in conventions.items() if k in accepted}
+    )
 
 
 @torch.no_grad()

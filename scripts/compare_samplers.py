@@ -22,8 +22,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 from data.modes import REFINEMENT
 from data.synthetic import SyntheticPairs
 from models.export import DEFAULT_EXPORT, load_export
-from models.pipeline import SAMPLERS
-from models.refinement import sample_inpaint
+from models.refinement import build_sampler, sample_inpaint
 
 VARIANTS = [("ddpm", 50, 1.0), ("ddpm", 50, 2.0), ("ddpm", 50, 3.0), ("ddim", 50, 1.0),
             ("ddim", 50, 2.0), ("dpm_solver", 25, 2.0)]
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}{'masked MSE':>12}{'s':>8}")
     for name, steps, guidance in VARIANTS:
-        scheduler = SAMPLERS[name].from_config(comp.noise_scheduler.config)
+        scheduler = build_sampler(name, comp.noise_scheduler.config, comp.autoencoder)
         start = time.perf_counter()
         out = sample_inpaint(comp.denoiser, comp.autoencoder, scheduler, batch["target"], mask,
                              context, null, steps, guidance, torch.Generator().manual_seed(0))

@@ -27,7 +27,8 @@ from evaluation.figures import correspondence_overlay  # noqa: E402
 from evaluation.refinement import reference_tensor, refine_batch, to_model_inputs  # noqa: E402
 from evaluation.sweep import model_image_size  # noqa: E402
 from models.export import load_export  # noqa: E402
-from models.pipeline import SAMPLERS, RefineByAlign, RefinementConfig, load_alignment  # noqa: E402
+from models.pipeline import RefineByAlign, RefinementConfig, load_alignment  # noqa: E402
+from models.refinement import SAMPLERS  # noqa: E402
 
 log = logging.getLogger("refine")
 

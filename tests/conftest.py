@@ -12,6 +12,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from tests import public_configs
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
@@ -25,21 +27,14 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
     return cfg
 
 
-def sd15_layout_unet(in_channels: int = 9, cross_attention_dim: int = 32) -> UNet2DConditionModel:
-    """A tiny random UNet with SD-1.5's block layout (16 cross-attention blocks)."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=in_channels,
-        out_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=2,
-        norm_num_groups=8,
-    )
+def sd15_layout_unet(in_channels: int = 9) -> UNet2DConditionModel:
+    """A random UNet from SD-1.5's published config (inpainting: 9 inputs, text-to-image: 4),
+    widths shrunk (tests/public_configs.py): 16 cross-attention blocks, context width 768."""
+    repo = public_configs.SD15_INPAINTING if in_channels == 9 else public_configs.SD15
+    unet = public_configs.unet(repo)
+    if unet.config.in_channels != in_channels:
+        raise ValueError(f"no public SD-1.5 UNet config with {in_channels} inputs")
+    return unet
 
 
 @pytest.fixture

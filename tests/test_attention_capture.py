@@ -31,7 +31,7 @@ def test_forward_order_matches_execution_order():
     modules = dict(unet.named_modules())
     hooks = [modules[b.name].register_forward_hook(lambda m, i, o, n=b.name: order.append(n))
              for b in cross_attention_blocks(unet)]
-    unet(torch.randn(1, 9, 16, 16), 10, encoder_hidden_states=torch.randn(1, 5, 32))
+    unet(torch.randn(1, 9, 16, 16), 10, encoder_hidden_states=torch.randn(1, 5, 768))
     for h in hooks:
         h.remove()
     assert order == [b.name for b in cross_attention_blocks(unet)]
@@ -52,7 +52,7 @@ def test_capture_equals_explicit_softmax_and_keeps_output():
     unet = sd15_layout_unet().eval()
     blocks = cross_attention_blocks(unet)
     x = torch.randn(2, 9, 16, 16)
-    context = torch.randn(2, 7, 32)
+    context = torch.randn(2, 7, 768)
     mask = torch.zeros(2, 1, 16, 16)
     mask[0, :, 2:9, 3:12] = 1
     mask[1, :, 10:16, 0:5] = 1
@@ -86,7 +86,7 @@ def test_only_requested_blocks_are_swapped_and_restored():
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     with capture_cross_attention(unet, torch.ones(1, 1, 16, 16), blocks=[9]) as maps:
         swapped = [k for k, v in unet.attn_processors.items() if type(v) is not before[k]]
-        unet(torch.randn(1, 9, 16, 16), 3, encoder_hidden_states=torch.randn(1, 4, 32))
+        unet(torch.randn(1, 9, 16, 16), 3, encoder_hidden_states=torch.randn(1, 4, 768))
     assert swapped == [cross_attention_blocks(unet)[9].name + ".processor"]
     assert list(maps) == [9]
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
@@ -95,7 +95,7 @@ def test_only_requested_blocks_are_swapped_and_restored():
 def test_cfg_keeps_conditional_rows_only():
     unet = sd15_layout_unet().eval()
     x = torch.randn(1, 9, 16, 16)
-    cond, uncond = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
+    cond, uncond = torch.randn(1, 4, 768), torch.randn(1, 4, 768)
     mask = torch.ones(1, 1, 16, 16)
     with torch.no_grad():
         with capture_cross_attention(unet, mask, blocks=[3]) as alone:
@@ -121,7 +121,7 @@ def test_masked_queries_change_the_vector():
     """Different masks select different queries, so the reduced vectors differ."""
     unet = sd15_layout_unet().eval()
     x = torch.randn(1, 9, 16, 16)
-    context = torch.randn(1, 6, 32)
+    context = torch.randn(1, 6, 768)
     left, right = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
     left[..., :8] = 1
     right[..., 8:] = 1

@@ -4,15 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+import torch.nn.functional as F
 from hydra.utils import instantiate
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Model
 
 from models.autoencoder import VAE, PixelSpace
 from models.denoiser import build_denoiser
 from models.export import load_export, save_export
 from models.reference_encoder import ReferenceEncoder, build_dinov2
-from tests.conftest import compose_config, sd15_layout_unet
+from tests import public_configs
+from tests.conftest import compose_config
 
 TINY_DINO = dict(image_size=224, patch_size=14, hidden_size=32, num_hidden_layers=1,
                  num_attention_heads=2, intermediate_size=64)
@@ -20,16 +21,14 @@ TINY_DINO = dict(image_size=224, patch_size=14, hidden_size=32, num_hidden_layer
 
 @pytest.fixture(scope="module")
 def fake_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """SD-1.5-style text-to-image repo (unet with 4 inputs, vae) and a DINOv2 repo, random."""
+    """Random checkpoints built from the public configs, in their hub layouts: SD-1.5
+    inpainting, SD-1.5 text-to-image (4-input UNet, for widening) and DINOv2-L."""
     root = tmp_path_factory.mktemp("hub")
-    sd = root / "sd15"
-    sd15_layout_unet(in_channels=4, cross_attention_dim=32).save_pretrained(sd / "unet")
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                  norm_num_groups=8, sample_size=32).save_pretrained(sd / "vae")
-    Dinov2Model(Dinov2Config(**TINY_DINO)).save_pretrained(root / "dinov2")
-    return {"sd15": sd, "dinov2": root / "dinov2"}
+    return {
+        "sd15_inpainting": public_configs.save_sd15_repo(root / "sd15_inpainting"),
+        "sd15": public_configs.save_sd15_repo(root / "sd15", public_configs.SD15),
+        "dinov2": public_configs.save_dinov2_repo(root / "dinov2"),
+    }
 
 
 def test_widening_conv_in_keeps_the_text_to_image_function(fake_checkpoints):
@@ -37,7 +36,7 @@ def test_widening_conv_in_keeps_the_text_to_image_function(fake_checkpoints):
     widened = build_denoiser(str(fake_checkpoints["sd15"]), in_channels=9).eval()
     assert widened.conv_in.in_channels == 9 and widened.config.in_channels == 9
     assert torch.all(widened.conv_in.weight[:, 4:] == 0)
-    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 32)
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 5, 768)
     extra = torch.randn(1, 5, 16, 16)
     with torch.no_grad():
         a = original(x, 7, encoder_hidden_states=ctx).sample
@@ -47,7 +46,7 @@ def test_widening_conv_in_keeps_the_text_to_image_function(fake_checkpoints):
 
 def test_denoiser_rejects_mismatched_context_width(fake_checkpoints):
     with pytest.raises(ValueError, match="context width"):
-        build_denoiser(str(fake_checkpoints["sd15"]), cross_attention_dim=768)
+        build_denoiser(str(fake_checkpoints["sd15"]), cross_attention_dim=1024)
 
 
 def test_dinov2_and_vae_load_from_their_layouts(fake_checkpoints, tmp_path):
@@ -56,7 +55,8 @@ def test_dinov2_and_vae_load_from_their_layouts(fake_checkpoints, tmp_path):
     for (k, a), (_, b) in zip(dino.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     vae = VAE.from_pretrained(str(fake_checkpoints["sd15"]))
-    assert vae.downsample == 2 and vae.latent_channels == 4
+    assert vae.downsample == 8 and vae.latent_channels == 4
+    assert vae.scaling_factor == pytest.approx(0.18215)  # AutoencoderKL's default, as SD-1.5
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     assert vae.decode(vae.encode(images)).shape == images.shape
     with pytest.raises(ValueError):
@@ -90,11 +90,12 @@ def test_frozen_backbone_gets_no_gradient():
 @pytest.mark.parametrize("preset", ["tiny", "sd15_dinov2"])
 def test_every_preset_composes_and_trains_a_step(preset, fake_checkpoints, tiny_batch):
     overrides = [f"model={preset}", "data.image_size=32"]
-    if preset == "sd15_dinov2":
-        overrides += [f"paths.sd15_inpainting={fake_checkpoints['sd15']}",
-                      f"paths.dinov2={fake_checkpoints['dinov2']}",
-                      "model.denoiser.cross_attention_dim=32",
-                      "model.reference_encoder.context_dim=32", "model.val_block=9"]
+    if preset == "sd15_dinov2":  # the public configs, as a user with real weights has them
+        overrides = [f"model={preset}", "data.image_size=64",
+                     f"paths.sd15_inpainting={fake_checkpoints['sd15_inpainting']}",
+                     f"paths.dinov2={fake_checkpoints['dinov2']}"]
+        tiny_batch = {**tiny_batch, "target": F.interpolate(tiny_batch["target"], size=64),
+                      "mask": F.interpolate(tiny_batch["mask"], size=64)}
     cfg = compose_config(overrides)
     module = instantiate(cfg.model)
     expected_ae = VAE if preset == "sd15_dinov2" else PixelSpace

@@ -63,9 +63,10 @@ def make_case(i: int, size: int = 64, ref: int = 224, with_gt: bool = True) -> B
 
 def test_timesteps_are_ddim_schedule_noisiest_first(components) -> None:
     steps = sweep_timesteps(components, 50)
-    ref = DDIMScheduler.from_config(components.noise_scheduler.config)
+    ref = DDIMScheduler.from_config(components.noise_scheduler.config, steps_offset=1)
     ref.set_timesteps(50)
-    assert steps == [int(t) for t in ref.timesteps]
+    assert steps == [int(t) for t in ref.timesteps]  # the refinement sampler's own schedule
+    assert steps[-1] == 1
     assert len(steps) == 50 and steps[0] == max(steps) and steps == sorted(steps, reverse=True)
 
 
