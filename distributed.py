@@ -2,9 +2,8 @@
 
 DDP + multirun. Started from a shell with ``strategy=ddp`` and ``devices=N``, Lightning starts
 local ranks 1..N-1 by re-running ``sys.argv``. Under ``python train.py -m a=1,2`` that command
-line is
-the whole sweep, so every child starts a sweep of its own and rank 0 waits forever (the known
-DDP + multirun hang, Lightning issue #11300). :func:`use_job_command_for_ddp_children` makes
+line is the whole sweep, so every child starts a sweep of its own and rank 0 waits forever (the
+known DDP + multirun hang, Lightning issue #11300). :func:`use_job_command_for_ddp_children` makes
 each child run exactly the job of its rank 0: that job's own overrides, in RUN mode, in that
 job's output directory. Under SLURM (``hydra/launcher=slurm``) nothing is re-launched: each
 task is one rank already, and this patch is never called.
