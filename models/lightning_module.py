@@ -203,7 +203,9 @@ class RefineByAlignModule(pl.LightningModule):
             # process-private copies: a CPU ddp_spawn launch shares them between ranks
             self.ema.shadow_params = [p.clone() for p in self.ema.shadow_params]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not per batch: under gradient accumulation one step spans several batches
         if self.ema is not None:
             self.ema.step(self.trainable_parameters())
 

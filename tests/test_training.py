@@ -45,12 +45,28 @@ class _RecordStart(pl.Callback):
                      module.ema.optimization_step if module.ema else None)
 
 
-def _trainer(tmp_path: Path, max_steps: int, *callbacks) -> pl.Trainer:
+def _trainer(tmp_path: Path, max_steps: int, *callbacks, accumulate: int = 1) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
         default_root_dir=tmp_path, limit_val_batches=0, callbacks=list(callbacks),
-        enable_model_summary=False,
+        enable_model_summary=False, accumulate_grad_batches=accumulate,
     )
+
+
+class _CountBatches(pl.Callback):
+    seen = 0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.seen += 1
+
+
+def test_ema_steps_once_per_optimizer_step_under_accumulation(tmp_path):
+    cfg = compose_config(FAST)
+    module, batches = instantiate(cfg.model), _CountBatches()
+    trainer = _trainer(tmp_path, 2, batches, accumulate=2)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert batches.seen == 4 and trainer.global_step == 2
+    assert module.ema.optimization_step == 2
 
 
 def test_resume_continues_step_count_optimizer_and_ema(tmp_path):
