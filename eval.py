@@ -23,6 +23,7 @@ import platform
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,7 @@ def compute_alignments(pipeline: RefineByAlign, cases: Sequence[BenchmarkCase], 
     out = {}
     for case in tqdm(cases, desc="align", unit="case", disable=not progress):
         image, mask, reference = case_tensors(case, size)
-        out[case.id] = pipeline.align(image.to(pipeline.device), mask.to(pipeline.device),
-                                      reference.to(pipeline.device), seed)
+        out[case.id] = pipeline.align_tensors(image, mask, reference, seed)
     return out
 
 
@@ -181,9 +181,7 @@ def qualitative_rows(cases: Sequence[BenchmarkCase], alignments: dict[str, Align
 
 def write_alignment_yaml(chosen: AlignmentConfig, path: Path, note: str) -> Path:
     """alignment.yaml in the format of configs/alignment/default.yaml."""
-    body = OmegaConf.to_yaml(OmegaConf.create({
-        "timestep": int(chosen.timestep), "block": int(chosen.block),
-        "threshold": float(chosen.threshold), "margin": float(chosen.margin)}))
+    body = OmegaConf.to_yaml(OmegaConf.create(asdict(chosen)))
     path.write_text(f"# {note}\n{body}")
     return path
 
@@ -213,6 +211,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         sweep = run_sweep(components, sweepable, sweep_cfg, progress=cfg.progress)
         baselines = run_baselines(sweepable, MatchConfig(**cfg.baselines), cfg.progress)
         chosen.timestep, chosen.block = sweep.best["t"], sweep.best["layer"]
+        chosen.readout, chosen.num_steps = sweep_cfg.readout, sweep_cfg.num_timesteps
         correspondence = {**sweep.to_dict(), "baselines": baselines["scores"],
                           "feature_matching": baselines["feature_matching"],
                           "by_category": by_category(sweep, baselines, cases)}

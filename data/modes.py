@@ -41,31 +41,51 @@ def mask_bbox(mask: np.ndarray) -> Box | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+TRAINING_CROP_MARGIN = (0.1, 0.4)
+INFERENCE_CROP_MARGIN = sum(TRAINING_CROP_MARGIN) / 2
+
+
 def crop_box(
     mask: np.ndarray,
     rng: np.random.Generator | None = None,
-    margin: float | tuple[float, float] = (0.1, 0.4),
+    margin: float | tuple[float, float] = TRAINING_CROP_MARGIN,
     jitter: float = 0.1,
     min_size: int = 16,
 ) -> Box:
-    """Square crop box around the mask's region, kept inside the image.
-
-    `margin` (fraction of the region's longer side added on each side) is drawn from the
-    range when `rng` is given, else its midpoint is used (inference / oracle crop). The centre
-    is jittered by up to `jitter` of the box side but never so far that the region leaves the
-    box. An empty mask gives the whole image.
-    """
+    """Square crop box around the mask's region (refinement-mode references), see
+    :func:`square_crop`. ``margin`` is drawn from the range when ``rng`` is given, else its
+    midpoint is used. An empty mask gives the whole image."""
     h_img, w_img = mask.shape[:2]
     box = mask_bbox(mask)
     if box is None:
         return 0, 0, w_img, h_img
-    x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
     if isinstance(margin, tuple):
         m = rng.uniform(*margin) if rng is not None else sum(margin) / 2
     else:
         m = margin
-    side = int(round(max(w, h) * (1 + 2 * m)))
+    return square_crop(box, (h_img, w_img), m, min_size, jitter, rng)
+
+
+def square_crop(
+    box: Box,
+    image_hw: tuple[int, int],
+    margin: float = INFERENCE_CROP_MARGIN,
+    min_size: int = 16,
+    jitter: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Box:
+    """Square box around ``box``, grown by ``margin`` of its longer side on each side.
+
+    The one crop of the method: training's refinement-mode references, the alignment stage's
+    crop and the oracle crop all come from here, so the reference encoder never sees an aspect
+    ratio or margin at inference that training did not show it. The centre is jittered (with
+    ``rng``) by up to ``jitter`` of the side, never so far that the region leaves the box,
+    and the box is kept inside the image.
+    """
+    h_img, w_img = image_hw
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    side = int(round(max(w, h) * (1 + 2 * margin)))
     side = min(max(side, min_size, w, h), w_img, h_img)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if rng is not None and jitter > 0:

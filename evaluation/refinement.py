@@ -6,9 +6,9 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
 - ``telea``: OpenCV TELEA inpainting of the (dilated) mask, no reference;
 - ``whole_reference``: our model given the whole reference (Paint-by-Example style);
 - ``aligned_crop``: Refine-by-Align, the crop the alignment stage found;
-- ``oracle_crop``: our model given the ground-truth crop (box of ``reference_mask`` grown by
-  the alignment stage's margin, ``cfg.alignment.margin``); cases without ``reference_mask``
-  are not scored for it (counted);
+- ``oracle_crop``: our model given the ground-truth crop (training's square crop around
+  ``reference_mask`` with the alignment stage's margin, ``cfg.alignment.margin``); cases
+  without ``reference_mask`` are not scored for it (counted);
 - ``copy_from_reference``: the feature-matching homography warp of the reference pasted into
   the mask; where matching fails the input is kept (counted).
 
@@ -28,18 +28,22 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
 from evaluation import metrics as M
-from evaluation.sweep import model_image_size
-from models.alignment import Alignment, crop_box, resize_reference
-from models.correspondence import expand_boxes, mask_boxes
+from models.alignment import Alignment, crop, reference_crop_box
 from models.export import Components
-from models.pipeline import AlignmentConfig, RefineByAlign, RefinementConfig
-from models.refinement import blend, blend_weights, resize_mask, sample_inpaint
+from models.pipeline import (
+    ALIGNMENT_KEYS,
+    AlignmentConfig,
+    RefineByAlign,
+    RefinementConfig,
+    paste,
+    reference_tensor,
+)
+from models.refinement import blend_weights
 
 log = logging.getLogger(__name__)
 
@@ -54,54 +58,6 @@ def default_config() -> DictConfig:
     return OmegaConf.load(DEFAULT_CONFIG)
 
 
-# ----------------------------------------------------------------------------- conversions
-def _chw(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 (possibly a read-only view) -> float [3,H,W], values kept as 0..255."""
-    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
-
-
-def to_model_inputs(image: np.ndarray, mask: np.ndarray, size: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 image / bool mask -> [1,3,S,S] in [-1,1] and [1,1,S,S] at the model's size.
-
-    Unlike the sweep's ``case_tensors`` mask (its faithful shape), this mask covers every
-    masked pixel of the original, so the generated content spans the whole mask.
-    """
-    img = _chw(image)[None] / 255.0
-    msk = torch.from_numpy(mask.astype(np.float32))[None, None]
-    if img.shape[-2:] != (size, size):
-        img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True,
-                            align_corners=False).clamp(0, 1)
-    return img * 2 - 1, resize_mask(msk, (size, size), cover=True)
-
-
-def reference_tensor(reference: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> [3,H,W] in [0,1] (the layout of ``Alignment.crop``)."""
-    return _chw(reference) / 255.0
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3,H,W] in [-1,1] -> uint8 HxWx3."""
-    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def paste(image: np.ndarray, content: np.ndarray, mask: np.ndarray, dilate: int = 0,
-          feather: int = 0) -> np.ndarray:
-    """Blend ``content`` (any size, upsampled to the image's) into ``image`` inside the mask.
-
-    Done at the image's own resolution with :func:`models.refinement.blend` on 0..255 floats,
-    so zero-weight pixels are the input's integers exactly.
-    """
-    height, width = mask.shape
-    gen = _chw(content)[None]
-    if gen.shape[-2:] != (height, width):
-        gen = F.interpolate(gen, size=(height, width), mode="bicubic", align_corners=False)
-    orig = _chw(image)[None]
-    msk = torch.from_numpy(mask.astype(np.float32))[None, None]
-    out = blend(orig, gen.clamp(0, 255), msk, dilate, feather)
-    return out[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
 def dilated_mask(mask: np.ndarray, dilate: int = 0) -> np.ndarray:
     """The region a method may change: the mask grown by ``dilate`` px (as in blending)."""
     msk = torch.from_numpy(mask.astype(np.float32))[None, None]
@@ -109,44 +65,11 @@ def dilated_mask(mask: np.ndarray, dilate: int = 0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- methods
-@torch.no_grad()
-def refine_batch(
-    pipeline: RefineByAlign,
-    images: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray],
-    references: Sequence[torch.Tensor],
-    seed: int = 0,
-    progress: bool = False,
-) -> list[np.ndarray]:
-    """Refinement stage for a batch of cases of any sizes; returns uint8 images.
-
-    ``references`` are [3,h,w] in [0,1] (a crop or the whole reference), each resized to the
-    encoder's input. One generator seeded with ``seed`` draws the batch's noise.
-    """
-    comps, cfg = pipeline.components, pipeline.refinement
-    device = pipeline.device
-    size = model_image_size(comps)
-    pairs = [to_model_inputs(im, m, size) for im, m in zip(images, masks, strict=True)]
-    image = torch.cat([p[0] for p in pairs]).to(device)
-    mask = torch.cat([p[1] for p in pairs]).to(device)
-    encoder = comps.reference_encoder
-    refs = torch.cat([resize_reference(r[None].float(), encoder.image_size) for r in references])
-    context = encoder(refs.to(device))
-    generated = sample_inpaint(
-        comps.denoiser, comps.autoencoder, pipeline.scheduler, image, mask, context,
-        encoder.null(len(context)), cfg.num_steps, cfg.guidance_scale,
-        torch.Generator().manual_seed(seed), progress,
-    )
-    return [paste(im, to_uint8(g), m, cfg.dilate, cfg.feather)
-            for im, g, m in zip(images, generated, masks, strict=True)]
-
-
 def oracle_crop(reference: np.ndarray, reference_mask: np.ndarray, margin: float
                 ) -> torch.Tensor:
-    """The ground-truth crop: box of ``reference_mask`` grown by ``margin``, as [3,h,w]."""
-    region = torch.from_numpy(np.array(reference_mask, dtype=bool))[None]
-    boxes = expand_boxes(mask_boxes(region), margin, reference_mask.shape)
-    return crop_box(reference_tensor(reference), boxes[0].tolist())
+    """The ground-truth crop: training's square crop around ``reference_mask``, as [3,h,w]."""
+    region = torch.from_numpy(np.array(reference_mask, dtype=bool))
+    return crop(reference_tensor(reference), reference_crop_box(region, margin))
 
 
 def telea(image: np.ndarray, mask: np.ndarray, radius: int = 3, dilate: int = 0) -> np.ndarray:
@@ -176,8 +99,7 @@ def copy_from_reference(image: np.ndarray, mask: np.ndarray, reference: np.ndarr
 # ----------------------------------------------------------------------------- evaluation
 def _alignment_config(cfg: DictConfig) -> AlignmentConfig:
     section = cfg.get("alignment") or {}
-    return AlignmentConfig(**{k: section[k] for k in ("timestep", "block", "threshold", "margin")
-                              if k in section})
+    return AlignmentConfig(**{k: section[k] for k in ALIGNMENT_KEYS if k in section})
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -206,12 +128,9 @@ def run_methods(
 
     if "aligned_crop" in methods:
         missing = [c for c in cases if c.id not in alignments]
-        size = model_image_size(components)
         for case in tqdm(missing, desc="align (missing)", disable=not missing, leave=False):
-            image, mask = to_model_inputs(case.image, case.mask, size)
-            alignments[case.id] = pipeline.align(
-                image.to(pipeline.device), mask.to(pipeline.device),
-                reference_tensor(case.reference)[None].to(pipeline.device), int(cfg.seed))
+            alignments[case.id] = pipeline.align(case.image, case.mask, case.reference,
+                                                 int(cfg.seed))
         counts["aligned_on_the_fly"] = len(missing)
 
     for case in tqdm(cases, desc="classical methods", leave=False):
@@ -249,9 +168,9 @@ def run_methods(
             if todo:
                 # the same seed per batch index: every model method sees the same noise
                 # (unless oracle_crop dropped a case of the batch for want of a GT region)
-                results = refine_batch(pipeline, [c.image for c, _ in todo],
-                                       [c.mask for c, _ in todo], [r for _, r in todo],
-                                       int(cfg.seed) + index)
+                results = pipeline.refine([c.image for c, _ in todo],
+                                          [c.mask for c, _ in todo], [r for _, r in todo],
+                                          int(cfg.seed) + index)
                 for (case, _), out in zip(todo, results, strict=True):
                     outputs[method][case.id] = out
             bar.update(len(batch))

@@ -57,6 +57,7 @@ class SweepConfig:
     topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
     split: bool = True
     split_seed: int = 0
+    readout: str = "forward_noise"  # or "trajectory": see models.alignment.attention_vectors
 
 
 @dataclass
@@ -123,8 +124,7 @@ def sweep_timesteps(components: Components, num_timesteps: int) -> list[int]:
 
 def model_image_size(components: Components) -> int:
     """Pixel size the denoiser was built for (latent sample size x autoencoder downsampling)."""
-    sample = int(components.denoiser.config.sample_size)
-    return sample * int(getattr(components.autoencoder, "downsample", 1))
+    return components.image_size
 
 
 def case_tensors(
@@ -165,10 +165,12 @@ def collect_vectors(
     seeds: Sequence[int],
     batch_size: int = 16,
     progress: bool = True,
+    readout: str = "forward_noise",
 ) -> torch.Tensor:
     """Masked-query attention of every case, seed, timestep and block -> [N, S, T, L, tokens].
 
-    One denoiser forward per (batch, seed, timestep) captures all ``blocks`` at once.
+    One denoiser forward per (batch, seed, timestep) captures all ``blocks`` at once; with the
+    ``trajectory`` read-out the timesteps are the sampling trajectory's own steps.
     """
     device = next(components.denoiser.parameters()).device
     encoder = components.reference_encoder
@@ -187,7 +189,8 @@ def collect_vectors(
         for s, seed in enumerate(seeds):
             noise_seeds = [int(seed) * 1_000_003 + start + i for i in range(len(chunk))]
             vectors = attention_vectors(components, image, mask, context, timesteps, blocks,
-                                        noise_seeds=noise_seeds)
+                                        noise_seeds=noise_seeds, readout=readout,
+                                        num_steps=len(timesteps))
             for ti, t in enumerate(timesteps):
                 for li, b in enumerate(blocks):
                     out[start: start + len(chunk), s, ti, li] = vectors[int(t)][b].float().cpu()
@@ -330,7 +333,7 @@ def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
     timesteps = sweep_timesteps(components, cfg.num_timesteps)
     encoder = components.reference_encoder
     vectors = collect_vectors(components, usable, timesteps, blocks, cfg.seeds, cfg.batch_size,
-                              progress)
+                              progress, cfg.readout)
     grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
     n, s, t, l_ = grids.shape[:4]
     scores_mask, scores_box = np.zeros((n, s, t, l_)), np.zeros((n, s, t, l_))

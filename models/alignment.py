@@ -14,17 +14,33 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data.modes import INFERENCE_CROP_MARGIN, square_crop
 from models.attention_capture import capture_cross_attention
 from models.correspondence import (
     boxes_to_masks,
-    expand_boxes,
     heatmap,
     mask_boxes,
     threshold_region,
     tokens_to_grid,
 )
 from models.export import Components
-from models.refinement import denoiser_input, latent_mask
+from models.refinement import build_sampler, denoiser_input, latent_mask
+
+READOUTS = ("forward_noise", "trajectory")
+
+
+def case_noise(
+    shape: torch.Size, generator: torch.Generator | None = None,
+    noise_seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` [B, ...] on the CPU: from ``generator``, or row by
+    row from ``noise_seeds`` so that a case's noise does not depend on its batch."""
+    if noise_seeds is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(noise_seeds) != shape[0]:
+        raise ValueError(f"{len(noise_seeds)} noise seeds for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                        for s in noise_seeds])
 
 
 @torch.no_grad()
@@ -37,36 +53,56 @@ def attention_vectors(
     blocks: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     noise_seeds: Sequence[int] | None = None,
+    readout: str = "forward_noise",
+    num_steps: int = 50,
 ) -> dict[int, dict[int, torch.Tensor]]:
     """Masked-query attention over reference tokens: {timestep: {block: [B, tokens]}}.
 
-    ``image`` [B,3,H,W] in [-1,1] is noised to each timestep with the same noise, so timesteps
-    differ only by noise level, as in Algorithm 1. The noise comes from ``generator``, or
-    row by row from ``noise_seeds`` so that a case's noise does not depend on its batch.
+    Two read-outs of A[t, l], one denoiser forward per requested timestep either way:
+
+    - ``forward_noise`` (DIFT-like): ``image`` [B,3,H,W] in [-1,1] is noised to each timestep
+      with the same noise, so timesteps differ only by noise level.
+    - ``trajectory`` (Algorithm 1): DDIM sampling from z_T ~ N(0, I) with the masked-image
+      conditioning and ``context``, over a ``num_steps`` schedule (the sampler's, noisiest
+      first); the maps are read along the way and sampling stops at the cleanest requested
+      timestep. Every requested timestep must lie on that schedule.
     """
+    if readout not in READOUTS:
+        raise ValueError(f"unknown read-out {readout!r}; choose one of {READOUTS}")
     ae, unet, scheduler = components.autoencoder, components.denoiser, components.noise_scheduler
     latents = ae.encode(image)
     masked_latent = ae.encode(image * (1 - mask))
     mask_lat = latent_mask(mask, latents.shape[-2:])
-    if noise_seeds is not None:
-        if len(noise_seeds) != len(image):
-            raise ValueError(f"{len(noise_seeds)} noise seeds for a batch of {len(image)}")
-        noise = torch.stack([
-            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(int(s)))
-            for s in noise_seeds
-        ])
-    else:
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    noise = noise.to(latents.device, latents.dtype)
+    noise = case_noise(latents.shape, generator, noise_seeds).to(latents.device, latents.dtype)
+    wanted = {int(t) for t in timesteps}
     out: dict[int, dict[int, torch.Tensor]] = {}
+
+    def forward(noisy: torch.Tensor, t: int, maps: dict[int, torch.Tensor]) -> torch.Tensor:
+        t_batch = torch.full((image.shape[0],), t, device=image.device, dtype=torch.long)
+        pred = unet(denoiser_input(noisy, masked_latent, mask_lat), t_batch,
+                    encoder_hidden_states=context).sample
+        if t in wanted:
+            out[t] = {b: v.clone() for b, v in maps.items()}
+        return pred
+
     with capture_cross_attention(unet, mask, blocks) as maps:
-        for t in timesteps:
-            t_batch = torch.full((image.shape[0],), int(t), device=image.device, dtype=torch.long)
-            noisy = scheduler.add_noise(latents, noise, t_batch)
-            unet(denoiser_input(noisy, masked_latent, mask_lat), t_batch,
-                 encoder_hidden_states=context)
-            out[int(t)] = {b: v.clone() for b, v in maps.items()}
-    return out
+        if readout == "forward_noise":
+            for t in dict.fromkeys(int(t) for t in timesteps):
+                t_batch = torch.full((image.shape[0],), t, device=image.device)
+                forward(scheduler.add_noise(latents, noise, t_batch), t, maps)
+        else:
+            sampler = build_sampler("ddim", scheduler.config, ae)
+            sampler.set_timesteps(num_steps, device=image.device)
+            schedule = [int(t) for t in sampler.timesteps]
+            off = sorted(wanted - set(schedule))
+            if off:
+                raise ValueError(f"timesteps {off} are not on the {num_steps}-step DDIM "
+                                 f"trajectory {schedule}")
+            z = noise * sampler.init_noise_sigma
+            for t in schedule[: schedule.index(min(wanted)) + 1]:
+                pred = forward(sampler.scale_model_input(z, t), t, maps)
+                z = sampler.step(pred, t, z).prev_sample
+    return {int(t): out[int(t)] for t in timesteps}
 
 
 @dataclass
@@ -76,7 +112,7 @@ class Alignment:
     vector: torch.Tensor  # [tokens] attention over reference tokens
     heat: torch.Tensor  # [H, W] normalised map in [0, 1]
     region: torch.Tensor  # [H, W] bool, thresholded map
-    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the region, grown by the margin
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) square crop box around the region
     crop: torch.Tensor  # [3, h, w] the reference inside ``box``, in [0, 1]
 
 
@@ -86,25 +122,32 @@ def postprocess(
     num_prefix_tokens: int,
     size: tuple[int, int],
     threshold: float = 0.5,
-    margin: float = 0.1,
+    margin: float = INFERENCE_CROP_MARGIN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, tokens] -> heat [B,H,W], region [B,H,W] and margin-grown box [B,4] at ``size``."""
+    """[B, tokens] -> heat [B,H,W], region [B,H,W] and crop box [B,4] at ``size``.
+
+    The crop box is training's square crop (:func:`data.modes.square_crop`) around the
+    region's box; an empty region gives the whole reference.
+    """
     heat = heatmap(tokens_to_grid(vectors, grid, num_prefix_tokens), size)
     region = threshold_region(heat, threshold)
-    boxes = expand_boxes(mask_boxes(region), margin, size)
-    return heat, region, boxes
+    boxes = torch.tensor([reference_crop_box(r, margin) for r in region], dtype=torch.long)
+    return heat, region, boxes.view(-1, 4)
 
 
-def crop_box(image: torch.Tensor, box: Sequence[int], min_side: int = 8) -> torch.Tensor:
-    """Crop [3,H,W] to ``box``, grown to at least ``min_side`` pixels (never empty)."""
-    height, width = image.shape[-2:]
+def reference_crop_box(region: torch.Tensor, margin: float = INFERENCE_CROP_MARGIN
+                       ) -> tuple[int, int, int, int]:
+    """Square crop box (x0, y0, x1, y1) around a bool [H, W] region of the reference."""
+    height, width = region.shape[-2:]
+    box = mask_boxes(region[None].bool())[0].tolist()
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return 0, 0, width, height
+    return square_crop(tuple(box), (height, width), margin)
+
+
+def crop(image: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+    """[3,H,W] inside ``box`` (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    if x1 - x0 < min_side:
-        cx = (x0 + x1) // 2
-        x0, x1 = max(0, cx - min_side // 2), min(width, cx + min_side // 2)
-    if y1 - y0 < min_side:
-        cy = (y0 + y1) // 2
-        y0, y1 = max(0, cy - min_side // 2), min(height, cy + min_side // 2)
     return image[:, y0:y1, x0:x1]
 
 
@@ -123,8 +166,10 @@ def align(
     timestep: int,
     block: int,
     threshold: float = 0.5,
-    margin: float = 0.1,
+    margin: float = INFERENCE_CROP_MARGIN,
     generator: torch.Generator | None = None,
+    readout: str = "forward_noise",
+    num_steps: int = 50,
 ) -> Alignment:
     """Run the alignment stage on one case.
 
@@ -134,11 +179,11 @@ def align(
     encoder = components.reference_encoder
     context = encoder(resize_reference(reference, encoder.image_size))
     vector = attention_vectors(components, image, mask, context, [timestep], [block],
-                               generator)[timestep][block]
+                               generator, readout=readout, num_steps=num_steps)[timestep][block]
     heat, region, boxes = postprocess(vector, encoder.grid, encoder.num_prefix_tokens,
                                       tuple(reference.shape[-2:]), threshold, margin)
     box = tuple(int(v) for v in boxes[0])
-    return Alignment(vector[0], heat[0], region[0], box, crop_box(reference[0], box))
+    return Alignment(vector[0], heat[0], region[0], box, crop(reference[0], box))
 
 
 def region_mask(box: Sequence[int], size: tuple[int, int]) -> torch.Tensor:

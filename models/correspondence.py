@@ -44,18 +44,6 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def expand_boxes(
-    boxes: torch.Tensor, margin: float, size: tuple[int, int]
-) -> torch.Tensor:
-    """Grow boxes by ``margin`` x their side on each side, clipped to an image of ``size``."""
-    x0, y0, x1, y1 = boxes.float().unbind(1)
-    dx, dy = (x1 - x0) * margin, (y1 - y0) * margin
-    grown = torch.stack([x0 - dx, y0 - dy, x1 + dx, y1 + dy], dim=1).round().long()
-    grown[:, 0::2] = grown[:, 0::2].clamp(0, size[1])
-    grown[:, 1::2] = grown[:, 1::2].clamp(0, size[0])
-    return grown
-
-
 def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B, 4] boxes -> [B, H, W] bool masks."""
     ys = torch.arange(size[0], device=boxes.device).view(1, -1, 1)

@@ -35,6 +35,12 @@ class Components:
     sampling_scheduler: SchedulerMixin
     config: DictConfig
 
+    @property
+    def image_size(self) -> int:
+        """Pixel size the denoiser was built for (latent sample size x autoencoder factor)."""
+        sample = int(self.denoiser.config.sample_size)
+        return sample * int(getattr(self.autoencoder, "downsample", 1))
+
     def to(self, device: torch.device | str) -> Components:
         for part in (self.denoiser, self.reference_encoder, self.autoencoder):
             part.to(device)

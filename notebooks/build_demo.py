@@ -50,12 +50,11 @@ from omegaconf import OmegaConf
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation.figures import correspondence_overlay
-from evaluation.refinement import reference_tensor, refine_batch, to_model_inputs
-from evaluation.sweep import model_image_size
 from models.alignment import attention_vectors, postprocess, resize_reference
 from models.attention_capture import cross_attention_blocks
 from models.export import DEFAULT_EXPORT, load_export, save_export
-from models.pipeline import RefineByAlign, RefinementConfig, load_alignment
+from models.pipeline import (RefineByAlign, RefinementConfig, load_alignment, reference_tensor,
+                             to_model_inputs)
 
 %matplotlib inline
 # (after the imports: evaluation.figures selects the Agg backend for its PNG writers)
@@ -74,7 +73,7 @@ else:  # no shipped checkpoint yet: the same architecture with random weights
     export_dir = save_export(module.inference_state_dict(), cfg.model, TMP / "random_export")
     trained = False
 components = load_export(export_dir)
-size = model_image_size(components)
+size = components.image_size
 blocks = cross_attention_blocks(components.denoiser)
 print(f"export: {export_dir} ({'trained' if trained else 'RANDOM weights'}); "
       f"model size {size} px; {len(blocks)} cross-attention blocks")"""
@@ -82,7 +81,7 @@ print(f"export: {export_dir} ({'trained' if trained else 'RANDOM weights'}); "
 CASE = """bench = TMP / "bench"
 write_synthetic_benchmark(bench, 1, seed=3)
 case = load_benchmark(bench)[0][0]
-align_cfg = load_alignment(export_dir=export_dir)  # the export's calibrated (t*, block*)
+align_cfg = load_alignment(export_dir=export_dir, components=components)  # calibrated (t*, block*)
 print(case.id, case.meta, "alignment:", align_cfg)
 
 fig, axes = plt.subplots(1, 4, figsize=(12, 3))
@@ -131,8 +130,7 @@ Pixels outside the mask are the input's, bit for bit."""
 
 REFINE = """pipeline = RefineByAlign(components, align_cfg,
                          RefinementConfig())
-found = pipeline.align(image, mask, reference, seed=0)
-refined = refine_batch(pipeline, [case.image], [case.mask], [found.crop], seed=0)[0]
+refined, found = pipeline(case.image, case.mask, case.reference, seed=0)
 crop = (found.crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 assert np.array_equal(refined[~case.mask], case.image[~case.mask])
 

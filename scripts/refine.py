@@ -1,12 +1,15 @@
-"""Refine one image: align on the whole reference, then refine the masked region from the crop.
+"""Refine images: align on the whole reference, then refine the masked region from the crop.
 
   python scripts/refine.py --image gen.png --mask mask.png --reference ref.png --out out/
   python scripts/refine.py ... --ckpt checkpoints/tiny_synthetic --alignment alignment.yaml
+  python scripts/refine.py --bench-dir cases/ --out out/      # every case of a folder
+  python scripts/refine.py ... --device cuda --dtype bf16      # reduced precision on a GPU
 
 Writes out/refined.png (pixels outside the mask are the input file's, bit for bit),
 out/correspondence.png (reference, heat map of the chosen block/timestep, chosen box) and
-out/crop.png. The image may be any size: the model runs at its own resolution and the
-generated content is upsampled and blended at the image's.
+out/crop.png; with --bench-dir, one such folder per case (out/<case id>/). Images may be any
+size: models.pipeline.RefineByAlign runs the model at its own resolution and blends the
+generated content back at the image's.
 """
 
 from __future__ import annotations
@@ -23,21 +26,30 @@ from PIL import Image, UnidentifiedImageError
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.benchmark import load_benchmark  # noqa: E402
 from evaluation.figures import correspondence_overlay  # noqa: E402
-from evaluation.refinement import reference_tensor, refine_batch, to_model_inputs  # noqa: E402
-from evaluation.sweep import model_image_size  # noqa: E402
 from models.export import load_export  # noqa: E402
-from models.pipeline import RefineByAlign, RefinementConfig, load_alignment  # noqa: E402
+from models.pipeline import (  # noqa: E402
+    RefineByAlign,
+    RefinementConfig,
+    check_case,
+    load_alignment,
+)
 from models.refinement import SAMPLERS  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger("refine")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--image", required=True, type=Path, help="generated image with artifacts")
-    p.add_argument("--mask", required=True, type=Path, help="artifact mask, nonzero = artifact")
-    p.add_argument("--reference", required=True, type=Path, help="reference image, any size")
+    p.add_argument("--image", type=Path, help="generated image with artifacts")
+    p.add_argument("--mask", type=Path, help="artifact mask, nonzero = artifact")
+    p.add_argument("--reference", type=Path, help="reference image, any size")
+    p.add_argument("--bench-dir", type=Path, default=None,
+                   help="refine every case of a benchmark folder (docs/benchmark_format.md) "
+                        "instead of --image/--mask/--reference")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ckpt", type=Path, default=None,
                    help="export folder (model.safetensors + model.yaml); default: shipped one")
@@ -54,7 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--feather", type=int, default=defaults.feather)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="bf16 / fp16 autocast on a GPU")
+    args = p.parse_args(argv)
+    single = (args.image, args.mask, args.reference)
+    if args.bench_dir is None and not all(single):
+        p.error("give --image, --mask and --reference, or --bench-dir")
+    if args.bench_dir is not None and any(single):
+        p.error("--bench-dir refines a folder: leave out --image, --mask and --reference")
+    return args
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -95,41 +115,62 @@ def save_correspondence(reference: np.ndarray, heat: np.ndarray, box: tuple[int,
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
-    """Both stages on one image; returns the written files."""
-    image, mask = read_rgb(args.image), read_mask(args.mask)
-    reference = read_rgb(args.reference)
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"mask size {mask.shape[1]}x{mask.shape[0]} does not match image size "
-                         f"{image.shape[1]}x{image.shape[0]}")
-    if not mask.any():
-        raise ValueError(f"mask {args.mask} is empty: nothing to refine")
-
-    components = load_export(args.ckpt, args.device)
-    alignment_cfg = load_alignment(args.alignment, args.ckpt)
-    pipeline = RefineByAlign(
-        components, alignment_cfg,
-        RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate, args.feather),
-    )
-    size = model_image_size(components)
-    log.info("model size %d px, image %dx%d, alignment %s", size, image.shape[1],
-             image.shape[0], alignment_cfg)
-    model_image, model_mask = to_model_inputs(image, mask, size)
-    device = pipeline.device
-    found = pipeline.align(model_image.to(device), model_mask.to(device),
-                           reference_tensor(reference)[None].to(device), args.seed)
-    log.info("alignment box (x0, y0, x1, y1) on the reference: %s", found.box)
-    refined = refine_batch(pipeline, [image], [mask], [found.crop.float().cpu()], args.seed,
-                           progress=True)[0]
-
-    args.out.mkdir(parents=True, exist_ok=True)
+def write_outputs(out: Path, refined: np.ndarray, reference: np.ndarray, found) -> dict[str, Path]:
+    """refined.png, correspondence.png and crop.png of one case."""
+    out.mkdir(parents=True, exist_ok=True)
     crop = (found.crop.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    files = {"refined": args.out / "refined.png", "correspondence": args.out / "correspondence.png",
-             "crop": args.out / "crop.png"}
+    files = {"refined": out / "refined.png", "correspondence": out / "correspondence.png",
+             "crop": out / "crop.png"}
     Image.fromarray(refined).save(files["refined"])
     save_correspondence(reference, found.heat.float().cpu().numpy(), found.box,
                         files["correspondence"])
     Image.fromarray(crop).save(files["crop"])
+    return files
+
+
+def build_pipeline(args: argparse.Namespace) -> RefineByAlign:
+    components = load_export(args.ckpt, args.device)
+    alignment_cfg = load_alignment(args.alignment, args.ckpt, components)
+    pipeline = RefineByAlign(
+        components, alignment_cfg,
+        RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate, args.feather),
+        DTYPES[args.dtype],
+    )
+    log.info("model size %d px, %s", pipeline.image_size, pipeline.describe())
+    return pipeline
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    """Both stages on one image, or on every case of --bench-dir; returns the written files."""
+    if args.bench_dir is not None:
+        return run_folder(args)
+    image, mask = read_rgb(args.image), read_mask(args.mask)
+    reference = read_rgb(args.reference)
+    check_case(image, mask, reference)
+    pipeline = build_pipeline(args)
+    refined, found = pipeline(image, mask, reference, args.seed, progress=True)
+    log.info("alignment box (x0, y0, x1, y1) on the reference: %s", found.box)
+    return write_outputs(args.out, refined, reference, found)
+
+
+def run_folder(args: argparse.Namespace) -> dict[str, Path]:
+    """Every readable case of a benchmark folder; malformed cases are named and skipped."""
+    from tqdm.auto import tqdm
+
+    if not args.bench_dir.is_dir():
+        raise FileNotFoundError(f"benchmark folder not found: {args.bench_dir}")
+    cases, skipped = load_benchmark(args.bench_dir)
+    for case_id, reason in skipped:
+        log.warning("skipped case %s: %s", case_id, reason)
+    if not cases:
+        raise ValueError(f"no case of {args.bench_dir} could be read ({len(skipped)} skipped)")
+    pipeline = build_pipeline(args)
+    files = {}
+    for case in tqdm(cases, desc="refine", unit="case"):
+        refined, found = pipeline(case.image, case.mask, case.reference, args.seed)
+        files[case.id] = write_outputs(args.out / case.id, refined, case.reference,
+                                       found)["refined"]
+    log.info("refined %d cases, skipped %d", len(cases), len(skipped))
     return files
 
 

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from models.alignment import crop_box, postprocess
+from models.alignment import crop, postprocess, reference_crop_box
 from models.correspondence import (
     baseline_scores,
     boxes_to_masks,
     correspondence_scores,
-    expand_boxes,
     heatmap,
     mask_boxes,
     mask_iou,
@@ -39,16 +38,19 @@ def test_cls_prefix_is_dropped_and_wrong_token_counts_fail():
         tokens_to_grid(torch.ones(1, 100), (16, 16))
 
 
-def test_region_box_and_margin():
+def test_region_and_square_crop_box_with_margin():
     heat, region, boxes = postprocess(_peaked_vector(8, 8), (16, 16), 0, (160, 160),
                                       threshold=0.5, margin=0.0)
     x0, y0, x1, y1 = boxes[0].tolist()
-    assert region[0, y0:y1, x0:x1].any() and not region[0, :y0].any()
+    assert x1 - x0 == y1 - y0  # square, as training's refinement-mode crops
+    assert region[0, y0:y1, x0:x1].sum() == region[0].sum()  # the whole region inside
     assert x0 < 8.5 * 10 < x1 and y0 < 8.5 * 10 < y1
-    grown = expand_boxes(boxes, 0.5, (160, 160))[0].tolist()
-    assert grown[0] < x0 and grown[2] > x1
-    clipped = expand_boxes(torch.tensor([[0, 0, 150, 150]]), 1.0, (160, 160))[0].tolist()
-    assert clipped == [0, 0, 160, 160]
+    grown = reference_crop_box(region[0], 0.5)
+    assert grown[0] < x0 and grown[2] > x1 and grown[2] - grown[0] == grown[3] - grown[1]
+    corner = torch.zeros(160, 160, dtype=torch.bool)
+    corner[:20, 130:] = True
+    cx0, cy0, cx1, cy1 = reference_crop_box(corner, 1.0)
+    assert (cy0, cx1) == (0, 160) and cx1 - cx0 == cy1 - cy0  # shifted inside, still square
 
 
 def test_boxes_masks_iou_round_trip():
@@ -84,5 +86,8 @@ def test_scores_and_baselines_on_a_known_case():
 
 def test_crop_is_never_empty():
     image = torch.rand(3, 50, 60)
-    assert crop_box(image, (10, 10, 30, 40)).shape == (3, 30, 20)
-    assert min(crop_box(image, (20, 20, 20, 20)).shape[1:]) >= 8
+    assert crop(image, (10, 10, 30, 40)).shape == (3, 30, 20)
+    dot = torch.zeros(50, 60, dtype=torch.bool)
+    dot[20, 20] = True
+    assert min(crop(image, reference_crop_box(dot)).shape[1:]) >= 16
+    assert reference_crop_box(torch.zeros(50, 60, dtype=torch.bool)) == (0, 0, 60, 50)

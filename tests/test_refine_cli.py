@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
-from models.pipeline import DEFAULT_ALIGNMENT, load_alignment
+from models.pipeline import load_alignment
 from tests.test_refinement import tiny_export  # noqa: F401  (session fixture)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "refine.py"
@@ -98,5 +101,31 @@ def test_alignment_prefers_the_exports_calibration(tmp_path: Path) -> None:
     explicit.write_text("timestep: 7\nblock: 1\nthreshold: 0.3\n")
     chosen = load_alignment(explicit, export_dir=tmp_path)
     assert (chosen.timestep, chosen.block, chosen.threshold) == (7, 1, 0.3)
-    fallback = load_alignment(export_dir=tmp_path / "no_calibration")
-    assert fallback == load_alignment(DEFAULT_ALIGNMENT)
+
+
+
+def test_uncalibrated_export_is_refused_or_loudly_defaulted(tmp_path: Path, caplog) -> None:
+    with pytest.raises(FileNotFoundError, match="no calibrated alignment.yaml"):
+        load_alignment(export_dir=tmp_path)
+    sd15_like = SimpleNamespace(config=OmegaConf.create({"val_timestep": 500, "val_block": 9}))
+    with caplog.at_level(logging.WARNING):
+        chosen = load_alignment(export_dir=tmp_path, components=sd15_like)
+    assert (chosen.timestep, chosen.block) == (500, 9)
+    assert "UNCALIBRATED" in caplog.text and str(tmp_path) in caplog.text
+
+
+def test_refine_a_benchmark_folder(tmp_path: Path, tiny_export: Path) -> None:  # noqa: F811
+    from data.benchmark import write_synthetic_benchmark
+
+    bench = tmp_path / "bench"
+    write_synthetic_benchmark(bench, 2, seed=5, image_size=64, reference_size=96)
+    (bench / "broken").mkdir()
+    out = tmp_path / "out"
+    assert refine.main(["--bench-dir", str(bench), "--out", str(out), "--ckpt",
+                        str(tiny_export), "--steps", "2"]) == 0
+    done = sorted(p.name for p in out.iterdir())
+    assert len(done) == 2 and "broken" not in done
+    for name in done:
+        crop = Image.open(out / name / "crop.png")
+        assert crop.size[0] == crop.size[1]  # the square crop training uses
+    assert refine.main(["--bench-dir", str(tmp_path / "none"), "--out", str(out)]) == 2

@@ -110,12 +110,16 @@ def test_copy_from_reference_falls_back(monkeypatch: pytest.MonkeyPatch) -> None
     assert not fell_back and (out[mask] == 200).all() and (out[~mask] == 0).all()
 
 
-def test_oracle_crop_is_the_grown_gt_box() -> None:
+def test_oracle_crop_is_trainings_square_crop() -> None:
+    from data.modes import crop_box
+
     reference = np.zeros((100, 120, 3), np.uint8)
     ref_mask = np.zeros((100, 120), bool)
     ref_mask[20:40, 30:80] = True
     crop = R.oracle_crop(reference, ref_mask, margin=0.1)
-    assert tuple(crop.shape) == (3, 24, 60)  # 20 + 2*2 rows, 50 + 2*5 columns
+    assert tuple(crop.shape) == (3, 60, 60)  # the 50 px side + 2 x 5 px margin, square
+    x0, y0, x1, y1 = crop_box(ref_mask, margin=0.1, jitter=0.0)  # training's crop, no draw
+    assert (y1 - y0, x1 - x0) == tuple(crop.shape[1:])
 
 
 def test_evaluate_refinement_all_methods(cases, components) -> None:

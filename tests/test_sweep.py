@@ -171,3 +171,54 @@ def test_case_noise_does_not_depend_on_the_batch():
     alone = attention_vectors(comp, image[1:2], mask[1:2], context[1:2], [500], [0],
                               noise_seeds=[8])
     torch.testing.assert_close(both[500][0][1:2], alone[500][0])
+
+
+def test_trajectory_readout_follows_algorithm_1() -> None:
+    """Read along DDIM sampling from z_T: one forward per schedule step down to the cleanest
+    requested timestep, maps that differ from the forward-noised read-out, clear errors."""
+    import pytest
+    import torch
+    from hydra.utils import instantiate
+
+    from models.alignment import attention_vectors
+    from models.export import Components
+    from models.refinement import build_sampler
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data.image_size=32"])
+    parts = {k: instantiate(cfg.model[k]) for k in ("denoiser", "reference_encoder",
+             "autoencoder", "noise_scheduler", "sampling_scheduler")}
+    comp = Components(**parts, config=cfg.model).eval()
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    context = comp.reference_encoder(torch.rand(2, 3, 224, 224))
+    ddim = build_sampler("ddim", comp.noise_scheduler.config, comp.autoencoder)
+    ddim.set_timesteps(10)
+    schedule = [int(t) for t in ddim.timesteps]
+    wanted = [schedule[2], schedule[5]]
+    calls = []
+    handle = comp.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        traj = attention_vectors(comp, image, mask, context, wanted, [0, 2], noise_seeds=[1, 2],
+                                 readout="trajectory", num_steps=10)
+        assert len(calls) == 6  # steps 0..5 of the trajectory, then it stops
+        calls.clear()
+        fwd = attention_vectors(comp, image, mask, context, wanted, [0, 2], noise_seeds=[1, 2])
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+    assert set(traj) == set(wanted) and set(traj[wanted[0]]) == {0, 2}
+    assert not torch.allclose(traj[wanted[1]][0], fwd[wanted[1]][0])
+    # the first step reads z_T itself, yet the masked-image conditioning already counts
+    first = attention_vectors(comp, image, mask, context, [schedule[0]], [0], noise_seeds=[1, 2],
+                              readout="trajectory", num_steps=10)
+    other = attention_vectors(comp, -image, mask, context, [schedule[0]], [0],
+                              noise_seeds=[1, 2], readout="trajectory", num_steps=10)
+    assert not torch.allclose(first[schedule[0]][0], other[schedule[0]][0])  # masked image
+    with pytest.raises(ValueError, match="not on the 10-step"):
+        attention_vectors(comp, image, mask, context, [schedule[1] + 1], [0], readout="trajectory",
+                          num_steps=10)
+    with pytest.raises(ValueError, match="read-out"):
+        attention_vectors(comp, image, mask, context, wanted, [0], readout="sideways")
