@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pairs = SyntheticPairs(length=args.cases, seed=args.seed, image_size=size,
                            force_mode=REFINEMENT)
     items = [pairs[i] for i in range(args.cases)]
-    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    batch = {k: torch.stack([item[k] for item in items]).to(args.device) for k in items[0]}
     context = comp.reference_encoder(batch["reference"])
     null = comp.reference_encoder.null(len(context))
     mask = batch["mask"]
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = sample_inpaint(comp.denoiser, comp.autoencoder, scheduler, batch["target"], mask,
                              context, null, steps, guidance, torch.Generator().manual_seed(0))
         err = float((((out - batch["target"]) ** 2) * mask).sum() / mask.sum() / 3)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         rows.append({"sampler": name, "steps": steps, "guidance": guidance,
                      "masked_mse": err, "seconds": time.perf_counter() - start})
         print(f"{name:<12}{steps:>6}{guidance:>10.1f}{err:>12.4f}{rows[-1]['seconds']:>8.1f}")

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The refinement-recipe device run (about 8 minutes on one H100 or H200): train the recipe
+# variants side by side on one GPU (each with its share of the 16 CPU cores for data
+# workers), then evaluate every export on one generated benchmark (eval.py: calibration and
+# report halves) and compare samplers and guidance on held-out refinement pairs.
+#   device: run(command="BENCH=results/<bench> bash scripts/gpu_recipe.sh", carry=[".whl"],
+#               timeout_s=590)
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_recipe.sh
+# Files back in $OUT: <variant>.safetensors.partNN (cat them), <variant>.yaml, runs.tar.gz
+# (train logs, metrics, sample grids, eval reports and figures, sampler comparisons).
+set -u -o pipefail
+PY=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d)}
+if [ "${SMOKE:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+TRAIN_TIME=${TRAIN_TIME:-00:00:05:00}
+WORKERS=${WORKERS:-7}
+RUNS=$(mktemp -d)
+START=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - START ))s] $*"; }
+
+# name:overrides (comma-separated); every variant is experiment=tiny_gpu plus these
+VARIANTS=${VARIANTS:-"eps: vpred:model.noise_scheduler.prediction_type=v_prediction"}
+if [ "${SMOKE:-0}" = 1 ]; then
+  TRAIN_ARGS=(trainer=cpu trainer.max_steps=3 data.batch_size=4 data.val_length=8
+              trainer.val_check_interval=3 model.val_sample_steps=2)
+  EVAL_ARGS=(bench_cases=6 sweep.num_timesteps=3 refinement.num_steps=3 device=cpu)
+  SAMPLER_ARGS=(--cases 2 --device cpu)
+  WORKERS=1
+else
+  TRAIN_ARGS=()
+  EVAL_ARGS=()
+  SAMPLER_ARGS=(--cases 64)
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+stamp "training: $VARIANTS"
+for variant in $VARIANTS; do
+  name=${variant%%:*}; extra=${variant#*:}
+  "$PY" train.py experiment=tiny_gpu task_name="$name" trainer.max_time="$TRAIN_TIME" \
+    data.num_workers="$WORKERS" paths.log_dir="$RUNS" ${extra//,/ } "${TRAIN_ARGS[@]}" 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]$" > "$RUNS/$name.train.log" &
+done
+wait
+for variant in $VARIANTS; do
+  name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
+  stamp "$name trained: $(grep -E 'best block|steps' "$RUNS/$name.train.log" | tail -3 | tr '\n' ' ')"
+  # files come back at most 16 MiB each: the weights travel in parts (cat them to reassemble)
+  split -b 15M -d "$run/export/model.safetensors" "$OUT/$name.safetensors.part"
+  cp "$run/export/model.yaml" "$OUT/$name.yaml"
+done
+
+# the benchmark: a committed folder generated on the CPU machine (pinned libraries), or a new one
+[ -n "${BENCH:-}" ] && EVAL_ARGS+=(bench_dir="$PWD/$BENCH")
+stamp "evaluating on ${BENCH:-a generated benchmark}"
+for variant in $VARIANTS; do
+  name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
+  ( "$PY" eval.py ckpt_path="$run/export" paths.log_dir="$RUNS/eval_$name" progress=false \
+      "${EVAL_ARGS[@]}" > "$RUNS/$name.eval.log" 2>&1
+    "$PY" scripts/compare_samplers.py --ckpt "$run/export" "${SAMPLER_ARGS[@]}" \
+      --out "$RUNS/$name.samplers.json" > "$RUNS/$name.samplers.log" 2>&1 ) &
+done
+wait
+for variant in $VARIANTS; do
+  name=${variant%%:*}
+  stamp "$name eval: $(tail -1 "$RUNS/$name.eval.log")"
+  cat "$RUNS/$name.samplers.log" | tail -9
+  report=$(ls "$RUNS/eval_$name"/eval/*/report.md 2>/dev/null | head -1)
+  [ -n "$report" ] && sed -n '/## Refinement/,/^$/p;/## Refinement/,+14p' "$report" | head -20
+done
+find "$RUNS" -name "*.ckpt" -delete
+find "$RUNS" -path "*/export/model.safetensors" -delete
+find "$RUNS" -path "*/benchmark/*" -delete 2>/dev/null
+tar czf "$OUT/runs.tar.gz" -C "$RUNS" .
+stamp "done"; ls -la "$OUT"
