@@ -1,13 +1,27 @@
 """Evaluate an export on a benchmark: ``python eval.py bench_dir=DIR ckpt_path=EXPORT_DIR``.
 
-1. calibration sweep (Figure 5) over the cases with a reference_mask -> best (t*, block*);
-2. correspondence baselines on the same cases (whole reference, same-position box, SIFT);
-3. the alignment stage at (t*, block*) on every case, then the refinement evaluation
-   (evaluation/refinement.py, when present);
-4. report.json, report.md, figures/, alignment.yaml and qualitative.png in the run folder.
+1. provenance: the benchmark's generator seeds against the export's ``training_data.yaml``
+   (data/provenance.py); a benchmark drawn from the training data is refused
+   (``train_overlap=warn``: run anyway, the warning heads the report);
+2. a seeded split of the cases with a reference_mask into a calibration part and a report
+   part; the calibration sweep (Figure 5) chooses (t*, block*) and the top-k cells on the
+   calibration part; every headline number (ours, baselines, deployed alignment, refinement
+   methods) is measured on the report part; in-sample numbers stay as secondary rows, and a
+   bootstrap over the calibration cases gives the stability of the choice;
+3. the alignment stage at (t*, block*) on the report cases, then the refinement evaluation
+   (evaluation/refinement.py);
+4. report.json, report.md, figures/, alignment.yaml (from the calibration part) and
+   qualitative.png in the run folder.
 
-With no arguments a synthetic benchmark is generated into the run folder and the shipped
-export is used. Malformed cases are listed by id with the reason; the run goes on.
+With no arguments a synthetic benchmark is generated into the run folder (from the
+"benchmark" seed namespace, so no case is a training item) and the shipped export is used.
+Malformed cases are listed by id with the reason and the run goes on; when no case is left,
+or any stage fails (the stage and case named), the run exits non-zero. When the refinement
+stage fails, report.json is still written (``refinement_status.error``) before exiting.
+
+Python entry point (for scripts that run many evaluations): ``evaluate(cfg, run_dir)`` with a
+DictConfig composed from configs/eval.yaml returns the path of report.json and raises
+:class:`EvalError` (stage, message, report path if one was written) when a stage fails.
 """
 
 from __future__ import annotations
@@ -34,16 +48,37 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase, load_benchmark, write_synthetic_benchmark
+from data.provenance import check_overlap, read_training_data
 from evaluation import figures
 from evaluation.baselines import BASELINES, MatchConfig, run_baselines
+from evaluation.refinement import evaluate_refinement
 from evaluation.report import SCHEMA_VERSION, write_report_json, write_report_md
-from evaluation.sweep import SweepConfig, SweepResult, case_tensors, model_image_size, run_sweep
+from evaluation.sweep import (
+    SweepConfig,
+    SweepResult,
+    case_tensors,
+    model_image_size,
+    run_sweep,
+    split_ids,
+    sweep_cases,
+)
 from models.alignment import Alignment, region_mask
 from models.correspondence import mask_boxes, mask_iou, mask_iou_box_target
 from models.export import DEFAULT_EXPORT, Components, load_export
 from models.pipeline import AlignmentConfig, RefineByAlign
 
 log = logging.getLogger(__name__)
+
+TRAIN_OVERLAP = ("error", "warn")
+
+
+class EvalError(RuntimeError):
+    """A stage of the evaluation failed; ``report`` is report.json if it was still written."""
+
+    def __init__(self, stage: str, message: str, report: Path | None = None) -> None:
+        super().__init__(f"eval failed at stage '{stage}': {message}")
+        self.stage, self.report = stage, report
+
 
 VERSIONED = ("torch", "diffusers", "transformers", "numpy", "opencv-python-headless",
              "hydra-core", "matplotlib")
@@ -86,8 +121,12 @@ def compute_alignments(pipeline: RefineByAlign, cases: Sequence[BenchmarkCase], 
     size = model_image_size(pipeline.components)
     out = {}
     for case in tqdm(cases, desc="align", unit="case", disable=not progress):
-        image, mask, reference = case_tensors(case, size)
-        out[case.id] = pipeline.align_tensors(image, mask, reference, seed)
+        try:
+            image, mask, reference = case_tensors(case, size)
+            out[case.id] = pipeline.align_tensors(image, mask, reference, seed)
+        except Exception as err:
+            raise EvalError("alignment", f"case {case.id}: {err.__class__.__name__}: {err}"
+                            ) from err
     return out
 
 
@@ -112,13 +151,13 @@ def _mean_pair(rows: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def by_category(sweep: SweepResult, baselines: dict[str, Any],
-                cases: Sequence[BenchmarkCase]) -> dict[str, Any]:
-    """Ours (best cell, seeds averaged) and each baseline, per meta.json category."""
+                cases: Sequence[BenchmarkCase], ids: Sequence[str]) -> dict[str, Any]:
+    """Ours (chosen cell, seeds averaged) and each baseline, per meta.json category, on ``ids``."""
     category = {c.id: c.category for c in cases}
     ti, li = sweep.best["t_index"], sweep.blocks.index(sweep.best["layer"])
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, case_id in enumerate(sweep.case_ids):
-        groups[category[case_id]].append(i)
+    for case_id in ids:
+        groups[category[case_id]].append(sweep.case_ids.index(case_id))
     out = {}
     for cat, idx in sorted(groups.items()):
         ours = [{"mask": float(sweep.scores_mask[i, :, ti, li].mean()),
@@ -130,27 +169,45 @@ def by_category(sweep: SweepResult, baselines: dict[str, Any],
     return out
 
 
+def baseline_means(baselines: dict[str, Any], ids: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Each baseline's mIoU pair over the cases ``ids``."""
+    return {name: _mean_pair([baselines["per_case"][i][name] for i in ids])
+            for name in BASELINES}
+
+
 def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
                    alignments: dict[str, Alignment], cfg: DictConfig
                    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Call site of the refinement evaluation (evaluation/refinement.py), guarded.
+    """The refinement evaluation (evaluation/refinement.py) on ``cases``.
 
-    Returns (result or None, status {run, reason}). The sweep's report is written either way.
+    Returns (result or None, status {run, reason, error}); a failure is returned as
+    ``error`` (the caller writes the report, then fails the run).
     """
     if not cfg.run_refinement:
-        return None, {"run": False, "reason": "run_refinement=false"}
-    try:
-        from evaluation.refinement import evaluate_refinement
-    except ImportError as err:
-        log.warning("refinement evaluation not available: %s", err)
-        return None, {"run": False, "reason": f"evaluation.refinement not importable: {err}"}
-    # ---- REFINEMENT EVALUATION CALL SITE (owned by evaluation/refinement.py) ----
+        return None, {"run": False, "reason": "run_refinement=false", "error": None}
     try:
         result = evaluate_refinement(cases, components, alignments, cfg.refinement)
-    except Exception as err:  # keep the sweep's report: say what failed instead of losing it
+    except Exception as err:
         log.exception("refinement evaluation failed")
-        return None, {"run": False, "reason": f"failed: {err.__class__.__name__}: {err}"}
-    return result, {"run": True, "reason": None}
+        return None, {"run": False, "reason": "failed",
+                      "error": f"{err.__class__.__name__}: {err}"}
+    return result, {"run": True, "reason": None, "error": None}
+
+
+def provenance(cfg: DictConfig, ckpt: Path, cases: Sequence[BenchmarkCase]) -> dict[str, Any]:
+    """data/provenance.py's verdict; refuses an overlapping benchmark unless told to warn."""
+    mode = str(cfg.get("train_overlap", "error"))
+    if mode not in TRAIN_OVERLAP:
+        raise ValueError(f"train_overlap must be one of {TRAIN_OVERLAP}, got {mode!r}")
+    verdict = check_overlap(read_training_data(ckpt), [c.meta for c in cases])
+    if verdict["status"] == "overlap":
+        if mode == "error":
+            raise EvalError("provenance", verdict["message"] + " (train_overlap=warn to run "
+                            "anyway, with the warning in the report)")
+        log.error("%s", verdict["message"])
+    elif verdict["status"] != "disjoint":
+        log.warning("%s", verdict["message"])
+    return verdict
 
 
 def _jsonable_metrics(node: Any) -> Any:
@@ -186,8 +243,42 @@ def write_alignment_yaml(chosen: AlignmentConfig, path: Path, note: str) -> Path
     return path
 
 
+def split_cases(cases: Sequence[BenchmarkCase], cfg: DictConfig
+                ) -> tuple[list[BenchmarkCase], list[str], list[BenchmarkCase], bool]:
+    """(sweepable cases, calibration ids, report cases, held out?).
+
+    The cases with a reference_mask are split (``sweep.split_seed``, ``calibration_fraction``);
+    the report cases are every other case (those without a reference_mask included). With the
+    split off or fewer than two sweepable cases, both are every case (in-sample).
+    """
+    sweepable, _ = sweep_cases(cases)
+    ids = [c.id for c in sweepable]
+    held_out = bool(cfg.sweep.split) and len(ids) >= 2
+    if not held_out:
+        return sweepable, ids, list(cases), False
+    calibration, _ = split_ids(ids, float(cfg.sweep.calibration_fraction),
+                               int(cfg.sweep.split_seed))
+    chosen = set(calibration)
+    return sweepable, calibration, [c for c in cases if c.id not in chosen], True
+
+
+def report_warnings(verdict: dict[str, Any], held_out: bool, sweep: SweepResult | None,
+                    status: dict[str, Any]) -> list[str]:
+    """What report.md prints first: anything that makes the headline numbers less clean."""
+    warnings = []
+    if verdict["status"] in ("overlap", "unknown"):
+        warnings.append(verdict["message"])
+    if sweep is not None and not held_out:
+        warnings.append("IN-SAMPLE: no held-out split (sweep.split=false or fewer than two "
+                        "cases with a reference_mask): (t*, l*) is scored on the cases it was "
+                        "chosen on")
+    if status.get("error"):
+        warnings.append(f"REFINEMENT FAILED: {status['error']}")
+    return warnings
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
-    """The whole evaluation; returns the path of report.json."""
+    """The whole evaluation; returns the path of report.json, raises :class:`EvalError`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
@@ -198,9 +289,12 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     cases, skipped = load_benchmark(bench_dir)
     for case_id, reason in skipped:
         log.warning("skipped case %s: %s", case_id, reason)
-    sweepable = [c for c in cases if c.reference_mask is not None]
     if not cases:
-        log.warning("no valid case in %s", bench_dir)
+        listed = "; ".join(f"{i}: {r}" for i, r in skipped) or "no case folder"
+        raise EvalError("load", f"no case of {bench_dir} could be evaluated ({listed})")
+    verdict = provenance(cfg, ckpt, cases)
+    sweepable, calibration_ids, report_cases, held_out = split_cases(cases, cfg)
+    report_ids = [c.id for c in report_cases]
 
     chosen = AlignmentConfig(**OmegaConf.to_container(cfg.alignment, resolve=True))
     correspondence = sweep = baselines = None
@@ -208,63 +302,78 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     if sweepable:
         sweep_cfg = SweepConfig(**{**OmegaConf.to_container(cfg.sweep, resolve=True),
                                    "threshold": chosen.threshold})
-        sweep = run_sweep(components, sweepable, sweep_cfg, progress=cfg.progress)
-        baselines = run_baselines(sweepable, MatchConfig(**cfg.baselines), cfg.progress)
+        try:
+            sweep = run_sweep(components, sweepable, sweep_cfg, progress=cfg.progress,
+                              calibration_ids=calibration_ids)
+            baselines = run_baselines(sweepable, MatchConfig(**cfg.baselines), cfg.progress)
+        except Exception as err:
+            raise EvalError("sweep", f"{len(sweepable)} case(s): {err.__class__.__name__}: "
+                            f"{err}") from err
         chosen.timestep, chosen.block = sweep.best["t"], sweep.best["layer"]
         chosen.readout, chosen.num_steps = sweep_cfg.readout, sweep_cfg.num_timesteps
-        correspondence = {**sweep.to_dict(), "baselines": baselines["scores"],
+        scored_ids = sweep.split["report_ids"]
+        correspondence = {**sweep.to_dict(),
+                          "baselines": baseline_means(baselines, scored_ids),
+                          "baselines_all_cases": baselines["scores"],
                           "feature_matching": baselines["feature_matching"],
-                          "by_category": by_category(sweep, baselines, cases)}
+                          "by_category": by_category(sweep, baselines, cases, scored_ids)}
         fig_dir = run_dir / "figures"
         curves = sweep.curves()
+        on_calibration = {**sweep.best, **sweep.best["calibration"]}
         figure_paths = {
             "timestep_curve": figures.timestep_curve(curves["timestep"],
                                                      fig_dir / "timestep_curve.png",
                                                      baselines["scores"]),
             "layer_curve": figures.layer_curve(curves["layer"], sweep.blocks,
                                                fig_dir / "layer_curve.png", baselines["scores"]),
-            "heatmap_mask": figures.table_heatmap(sweep.table_mask, sweep.best, sweep.blocks,
-                                                  fig_dir / "heatmap_mask.png"),
-            "heatmap_box": figures.table_heatmap(sweep.table_box, sweep.best, sweep.blocks,
-                                                 fig_dir / "heatmap_box.png",
-                                                 "box mIoU (timestep x block)"),
+            "heatmap_mask": figures.table_heatmap(
+                sweep.calibration_table("mask"), on_calibration, sweep.blocks,
+                fig_dir / "heatmap_mask.png", "mask mIoU on the calibration cases"),
+            "heatmap_box": figures.table_heatmap(
+                sweep.calibration_table("box"), on_calibration, sweep.blocks,
+                fig_dir / "heatmap_box.png", "box mIoU on the calibration cases"),
         }
     else:
         log.warning("no case has a reference_mask: no sweep; alignment stays at %s", chosen)
 
     pipeline = RefineByAlign(components, chosen)
     seed = int(cfg.refinement.get("seed", cfg.seed))
-    alignments = compute_alignments(pipeline, cases, seed, cfg.progress)
+    alignments = compute_alignments(pipeline, report_cases, seed, cfg.progress)
     if correspondence is not None:
-        deployed = list(alignment_scores(alignments, cases).values())
+        deployed = list(alignment_scores(alignments, report_cases).values())
         correspondence["deployed"] = {**_mean_pair(deployed), "num_cases": len(deployed)}
 
     refine_cfg = cfg.copy()
     OmegaConf.update(refine_cfg, "refinement.alignment",
                      {"timestep": chosen.timestep, "block": chosen.block,
                       "threshold": chosen.threshold, "margin": chosen.margin}, merge=True)
-    result, status = run_refinement(cases, components, alignments, refine_cfg)
+    result, status = run_refinement(report_cases, components, alignments, refine_cfg)
     outputs = result.pop("outputs", {}) if result else {}
-    rows = qualitative_rows(cases, alignments, outputs, int(cfg.qualitative.num_cases))
+    rows = qualitative_rows(report_cases, alignments, outputs, int(cfg.qualitative.num_cases))
     if rows:
         figure_paths["qualitative"] = figures.qualitative_grid(rows, run_dir / "qualitative.png")
 
-    note = (f"calibrated by eval.py on {len(sweepable)} case(s) of {bench_dir}" if sweep
-            else "no reference_mask in the benchmark: defaults, not calibrated")
+    note = (f"calibrated by eval.py on {len(calibration_ids)} calibration case(s) of "
+            f"{bench_dir}" + ("" if held_out else " (in-sample: no held-out split)")
+            if sweep else "no reference_mask in the benchmark: defaults, not calibrated")
     write_alignment_yaml(chosen, run_dir / "alignment.yaml", note)
     report = {
         "schema_version": SCHEMA_VERSION,
+        "warnings": report_warnings(verdict, held_out, sweep, status),
         "meta": {"checkpoint": str(ckpt), "bench_dir": str(bench_dir),
                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                  "device": str(device),
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "versions": versions(), "run_dir": str(run_dir)},
+        "data_provenance": verdict,
         "counts": {
             "cases_found": len(cases) + len(skipped), "cases_loaded": len(cases),
             "skipped": len(skipped), "with_reference_mask": len(sweepable),
             "without_reference_mask": len(cases) - len(sweepable),
             "with_target": sum(c.target is not None for c in cases),
             "sweep_cases": len(sweep.case_ids) if sweep else 0,
+            "calibration_cases": len(calibration_ids) if held_out else 0,
+            "report_cases": len(report_ids),
             "feature_matching_failures":
                 baselines["feature_matching"]["failures"] if baselines else 0,
         },
@@ -281,13 +390,22 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     }
     path = write_report_json(report, run_dir / "report.json")
     write_report_md(report, run_dir / "report.md")
+    if status.get("error"):
+        raise EvalError("refinement", status["error"], path)
     return path
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
-    path = evaluate(cfg, Path(cfg.paths.output_dir))
+    try:
+        path = evaluate(cfg, Path(cfg.paths.output_dir))
+    except EvalError as err:
+        log.error("%s", err)
+        print(str(err), file=sys.stderr)
+        if err.report is not None:
+            print(f"report (incomplete): {err.report}", file=sys.stderr)
+        sys.exit(1)
     print(f"report: {path}")
 
 

@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from data.provenance import write_training_data
 from distributed import (
     ValidateAtLastStep,
     check_config,
@@ -69,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights = module.inference_state_dict()
         if trainer.is_global_zero:
             export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
+            write_training_data(cfg.data, export_dir)
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),

@@ -76,9 +76,13 @@ def write_case(case_dir: str | Path, image: np.ndarray, mask: np.ndarray, refere
 def write_synthetic_benchmark(
     root: str | Path, num: int, seed: int, image_size: int = 64, reference_size: int = 224,
     artifacts: Sequence[str] | None = None, mask_config: MaskConfig | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, namespace: str = "benchmark",
 ) -> list[str]:
     """Write `num` synthetic cases (artifact kinds cycled for balance); returns case ids.
+
+    Case i is item i of the generator seeded with `seed` in the "benchmark" seed namespace
+    (data/synthetic.py), so it is no training or validation item whatever the seeds; meta.json
+    records namespace, seed and index (data/provenance.py checks them against an export).
 
     image.png is the target view with an artifact inside mask.png; reference.png is the
     complete reference view at max(image_size, reference_size); reference_mask.png is the
@@ -89,15 +93,15 @@ def write_synthetic_benchmark(
     root = Path(root)
     ids = []
     for i in range(num):
-        content, art_rng = item_generators(seed, i)
+        content, art_rng = item_generators(seed, i, namespace)
         pair = make_pair(content, ref_res, tgt_res, mask_config or BENCHMARK_MASKS)
         target = resize_image(pair.target.rgb, image_size)
         mask = resize_mask(pair.mask, image_size)
         kind = kinds[i % len(kinds)]
         image = apply_artifact(kind, target, mask, art_rng)
         case_id = f"{i:05d}"
-        meta = {"category": "synthetic", "artifact": kind, "seed": seed, "index": i,
-                "mask_kind": pair.mask_kind}
+        meta = {"category": "synthetic", "artifact": kind, "namespace": namespace,
+                "seed": seed, "index": i, "mask_kind": pair.mask_kind}
         write_case(root / case_id, image, mask, pair.reference.rgb, pair.reference_region,
                    target, meta)
         ids.append(case_id)

@@ -1,8 +1,14 @@
 """Procedural training pairs (reference view, target view, exact correspondence), no files needed.
 
-Item i is generated from SeedSequence((seed, i)), so it is identical whatever the worker,
-order or epoch. Two child streams keep the pair content independent of the mode draw: the
-same index gives the same pair in alignment and refinement mode.
+Item i of a set seeded with ``seed`` in namespace ``ns`` is generated from
+SeedSequence((SEED_NAMESPACES[ns], seed, i)), so it is identical whatever the worker, order or
+epoch. Two child streams keep the pair content independent of the mode draw: the same index
+gives the same pair in alignment and refinement mode.
+
+Namespaces keep training, validation and benchmark items apart by construction: SeedSequence
+maps its first four 32-bit entropy words injectively to its state, so two sets in different
+namespaces share no item whatever their seeds (nor with the pre-namespace scheme, whose
+first word was the seed, when that seed was 0).
 """
 
 from __future__ import annotations
@@ -54,9 +60,19 @@ def make_pair(rng: np.random.Generator, reference_res: int, target_res: int,
     return Pair(reference=reference, target=target, warp=warp, mask=mask, mask_kind=kind)
 
 
-def item_generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """(content, mode) generators for item `index` of a dataset seeded with `seed`."""
-    content, mode = np.random.SeedSequence([seed, index]).spawn(2)
+# the first entropy word of every generated item; one value per use of generated data
+SEED_NAMESPACES = {"train": 1, "validation": 2, "benchmark": 3}
+
+
+def item_generators(seed: int, index: int, namespace: str = "train"
+                    ) -> tuple[np.random.Generator, np.random.Generator]:
+    """(content, mode) generators for item `index` of a set seeded with `seed` in `namespace`."""
+    if namespace not in SEED_NAMESPACES:
+        raise ValueError(f"namespace must be one of {sorted(SEED_NAMESPACES)}, got {namespace!r}")
+    if not (0 <= seed < 2**32 and 0 <= index < 2**32):
+        raise ValueError(f"seed and index must be 32-bit unsigned, got {seed}, {index}")
+    words = [SEED_NAMESPACES[namespace], seed, index]
+    content, mode = np.random.SeedSequence(words).spawn(2)
     return np.random.default_rng(content), np.random.default_rng(mode)
 
 
@@ -80,11 +96,15 @@ class SyntheticPairs(Dataset):
         align_ratio: float = 0.5,
         force_mode: int | None = None,
         mask_config: MaskConfig | None = None,
+        namespace: str = "train",
     ) -> None:
+        if namespace not in SEED_NAMESPACES:
+            raise ValueError(f"namespace must be one of {sorted(SEED_NAMESPACES)}")
         if not 0.0 <= align_ratio <= 1.0:
             raise ValueError(f"align_ratio must be in [0, 1], got {align_ratio}")
         self.length = length
         self.seed = seed
+        self.namespace = namespace
         self.image_size = image_size
         self.reference_size = reference_size
         self.align_ratio = align_ratio
@@ -97,13 +117,13 @@ class SyntheticPairs(Dataset):
 
     def pair(self, index: int) -> Pair:
         """The full un-tensorised pair behind item `index` (benchmark writer, debugging)."""
-        content, _ = item_generators(self.seed, index)
+        content, _ = item_generators(self.seed, index, self.namespace)
         return make_pair(content, self.reference_res, self.target_res, self.mask_config)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        content, mode_rng = item_generators(self.seed, index)
+        content, mode_rng = item_generators(self.seed, index, self.namespace)
         p = make_pair(content, self.reference_res, self.target_res, self.mask_config)
         mode = draw_mode(mode_rng, self.align_ratio, self.force_mode)
         return to_sample(p.target.rgb, p.mask, p.reference.rgb, p.reference_region, mode,

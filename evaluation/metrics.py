@@ -1,7 +1,10 @@
 """Refinement metrics: ground truth in the mask, reference identity (CLIP / DINO) and FID.
 
-Ground-truth metrics (PSNR, SSIM in the mask's bounding box, L1 inside the mask) need only
-``target.png``. The paper's identity and realism metrics need pretrained networks; each loads
+Ground-truth metrics (PSNR, SSIM in the mask's bounding box, L1 and gradient magnitude
+similarity inside the mask) need only ``target.png``. PSNR, SSIM and L1 reward a smooth fill
+(OpenCV Telea beats a correct but 1 px shifted sharp fill on PSNR); gradient magnitude
+similarity does not: a fill without the target's edges scores low wherever the target has
+detail. The paper's identity and realism metrics need pretrained networks; each loads
 from a configured local path (nothing is ever fetched: HF_HUB_OFFLINE is forced) and, when the
 weights are missing or unloadable, its value is :data:`NOT_AVAILABLE` instead of a number, so
 a score from random weights can never be reported under the paper's name. Loaders are cached:
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,11 @@ from torchmetrics.functional.image import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class MetricLoadError(RuntimeError):
+    """A metric's weights are configured and present but could not be loaded."""
+
 
 NOT_AVAILABLE = "not available (no weights)"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,11 +86,39 @@ def masked_l1(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float
     return float(diff[mask].mean())
 
 
+GMS_C = 170 / 255**2  # GMSD's stability constant (170 on 0..255 images)
+
+
+def gradient_magnitude(image: np.ndarray) -> np.ndarray:
+    """Sobel gradient magnitude of the luminance in [0,1] units per pixel (Sobel / 4)."""
+    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    gray /= 255.0
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT) / 4
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT) / 4
+    return np.hypot(gx, gy)
+
+
+def gradient_similarity(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """Mean gradient magnitude similarity inside the mask (1 = every edge as the target's).
+
+    The per-pixel map of GMSD (Xue et al., 2014), (2 g_o g_t + c) / (g_o^2 + g_t^2 + c) on
+    Sobel magnitudes of the whole images (so mask-border pixels see their real neighbours),
+    averaged over the mask's pixels. Missing detail (g_o << g_t) and invented edges
+    (g_o >> g_t) both lower it; flat regions filled flat keep 1.
+    """
+    if not mask.any():
+        raise ValueError("empty mask")
+    g_o, g_t = gradient_magnitude(output), gradient_magnitude(target)
+    similarity = (2 * g_o * g_t + GMS_C) / (g_o**2 + g_t**2 + GMS_C)
+    return float(similarity[mask].mean())
+
+
 def ground_truth_metrics(output: np.ndarray, target: np.ndarray, mask: np.ndarray
                          ) -> dict[str, float]:
-    """PSNR / SSIM in the mask's box and L1 in the mask, against the artifact-free target."""
+    """PSNR / SSIM in the mask's box, L1 and gradient similarity in the mask, vs the target."""
     return {"psnr": psnr_in_box(output, target, mask), "ssim": ssim_in_box(output, target, mask),
-            "l1": masked_l1(output, target, mask)}
+            "l1": masked_l1(output, target, mask),
+            "gms": gradient_similarity(output, target, mask)}
 
 
 # ----------------------------------------------------------------------------- identity
@@ -132,7 +169,11 @@ def _offline() -> None:
 @cache
 def load_clip_scorer(model_name: str, pretrained: str | None, device: str = "cpu"
                      ) -> ClipScorer | None:
-    """open_clip ``model_name`` with weights from the local file ``pretrained``; None if absent."""
+    """open_clip ``model_name`` with weights from the local file ``pretrained``.
+
+    None when no file is configured or it does not exist; :class:`MetricLoadError` when the
+    file exists and loading it fails.
+    """
     _offline()
     if not pretrained or not Path(pretrained).is_file():
         log.warning("CLIP score %s: weights file %r not found", NOT_AVAILABLE, pretrained)
@@ -142,27 +183,42 @@ def load_clip_scorer(model_name: str, pretrained: str | None, device: str = "cpu
 
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=str(pretrained), device=device)
-    except Exception as err:  # any failure to load means no trustworthy weights
-        log.warning("CLIP score %s: cannot load %s from %s: %s", NOT_AVAILABLE, model_name,
-                    pretrained, err)
-        return None
+    except Exception as err:
+        raise MetricLoadError(f"CLIP score: weights {pretrained} are present but loading "
+                              f"{model_name} failed: {err.__class__.__name__}: {err}") from err
     return ClipScorer(model.eval(), preprocess, torch.device(device))
+
+
+def _dinov2_present(path: str) -> bool:
+    """A local directory / file at ``path``, or a hub id whose config is in the local cache."""
+    if Path(path).exists():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return False
 
 
 @cache
 def load_dino_scorer(path: str | None, device: str = "cpu") -> DinoScorer | None:
-    """DINOv2 from a local directory (or a hub id already in the local cache); None if absent."""
+    """DINOv2 from a local directory or a hub id already in the local cache.
+
+    None when nothing is configured or found; :class:`MetricLoadError` when it is there and
+    loading fails.
+    """
     _offline()
-    if not path:
-        log.warning("DINO score %s: no DINOv2 path configured", NOT_AVAILABLE)
+    if not path or not _dinov2_present(str(path)):
+        log.warning("DINO score %s: no DINOv2 at %r", NOT_AVAILABLE, path)
         return None
     try:
         from transformers import Dinov2Model
 
         model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        log.warning("DINO score %s: cannot load DINOv2 from %s: %s", NOT_AVAILABLE, path, err)
-        return None
+        raise MetricLoadError(f"DINO score: DINOv2 at {path} is present but loading failed: "
+                              f"{err.__class__.__name__}: {err}") from err
     return DinoScorer(model.to(device).eval(), torch.device(device))
 
 
@@ -196,9 +252,10 @@ def identity_scores(
 # ----------------------------------------------------------------------------- FID
 @cache
 def load_fid(weights_path: str | None, feature: int = 2048, device: str = "cpu"):
-    """torchmetrics FID on the Inception weights at ``weights_path``; None if unavailable.
+    """torchmetrics FID on the Inception weights at ``weights_path``.
 
-    Never built without a local weights file: torch-fidelity would download them otherwise.
+    None when the file is not configured or absent (never built without it: torch-fidelity
+    would download the weights); :class:`MetricLoadError` when it is there and building fails.
     """
     if not weights_path or not Path(weights_path).is_file():
         log.warning("FID %s: Inception weights %r not found", NOT_AVAILABLE, weights_path)
@@ -208,10 +265,9 @@ def load_fid(weights_path: str | None, feature: int = 2048, device: str = "cpu")
 
         metric = FrechetInceptionDistance(feature=feature,
                                           feature_extractor_weights_path=str(weights_path))
-    except Exception as err:  # e.g. torch-fidelity not installed, corrupt file
-        log.warning("FID %s: cannot build Inception from %s: %s", NOT_AVAILABLE, weights_path,
-                    err)
-        return None
+    except Exception as err:
+        raise MetricLoadError(f"FID: Inception weights {weights_path} are present but building "
+                              f"the metric failed: {err.__class__.__name__}: {err}") from err
     return metric.to(device)
 
 

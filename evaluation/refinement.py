@@ -15,6 +15,10 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
 Images of any size go through the model at its own resolution and the generated content is
 upsampled and blended at the image's resolution, so pixels outside the (dilated) mask are the
 input's bit for bit, for every method.
+
+Failures are loud: an exception in a method or a metric is re-raised as
+:class:`RefinementError` naming the method and case(s); only feature matching's own failure
+to find a homography falls back (to the input, counted).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ from models.pipeline import (
 from models.refinement import blend_weights
 
 log = logging.getLogger(__name__)
+
+class RefinementError(RuntimeError):
+    """A method or metric failed on named case(s); the cause is chained."""
+
+
+def _failed(what: str, ids: Sequence[str], err: Exception) -> RefinementError:
+    listed = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+    return RefinementError(f"{what} failed on case(s) {listed}: {err.__class__.__name__}: {err}")
+
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "refinement" / "default.yaml"
 METHODS = ("input", "telea", "whole_reference", "aligned_crop", "oracle_crop",
@@ -87,7 +100,7 @@ def copy_from_reference(image: np.ndarray, mask: np.ndarray, reference: np.ndarr
 
     try:
         warped, info = warp_reference_into_image(image, mask, reference)
-    except Exception as err:  # a baseline failing on one case must not stop the run
+    except cv2.error as err:  # OpenCV rejecting a degenerate match: counted as a fallback
         log.warning("copy_from_reference failed: %s", err)
         warped, info = None, {"error": str(err)}
     if warped is None:
@@ -134,16 +147,22 @@ def run_methods(
         counts["aligned_on_the_fly"] = len(missing)
 
     for case in tqdm(cases, desc="classical methods", leave=False):
-        if "input" in methods:
-            outputs["input"][case.id] = case.image.copy()
-        if "telea" in methods:
-            outputs["telea"][case.id] = telea(case.image, case.mask, int(cfg.telea_radius),
-                                              int(cfg.dilate))
-        if "copy_from_reference" in methods:
-            out, fell_back = copy_from_reference(case.image, case.mask, case.reference,
-                                                 int(cfg.dilate), int(cfg.feather))
-            outputs["copy_from_reference"][case.id] = out
-            counts["copy_from_reference_fallback"] += int(fell_back)
+        method = "input"
+        try:
+            if "input" in methods:
+                outputs["input"][case.id] = case.image.copy()
+            method = "telea"
+            if "telea" in methods:
+                outputs["telea"][case.id] = telea(case.image, case.mask, int(cfg.telea_radius),
+                                                  int(cfg.dilate))
+            method = "copy_from_reference"
+            if "copy_from_reference" in methods:
+                out, fell_back = copy_from_reference(case.image, case.mask, case.reference,
+                                                     int(cfg.dilate), int(cfg.feather))
+                outputs["copy_from_reference"][case.id] = out
+                counts["copy_from_reference_fallback"] += int(fell_back)
+        except Exception as err:
+            raise _failed(f"method {method}", [case.id], err) from err
 
     def reference_for(method: str, case: BenchmarkCase) -> torch.Tensor | None:
         if method == "whole_reference":
@@ -168,9 +187,12 @@ def run_methods(
             if todo:
                 # the same seed per batch index: every model method sees the same noise
                 # (unless oracle_crop dropped a case of the batch for want of a GT region)
-                results = pipeline.refine([c.image for c, _ in todo],
-                                          [c.mask for c, _ in todo], [r for _, r in todo],
-                                          int(cfg.seed) + index)
+                try:
+                    results = pipeline.refine([c.image for c, _ in todo],
+                                              [c.mask for c, _ in todo], [r for _, r in todo],
+                                              int(cfg.seed) + index)
+                except Exception as err:
+                    raise _failed(f"method {method}", [c.id for c, _ in todo], err) from err
                 for (case, _), out in zip(todo, results, strict=True):
                     outputs[method][case.id] = out
             bar.update(len(batch))
@@ -190,8 +212,11 @@ def score_outputs(
     per_case: dict[str, dict[str, M.Value]] = {c.id: {} for c in scored}
     for case in scored:
         if case.target is not None:
-            per_case[case.id].update(M.ground_truth_metrics(outputs[case.id], case.target,
-                                                            case.mask))
+            try:
+                per_case[case.id].update(M.ground_truth_metrics(outputs[case.id], case.target,
+                                                                case.mask))
+            except Exception as err:
+                raise _failed("ground-truth metrics", [case.id], err) from err
     scorers = {
         "clip": M.load_clip_scorer(str(mcfg.clip.model), mcfg.clip.pretrained, device),
         "dino": M.load_dino_scorer(mcfg.dino.path, device),
@@ -233,7 +258,9 @@ def evaluate_refinement(
     {metric: value}}}, "counts": {...}, "outputs": {case_id: {method: uint8 HxWx3}}}``.
     Everything but "outputs" is JSON-able (PSNR can be inf, written as Infinity by json);
     "outputs" holds the images for qualitative figures and must be popped before dumping.
-    A metric whose network weights are missing has the value ``"not available (no weights)"``.
+    A metric whose network weights are missing has the value ``"not available (no weights)"``;
+    weights that are present but fail to load raise :class:`evaluation.metrics.MetricLoadError`,
+    and a method or metric failing on a case raises :class:`RefinementError` naming it.
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
     outputs, counts = run_methods(cases, components, alignments, cfg)

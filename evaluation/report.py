@@ -1,33 +1,47 @@
 """report.json / report.md of an eval.py run, and the schema check the tests (and you) can use.
 
-report.json schema (version 1; also in docs/report_schema.md)::
+report.json schema (version 2; also in docs/report_schema.md)::
 
-    schema_version: 1
+    schema_version: 2
+    warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
+                           provenance, no held-out split, a failed stage); report.md starts here
     meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version}}
+    data_provenance: {status: disjoint | overlap | unknown | not_generated, message,
+                      training: null | {train: {...}, validation: {...}},
+                      benchmark: {generators: [{namespace, seed, cases}], not_generated},
+                      overlapping_cases}
     counts:      {cases_found, cases_loaded, skipped, with_reference_mask,
-                  without_reference_mask, with_target, sweep_cases,
-                  feature_matching_failures}                               (all ints)
+                  without_reference_mask, with_target, sweep_cases, calibration_cases,
+                  report_cases, feature_matching_failures}                 (all ints)
     skipped:     [{id, reason}]            malformed cases, by id, with the reader's reason
     correspondence: null when no case has a reference_mask, else
       num_cases, timesteps [T] (index 0 = noisiest), layers [L], seeds, threshold
-      table:     {mask: T x L, box: T x L}     mIoU averaged over cases and seeds
+      split:     {held_out, seed, calibration_fraction, calibration_ids, report_ids}
+      table:     {mask: T x L, box: T x L}     mIoU averaged over all swept cases and seeds
       curves:    {timestep: {mask: [T], box: [T]}, layer: {mask: [L], box: [L]}}
-      best:      {t, t_index, layer, miou_mask, miou_box}            argmax of table.mask
+      best:      {t, t_index, layer, miou_mask, miou_box, calibration: {miou_mask, miou_box}}
+                 (t*, l*) = argmax over the calibration cases; miou_* on the report cases
+      in_sample_best: {t, t_index, layer, miou_mask, miou_box}  chosen and scored on all cases
+      stability: {} | {resamples, seed, chosen_win_frequency, distinct_winners,
+                  wins: [{t, t_index, layer, frequency}],
+                  held_out_of_resampled_choice: {mean, low, high},
+                  chosen_held_out: {mean, low, high}}
       topk:      {ks, best_cell: {miou_mask, miou_box},
                   in_sample: [{k, cells: [[t_index, layer]], miou_mask, miou_box}],
                   in_sample_beats_best_cell,
                   held_out: null | {num_select, num_score, best_cell, rows, beats_best_cell},
                   note}
       baselines: {whole_reference, same_position_box, feature_matching}: {miou_mask, miou_box}
+                 on the report cases; baselines_all_cases: the same on every swept case
       feature_matching: {attempts, failures, failed: [{id, reason}]}
-      deployed:  null | {miou_mask, miou_box, num_cases}   align() at (t*, l*), per-case seed
+      deployed:  null | {miou_mask, miou_box, num_cases}   align() at (t*, l*), report cases
       by_category: {category: {num_cases, ours: {..}, <baseline>: {miou_mask, miou_box}}}
-    refinement:  {method: {metric: number | note}}   empty when the refinement evaluation did
-                 not run; a note string (e.g. "not available (no weights)") replaces a value
-                 that could not be computed; PSNR may be Infinity
+    refinement:  {method: {metric: number | note}}   on the report cases; empty when the
+                 refinement evaluation did not run; a note string (e.g. "not available (no
+                 weights)") replaces a value that could not be computed; PSNR may be Infinity
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
-    refinement_status: {run: bool, reason: str | null}
+    refinement_status: {run: bool, reason: str | null, error: str | null}
     alignment:   {timestep, block, threshold, margin}      what alignment.yaml holds
     figures:     {name: path relative to the run folder}
 
@@ -42,11 +56,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
 COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
-              "without_reference_mask", "with_target", "sweep_cases",
-              "feature_matching_failures")
+              "without_reference_mask", "with_target", "sweep_cases", "calibration_cases",
+              "report_cases", "feature_matching_failures")
+PROVENANCE_STATUSES = ("disjoint", "overlap", "unknown", "not_generated")
 META_KEYS = ("checkpoint", "bench_dir", "command", "device", "date", "versions")
 
 
@@ -74,6 +89,35 @@ def _check_pair(node: Any, where: str, problems: list[str]) -> None:
             problems.append(f"{where}.{key}: missing")
         else:
             _check_miou(node[key], f"{where}.{key}", problems)
+
+
+def _check_stability(stab: Any, problems: list[str]) -> None:
+    """{} (no bootstrap) or frequencies in [0, 1] and ordered 95% intervals of mIoU."""
+    where = "correspondence.stability"
+    if not isinstance(stab, Mapping):
+        problems.append(f"{where}: expected an object ({{}} without bootstrap)")
+        return
+    if not stab:
+        return
+    _check_miou(stab.get("chosen_win_frequency"), f"{where}.chosen_win_frequency", problems)
+    wins = stab.get("wins")
+    if not isinstance(wins, list) or not wins:
+        problems.append(f"{where}.wins: expected a non-empty list")
+    else:
+        for i, row in enumerate(wins):
+            if not isinstance(row, Mapping) or not {"t", "t_index", "layer"} <= set(row):
+                problems.append(f"{where}.wins[{i}]: expected {{t, t_index, layer, frequency}}")
+            else:
+                _check_miou(row.get("frequency"), f"{where}.wins[{i}].frequency", problems)
+    for key in ("held_out_of_resampled_choice", "chosen_held_out"):
+        node = stab.get(key)
+        if not isinstance(node, Mapping) or not {"mean", "low", "high"} <= set(node):
+            problems.append(f"{where}.{key}: expected {{mean, low, high}}")
+            continue
+        for k in ("mean", "low", "high"):
+            _check_miou(node[k], f"{where}.{key}.{k}", problems)
+        if all(_is_number(node[k]) for k in ("low", "high")) and node["low"] > node["high"]:
+            problems.append(f"{where}.{key}: low > high")
 
 
 def _check_correspondence(corr: Mapping, problems: list[str]) -> None:
@@ -109,12 +153,24 @@ def _check_correspondence(corr: Mapping, problems: list[str]) -> None:
             problems.append("correspondence.best.t: does not match timesteps[t_index]")
         if best.get("layer") not in layers:
             problems.append("correspondence.best.layer: not one of layers")
-    baselines = corr.get("baselines")
-    if not isinstance(baselines, Mapping):
-        problems.append("correspondence.baselines: missing")
-    else:
+    if isinstance(best, Mapping):
+        _check_pair(best.get("calibration"), "correspondence.best.calibration", problems)
+    _check_pair(corr.get("in_sample_best"), "correspondence.in_sample_best", problems)
+    split = corr.get("split")
+    if not isinstance(split, Mapping) or not isinstance(split.get("held_out"), bool) or not all(
+            isinstance(split.get(k), list) for k in ("calibration_ids", "report_ids")):
+        problems.append("correspondence.split: expected {held_out, calibration_ids, "
+                        "report_ids, ...}")
+    elif split["held_out"] and set(split["calibration_ids"]) & set(split["report_ids"]):
+        problems.append("correspondence.split: calibration and report cases overlap")
+    _check_stability(corr.get("stability"), problems)
+    for key in ("baselines", "baselines_all_cases"):
+        baselines = corr.get(key)
+        if not isinstance(baselines, Mapping):
+            problems.append(f"correspondence.{key}: missing")
+            continue
         for name in BASELINE_NAMES:
-            _check_pair(baselines.get(name), f"correspondence.baselines.{name}", problems)
+            _check_pair(baselines.get(name), f"correspondence.{key}.{name}", problems)
     topk = corr.get("topk")
     if not isinstance(topk, Mapping) or not isinstance(topk.get("in_sample"), list):
         problems.append("correspondence.topk: expected {ks, in_sample: [...], ...}")
@@ -130,6 +186,18 @@ def validate_report(report: Mapping[str, Any]) -> None:
         raise ReportError("report: expected a JSON object")
     if report.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"schema_version: expected {SCHEMA_VERSION}")
+    warnings = report.get("warnings")
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        problems.append("warnings: expected a list of strings")
+    provenance = report.get("data_provenance")
+    if not isinstance(provenance, Mapping) or provenance.get("status") not in \
+            PROVENANCE_STATUSES or not isinstance(provenance.get("message"), str):
+        problems.append(f"data_provenance: expected {{status: one of {PROVENANCE_STATUSES}, "
+                        "message, ...}")
+    elif provenance["status"] in ("overlap", "unknown") and isinstance(warnings, list) and \
+            provenance["message"] not in warnings:
+        problems.append("warnings: must include data_provenance.message when the status is "
+                        f"{provenance['status']}")
     meta = report.get("meta")
     if not isinstance(meta, Mapping):
         problems.append("meta: missing")
@@ -164,8 +232,9 @@ def validate_report(report: Mapping[str, Any]) -> None:
                     _is_number(v) or isinstance(v, str) for v in metrics.values()):
                 problems.append(f"refinement.{method}: expected {{metric: number | note}}")
     status = report.get("refinement_status")
-    if not isinstance(status, Mapping) or not isinstance(status.get("run"), bool):
-        problems.append("refinement_status: expected {run: bool, reason}")
+    if not isinstance(status, Mapping) or not isinstance(status.get("run"), bool) or \
+            not {"reason", "error"} <= set(status):
+        problems.append("refinement_status: expected {run: bool, reason, error}")
     alignment = report.get("alignment")
     if not isinstance(alignment, Mapping) or not {"timestep", "block", "threshold",
                                                   "margin"} <= set(alignment):
@@ -206,76 +275,133 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+METRIC_ORDER = ("psnr", "ssim", "l1", "gms", "clip", "dino", "fid")
+
+
 def _metric_table(methods: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Methods x metrics, ground-truth metrics first (METRIC_ORDER), then any other."""
     metrics: list[str] = []
     for values in methods.values():
         metrics += [m for m in values if m not in metrics]
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    metrics.sort(key=lambda m: rank.get(m, len(rank)))
     return _table(["method", *metrics],
                   [[name, *(values.get(m, float("nan")) for m in metrics)]
                    for name, values in methods.items()])
 
 
+def _interval_text(node: Mapping[str, float]) -> str:
+    return f"{_fmt(node['mean'])} [{_fmt(node['low'])}, {_fmt(node['high'])}]"
+
+
+def _stability_lines(stab: Mapping[str, Any], best: Mapping[str, Any]) -> list[str]:
+    """The bootstrap's verdict on (t*, l*), in words."""
+    if not stab:
+        return ["No bootstrap (sweep.bootstrap=0): the stability of (t*, l*) is not measured.",
+                ""]
+    winners = ", ".join(f"t={w['t']} (index {w['t_index']}) block {w['layer']}: "
+                        f"{100 * w['frequency']:.0f}%" for w in stab["wins"])
+    return [f"Stability of (t*, l*) over {stab['resamples']} bootstrap resamples of the "
+            f"calibration cases: the chosen cell (t={best['t']}, block {best['layer']}) wins "
+            f"{100 * stab['chosen_win_frequency']:.0f}% of them; {stab['distinct_winners']} "
+            f"distinct cells win at least once; most frequent: {winners}.", "",
+            f"- held-out mask mIoU of the resampled choices (mean [95% interval]): "
+            f"{_interval_text(stab['held_out_of_resampled_choice'])}",
+            f"- held-out mask mIoU of the chosen cell, report cases resampled: "
+            f"{_interval_text(stab['chosen_held_out'])}", ""]
+
+
+def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
+    best, split, inb = corr["best"], corr["split"], corr["in_sample_best"]
+    n_cal, n_rep = len(split["calibration_ids"]), len(split["report_ids"])
+    where = (f"chosen on {n_cal} calibration case(s), scored on the other {n_rep} "
+             f"(split seed {split['seed']})" if split["held_out"]
+             else f"IN-SAMPLE: chosen and scored on the same {n_rep} case(s)")
+    out = [f"Sweep over {corr['num_cases']} case(s), {len(corr['timesteps'])} timesteps x "
+           f"{len(corr['layers'])} blocks, seeds {corr['seeds']}, threshold "
+           f"{corr['threshold']}. (t*, l*) = t={best['t']} (index {best['t_index']}, "
+           f"0 = noisiest), block {best['layer']}: {where}.", ""]
+    out += _stability_lines(corr.get("stability", {}), best)
+    label = "held-out report cases" if split["held_out"] else "in-sample"
+    out += [f"### Headline ({label}, {n_rep} case(s))", ""]
+    rows = [[f"ours, (t*, l*) = (t={best['t']}, block {best['layer']})", best["miou_mask"],
+             best["miou_box"]]]
+    if corr.get("deployed"):
+        dep = corr["deployed"]
+        rows.append([f"ours, deployed align() at (t*, l*) ({dep['num_cases']} cases)",
+                     dep["miou_mask"], dep["miou_box"]])
+    rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
+             for n, v in corr["baselines"].items()]
+    out += _table(["method", "mIoU mask", "mIoU box"], rows)
+    out += [f"### Secondary: in-sample (all {corr['num_cases']} swept cases, optimistic)", ""]
+    rows = [[f"ours, best cell chosen on these cases (t={inb['t']}, block {inb['layer']})",
+             inb["miou_mask"], inb["miou_box"]],
+            [f"ours, (t*, l*) on the {n_cal} calibration case(s) it was chosen on",
+             best["calibration"]["miou_mask"], best["calibration"]["miou_box"]]]
+    rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
+             for n, v in corr["baselines_all_cases"].items()]
+    out += _table(["method", "mIoU mask", "mIoU box"], rows)
+    fm = corr.get("feature_matching", {})
+    if fm:
+        out += [f"Feature matching failed on {fm['failures']} of {fm['attempts']} case(s); "
+                "those use the whole reference.", ""]
+    cats = corr.get("by_category", {})
+    if cats:
+        out += [f"### By category ({label})", ""]
+        names = ["ours", *BASELINE_NAMES]
+        out += _table(["category", "n", *(f"{n} mask/box" for n in names)],
+                      [[cat, v["num_cases"], *(f"{_fmt(v[n]['miou_mask'])} / "
+                                               f"{_fmt(v[n]['miou_box'])}" for n in names)]
+                       for cat, v in cats.items()])
+    topk = corr["topk"]
+    out += ["### Top-k aggregation (beyond the paper)", "", topk["note"], ""]
+    rows = []
+    held = topk.get("held_out")
+    if held:
+        hb = held["best_cell"]
+        rows.append([f"best single cell (held-out, {held['num_score']} cases)", 1,
+                     hb["miou_mask"], hb["miou_box"]])
+        rows += [[f"top-{r['k']} cells + seeds (held-out)", len(r["cells"]), r["miou_mask"],
+                  r["miou_box"]] for r in held["rows"]]
+    rows.append(["best single cell (in-sample)", "", topk["best_cell"]["miou_mask"],
+                 topk["best_cell"]["miou_box"]])
+    rows += [[f"top-{r['k']} cells + seeds (in-sample)", len(r["cells"]), r["miou_mask"],
+              r["miou_box"]] for r in topk["in_sample"]]
+    out += _table(["aggregation", "cells", "mIoU mask", "mIoU box"], rows)
+    beats = held["beats_best_cell"] if held else topk["in_sample_beats_best_cell"]
+    verdict = "beats" if beats else "does not beat"
+    out += [f"Aggregation {verdict} the single best cell "
+            f"({'held-out' if held else 'in-sample only'}).", ""]
+    return out
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """report.md: counts, correspondence (ours beside baselines), top-k, refinement, figures."""
+    """report.md: warnings first, then counts, correspondence (held-out headline, in-sample
+    secondary, stability), refinement, figures."""
     meta, counts = report["meta"], report["counts"]
-    out = ["# Refine-by-Align evaluation", "",
-           f"- checkpoint: `{meta['checkpoint']}`", f"- benchmark: `{meta['bench_dir']}`",
-           f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`",
-           "", "## Cases", ""]
+    out = ["# Refine-by-Align evaluation", ""]
+    for warning in report.get("warnings", []):
+        out += [f"> **WARNING:** {warning}", ""]
+    provenance = report["data_provenance"]
+    out += [f"- checkpoint: `{meta['checkpoint']}`", f"- benchmark: `{meta['bench_dir']}`",
+            f"- benchmark vs training data: **{provenance['status']}**: "
+            f"{provenance['message']}",
+            f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`",
+            "", "## Cases", ""]
     out += _table(["count", "value"], [[k, v] for k, v in counts.items()])
     corr = report.get("correspondence")
     out += ["## Correspondence (alignment stage)", ""]
     if corr is None:
         out += ["No case has a reference_mask: the calibration sweep was not run.", ""]
     else:
-        best = corr["best"]
-        out += [f"Sweep over {corr['num_cases']} case(s), {len(corr['timesteps'])} timesteps x "
-                f"{len(corr['layers'])} blocks, seeds {corr['seeds']}, threshold "
-                f"{corr['threshold']}. Best cell: t={best['t']} (index {best['t_index']}, "
-                f"0 = noisiest), block {best['layer']}.", ""]
-        rows = [[f"ours, best cell (t={best['t']}, block {best['layer']})", best["miou_mask"],
-                 best["miou_box"]]]
-        if corr.get("deployed"):
-            dep = corr["deployed"]
-            rows.append(["ours, deployed align() at the best cell", dep["miou_mask"],
-                         dep["miou_box"]])
-        rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
-                 for n, v in corr["baselines"].items()]
-        out += _table(["method", "mIoU mask", "mIoU box"], rows)
-        fm = corr.get("feature_matching", {})
-        if fm:
-            out += [f"Feature matching failed on {fm['failures']} of {fm['attempts']} case(s); "
-                    "those use the whole reference.", ""]
-        cats = corr.get("by_category", {})
-        if cats:
-            out += ["### By category", ""]
-            names = ["ours", *BASELINE_NAMES]
-            out += _table(["category", "n", *(f"{n} mask/box" for n in names)],
-                          [[cat, v["num_cases"], *(f"{_fmt(v[n]['miou_mask'])} / "
-                                                   f"{_fmt(v[n]['miou_box'])}" for n in names)]
-                           for cat, v in cats.items()])
-        topk = corr["topk"]
-        out += ["### Top-k aggregation (beyond the paper)", "", topk["note"], ""]
-        rows = [["best single cell (in-sample)", "", topk["best_cell"]["miou_mask"],
-                 topk["best_cell"]["miou_box"]]]
-        rows += [[f"top-{r['k']} cells + seeds (in-sample)", len(r["cells"]), r["miou_mask"],
-                  r["miou_box"]] for r in topk["in_sample"]]
-        held = topk.get("held_out")
-        if held:
-            hb = held["best_cell"]
-            rows.append([f"best single cell (held-out, {held['num_score']} cases)", 1,
-                         hb["miou_mask"], hb["miou_box"]])
-            rows += [[f"top-{r['k']} cells + seeds (held-out)", len(r["cells"]), r["miou_mask"],
-                      r["miou_box"]] for r in held["rows"]]
-        out += _table(["aggregation", "cells", "mIoU mask", "mIoU box"], rows)
-        beats = held["beats_best_cell"] if held else topk["in_sample_beats_best_cell"]
-        verdict = "beats" if beats else "does not beat"
-        out += [f"Aggregation {verdict} the single best cell "
-                f"({'held-out' if held else 'in-sample only'}).", ""]
-    out += ["## Refinement", ""]
+        out += _correspondence_lines(corr)
+    out += [f"## Refinement ({counts.get('report_cases', '?')} report case(s))", "",
+            "PSNR and SSIM in the mask's box; L1 and gms (gradient magnitude similarity, "
+            "1 = the target's edges; a smooth fill scores low) in the mask.", ""]
     status = report["refinement_status"]
     if not status["run"]:
-        out += [f"Not run: {status.get('reason')}", ""]
+        out += [f"Not run: {status.get('reason')}"
+                + (f" ({status['error']})" if status.get("error") else ""), ""]
     if report["refinement"]:
         out += _metric_table(report["refinement"])
     for cat, methods in report.get("refinement_by_category", {}).items():

@@ -7,9 +7,14 @@ per (case batch, timestep) captures the masked-query attention of every block
 grid as :func:`models.correspondence.correspondence_scores` does (mask IoU of the thresholded map;
 box IoU of its box against the ground-truth region's box), giving T x L mIoU tables.
 
+Calibration is held out: the cases are split (seeded) into a calibration part, on which
+(t*, l*) and the top-k cells are chosen, and a report part, on which they are scored; the
+in-sample choice (chosen and scored on every case, optimistic) is kept as a secondary number.
+A bootstrap over the calibration cases says how stable the choice is: how often each cell
+wins, and the spread of the chosen cell's held-out score.
+
 Beyond the paper: the min-max normalised maps of the top-k cells (and of several noise seeds)
-are averaged before thresholding. Picking cells on the cases they are scored on is optimistic,
-so the cases are also split 50/50: cells chosen on one half, scored on the other.
+are averaged before thresholding.
 
 Noise: each case's noise is drawn from its own generator seeded with (seed, case position), so
 a case's maps do not depend on which cases share its batch.
@@ -18,6 +23,7 @@ a case's maps do not depend on which cases share its batch.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,9 +61,12 @@ class SweepConfig:
     batch_size: int = 16
     threshold: float = 0.5
     topk: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
-    split: bool = True
+    split: bool = True  # choose on a calibration part, score on the rest (False: in-sample)
     split_seed: int = 0
     readout: str = "forward_noise"  # or "trajectory": see models.alignment.attention_vectors
+    calibration_fraction: float = 0.5
+    bootstrap: int = 200  # resamples of the calibration cases for the stability of (t*, l*)
+    bootstrap_seed: int = 0
 
 
 @dataclass
@@ -72,8 +81,11 @@ class SweepResult:
     scores_box: np.ndarray
     grids: torch.Tensor  # [N, S, T, L, gh, gw] min-max normalised maps on the token grid
     threshold: float
-    best: dict[str, Any]
+    best: dict[str, Any]  # chosen on the calibration cases, scored on the report cases
     topk: dict[str, Any]
+    in_sample_best: dict[str, Any] = field(default_factory=dict)  # chosen and scored on all
+    split: dict[str, Any] = field(default_factory=dict)  # calibration / report case ids
+    stability: dict[str, Any] = field(default_factory=dict)
 
     @property
     def table_mask(self) -> np.ndarray:
@@ -83,6 +95,12 @@ class SweepResult:
     @property
     def table_box(self) -> np.ndarray:
         return self.scores_box.mean(axis=(0, 1))
+
+    def calibration_table(self, kind: str = "mask") -> np.ndarray:
+        """[T, L] mIoU over the calibration cases only: what (t*, l*) was chosen on."""
+        scores = self.scores_mask if kind == "mask" else self.scores_box
+        index = [self.case_ids.index(i) for i in self.split["calibration_ids"]]
+        return scores[index].mean(axis=(0, 1))
 
     def curves(self) -> dict[str, dict[str, list[float]]]:
         """Figure 5: per timestep (mean over blocks) and per block (mean over timesteps)."""
@@ -110,6 +128,9 @@ class SweepResult:
             "table": {"mask": self.table_mask.tolist(), "box": self.table_box.tolist()},
             "curves": self.curves(),
             "best": dict(self.best),
+            "in_sample_best": dict(self.in_sample_best),
+            "split": dict(self.split),
+            "stability": dict(self.stability),
             "topk": self.topk,
         }
 
@@ -280,12 +301,75 @@ def topk_rows(grids: torch.Tensor, ref_masks: Sequence[torch.Tensor], select: np
     return rows
 
 
+def split_ids(ids: Sequence[str], fraction: float = 0.5, seed: int = 0
+              ) -> tuple[list[str], list[str]]:
+    """Seeded split of ``ids`` into (calibration, report), each in the input's order.
+
+    Both parts are non-empty when there are at least two ids; with fewer, there is nothing to
+    hold out and both are every id (the caller reports that as in-sample).
+    """
+    if len(ids) < 2:
+        return list(ids), list(ids)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {fraction}")
+    n_cal = min(len(ids) - 1, max(1, round(len(ids) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    chosen = set(order[:n_cal].tolist())
+    return ([i for k, i in enumerate(ids) if k in chosen],
+            [i for k, i in enumerate(ids) if k not in chosen])
+
+
+def _interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and central 95% interval (2.5th / 97.5th percentiles)."""
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"mean": float(np.mean(values)), "low": float(low), "high": float(high)}
+
+
+def choice_stability(scores_mask: np.ndarray, calibration: Sequence[int],
+                     report: Sequence[int], chosen: tuple[int, int], timesteps: Sequence[int],
+                     blocks: Sequence[int], resamples: int = 200, seed: int = 0,
+                     top: int = 5) -> dict[str, Any]:
+    """Bootstrap over the calibration cases: how often each cell wins, what the choice scores.
+
+    ``wins``: the ``top`` cells most often chosen (argmax of a resampled calibration table)
+    with their frequency; ``held_out_of_resampled_choice``: mean and 95% interval of the
+    report-case mIoU of the resampled choices (the spread the choice itself causes);
+    ``chosen_held_out``: mean and 95% interval of the chosen cell's report-case mIoU over
+    resampled report cases (the spread of the headline number).
+    """
+    per_case = scores_mask.mean(axis=1)  # [N, T, L], seeds averaged
+    cal, rep = per_case[list(calibration)], per_case[list(report)]
+    report_table = rep.mean(0)
+    rng = np.random.default_rng(seed)
+    wins: dict[tuple[int, int], int] = defaultdict(int)
+    held = []
+    for _ in range(resamples):
+        table = cal[rng.integers(0, len(cal), len(cal))].mean(0)
+        cell = tuple(int(v) for v in np.unravel_index(int(np.argmax(table)), table.shape))
+        wins[cell] += 1
+        held.append(float(report_table[cell]))
+    chosen_scores = rep[:, chosen[0], chosen[1]]
+    boot = [float(chosen_scores[rng.integers(0, len(rep), len(rep))].mean())
+            for _ in range(resamples)]
+    ranked = sorted(wins.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "resamples": int(resamples), "seed": int(seed),
+        "chosen_win_frequency": wins.get(tuple(chosen), 0) / resamples,
+        "distinct_winners": len(wins),
+        "wins": [{"t": int(timesteps[t]), "t_index": t, "layer": int(blocks[li]),
+                  "frequency": n / resamples} for (t, li), n in ranked[:top]],
+        "held_out_of_resampled_choice": _interval(held),
+        "chosen_held_out": _interval(boot),
+    }
+
+
 def topk_analysis(result_scores: tuple[np.ndarray, np.ndarray], grids: torch.Tensor,
                   ref_masks: Sequence[torch.Tensor], cfg: SweepConfig,
-                  blocks: Sequence[int]) -> dict[str, Any]:
-    """Top-k (and seed) aggregation, in-sample and on a held-out half."""
+                  blocks: Sequence[int], calibration: Sequence[int] | None = None,
+                  report: Sequence[int] | None = None) -> dict[str, Any]:
+    """Top-k (and seed) aggregation, in-sample and chosen on ``calibration``, scored on
+    ``report`` (held_out is None without a split)."""
     scores_mask, scores_box = result_scores
-    n = len(ref_masks)
     table = scores_mask.mean(axis=(0, 1))
     single = float(table.max())
     in_sample = topk_rows(grids, ref_masks, table, cfg.topk, cfg.threshold, blocks)
@@ -297,11 +381,11 @@ def topk_analysis(result_scores: tuple[np.ndarray, np.ndarray], grids: torch.Ten
         "in_sample_beats_best_cell": any(r["miou_mask"] > single for r in in_sample),
         "held_out": None,
         "note": ("in_sample chooses cells on the same cases it scores (optimistic); held_out "
-                 "chooses the best cell and the top-k cells on one half and scores the other."),
+                 "chooses the best cell and the top-k cells on the calibration cases and "
+                 "scores the report cases."),
     }
-    if cfg.split and n >= 2:
-        order = np.random.default_rng(cfg.split_seed).permutation(n)
-        sel, ev = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    if calibration is not None and report is not None:
+        sel, ev = np.asarray(calibration), np.asarray(report)
         sel_table = scores_mask[sel].mean(axis=(0, 1))
         ti, li = np.unravel_index(int(sel_table.argmax()), sel_table.shape)
         held_best = {"t_index": int(ti), "layer": int(blocks[li]),
@@ -317,10 +401,37 @@ def topk_analysis(result_scores: tuple[np.ndarray, np.ndarray], grids: torch.Ten
     return out
 
 
+def calibrate(scores: tuple[np.ndarray, np.ndarray], case_ids: Sequence[str],
+              calibration_ids: Sequence[str], timesteps: Sequence[int], blocks: Sequence[int]
+              ) -> tuple[dict[str, Any], list[int], list[int]]:
+    """(t*, l*) = argmax of the calibration cases' table, scored on the other cases.
+
+    Returns (best, calibration indices, report indices). ``best`` holds the report-case mIoU
+    (the headline) and, under ``calibration``, the calibration-case mIoU it was chosen with.
+    Without report cases (no split) both are every case and the score is in-sample.
+    """
+    scores_mask, scores_box = scores
+    cal = [case_ids.index(i) for i in calibration_ids]
+    rep = [k for k in range(len(case_ids)) if k not in set(cal)] or list(cal)
+    chosen = best_cell(scores_mask[cal].mean(axis=(0, 1)), scores_box[cal].mean(axis=(0, 1)),
+                       timesteps, blocks)
+    ti, li = chosen["t_index"], list(blocks).index(chosen["layer"])
+    best = {**chosen,
+            "miou_mask": float(scores_mask[rep][:, :, ti, li].mean()),
+            "miou_box": float(scores_box[rep][:, :, ti, li].mean()),
+            "calibration": {"miou_mask": chosen["miou_mask"], "miou_box": chosen["miou_box"]}}
+    return best, cal, rep
+
+
 # ----------------------------------------------------------------------------- entry
 def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
-              cfg: SweepConfig | None = None, progress: bool = True) -> SweepResult:
-    """The full calibration sweep over the cases that have a ``reference_mask``."""
+              cfg: SweepConfig | None = None, progress: bool = True,
+              calibration_ids: Sequence[str] | None = None) -> SweepResult:
+    """The full calibration sweep over the cases that have a ``reference_mask``.
+
+    (t*, l*) is chosen on ``calibration_ids`` (default: a seeded split of the swept cases when
+    ``cfg.split``, else every case) and scored on the other swept cases.
+    """
     cfg = cfg or SweepConfig()
     usable, others = sweep_cases(cases)
     if others:
@@ -328,6 +439,13 @@ def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
                  ", ".join(others[:10]) + (" ..." if len(others) > 10 else ""))
     if not usable:
         raise ValueError("the sweep needs at least one case with a non-empty reference_mask")
+    ids = [c.id for c in usable]
+    if calibration_ids is None:
+        calibration_ids = (split_ids(ids, cfg.calibration_fraction, cfg.split_seed)[0]
+                           if cfg.split else ids)
+    unknown = sorted(set(calibration_ids) - set(ids))
+    if unknown:
+        raise ValueError(f"calibration ids not among the swept cases: {unknown[:5]}")
     all_blocks = [b.index for b in cross_attention_blocks(components.denoiser)]
     blocks = list(cfg.blocks) if cfg.blocks is not None else all_blocks
     timesteps = sweep_timesteps(components, cfg.num_timesteps)
@@ -342,8 +460,18 @@ def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
                                 disable=not progress)):
         m, b = score_grids(grids[i].reshape(-1, *grids.shape[-2:]), gt, cfg.threshold)
         scores_mask[i], scores_box[i] = m.view(s, t, l_).numpy(), b.view(s, t, l_).numpy()
-    table_mask, table_box = scores_mask.mean(axis=(0, 1)), scores_box.mean(axis=(0, 1))
-    best = best_cell(table_mask, table_box, timesteps, blocks)
-    topk = topk_analysis((scores_mask, scores_box), grids, ref_masks, cfg, blocks)
-    return SweepResult([c.id for c in usable], timesteps, blocks, list(cfg.seeds), scores_mask,
-                       scores_box, grids, cfg.threshold, best, topk)
+    in_sample = best_cell(scores_mask.mean(axis=(0, 1)), scores_box.mean(axis=(0, 1)),
+                          timesteps, blocks)
+    best, cal, rep = calibrate((scores_mask, scores_box), ids, list(calibration_ids), timesteps,
+                               blocks)
+    held_out = rep != cal
+    topk = topk_analysis((scores_mask, scores_box), grids, ref_masks, cfg, blocks,
+                         cal if held_out else None, rep if held_out else None)
+    chosen = (best["t_index"], blocks.index(best["layer"]))
+    stability = choice_stability(scores_mask, cal, rep, chosen, timesteps, blocks,
+                                 cfg.bootstrap, cfg.bootstrap_seed) if cfg.bootstrap else {}
+    split = {"held_out": held_out, "seed": int(cfg.split_seed),
+             "calibration_fraction": float(cfg.calibration_fraction),
+             "calibration_ids": [ids[k] for k in cal], "report_ids": [ids[k] for k in rep]}
+    return SweepResult(ids, timesteps, blocks, list(cfg.seeds), scores_mask, scores_box, grids,
+                       cfg.threshold, best, topk, in_sample, split, stability)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     comp = load_export(args.ckpt)
     size = int(comp.config.denoiser.config.sample_size)
     pairs = SyntheticPairs(length=args.cases, seed=args.seed, image_size=size,
-                           force_mode=REFINEMENT)
+                           force_mode=REFINEMENT, namespace="validation")
     items = [pairs[i] for i in range(args.cases)]
     batch = {k: torch.stack([item[k] for item in items]).to(args.device) for k in items[0]}
     context = comp.reference_encoder(batch["reference"])

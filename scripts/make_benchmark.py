@@ -1,6 +1,9 @@
 """Write a synthetic benchmark in the shared folder format (artifact inside mask + ground truth).
 
   python scripts/make_benchmark.py --out bench/synthetic --num 200 --seed 0
+
+Cases come from the "benchmark" seed namespace (data/synthetic.py): whatever --seed, no case
+is a training or validation item of train.py.
 """
 
 from __future__ import annotations

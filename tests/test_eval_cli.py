@@ -1,4 +1,5 @@
-"""eval.py end to end on a tiny random export: report, figures, alignment.yaml, skipped cases."""
+"""eval.py end to end on a tiny random export: report, figures, alignment.yaml, skipped cases,
+held-out calibration, the training-data check, and loud failures."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.benchmark import write_synthetic_benchmark
+from data.provenance import write_training_data
 from evaluation.report import validate_report
 from models.export import save_export
 from models.pipeline import AlignmentConfig
@@ -56,14 +58,26 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
     assert "mask" in report["skipped"][0]["reason"]
     corr = report["correspondence"]
     assert len(corr["table"]["mask"]) == 3 and corr["num_cases"] == 4
-    assert report["refinement_status"]["run"] is True
+    # calibrated on one half, every headline row measured on the other
+    cal, rep = corr["split"]["calibration_ids"], corr["split"]["report_ids"]
+    assert corr["split"]["held_out"] and len(cal) == len(rep) == 2
+    assert sorted(cal + rep) == ["00000", "00001", "00002", "00003"]
+    assert report["counts"]["calibration_cases"] == 2 and report["counts"]["report_cases"] == 2
+    assert corr["deployed"]["num_cases"] == 2 and corr["by_category"]["synthetic"]["num_cases"] == 2
+    assert report["refinement_counts"]["cases"] == 2
+    assert corr["stability"]["resamples"] == 200 and corr["stability"]["wins"]
+    assert report["refinement_status"] == {"run": True, "reason": None, "error": None}
     assert set(report["refinement"]) == {"input", "telea"}
+    assert isinstance(report["refinement"]["telea"]["gms"], float)
+    # the export has no training_data.yaml: said first, not hidden
+    assert report["data_provenance"]["status"] == "unknown"
+    assert report["warnings"][0].startswith("UNKNOWN PROVENANCE")
     for rel in report["figures"].values():
         assert (run_dir / rel).is_file()
     assert {"timestep_curve", "layer_curve", "heatmap_mask", "qualitative"} <= set(
         report["figures"])
     md = (run_dir / "report.md").read_text()
-    assert "99999_broken" in md and "feature_matching" in md
+    assert "99999_broken" in md and "feature_matching" in md and "UNKNOWN PROVENANCE" in md
     chosen = AlignmentConfig(**OmegaConf.load(run_dir / "alignment.yaml"))
     assert chosen.timestep == corr["best"]["t"] and chosen.block == corr["best"]["layer"]
 
@@ -84,4 +98,86 @@ def test_eval_generates_benchmark_when_bench_dir_is_null(tmp_path: Path,
     validate_report(report)
     assert report["counts"]["cases_loaded"] == 2 and report["counts"]["skipped"] == 0
     assert Path(report["meta"]["bench_dir"]) == tmp_path / "run" / "benchmark"
-    assert report["refinement_status"] == {"run": False, "reason": "run_refinement=false"}
+    assert report["refinement_status"] == {"run": False, "reason": "run_refinement=false",
+                                           "error": None}
+    generators = report["data_provenance"]["benchmark"]["generators"]
+    assert generators == [{"namespace": "benchmark", "seed": 0, "cases": 2}]
+
+
+QUICK = ["sweep.num_timesteps=2", "sweep.topk=[1]", "sweep.bootstrap=20", "progress=false",
+         "num_threads=1", "qualitative.num_cases=1"]
+
+
+def _evaluate(overrides: list[str], run_dir: Path) -> Path:
+    import eval as eval_script
+
+    cfg = compose_config([*QUICK, *overrides], config_name="eval")
+    previous = torch.get_num_threads()
+    try:
+        return eval_script.evaluate(cfg, run_dir)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def recorded_export(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same export with the training_data.yaml train.py writes (train seed 0)."""
+    import shutil
+
+    out = Path(tmp_path_factory.mktemp("recorded")) / "export"
+    shutil.copytree(export_dir, out)
+    write_training_data(compose_config([]).data, out)
+    return out
+
+
+def test_eval_refuses_a_benchmark_drawn_from_the_training_data(
+        tmp_path: Path, recorded_export: Path) -> None:
+    import eval as eval_script
+
+    leaked = tmp_path / "leaked"
+    write_synthetic_benchmark(leaked, 2, seed=0, namespace="train")  # = training items 0, 1
+    base = [f"ckpt_path={recorded_export}", f"bench_dir={leaked}", "run_refinement=false"]
+    with pytest.raises(eval_script.EvalError, match="provenance.*OVERLAP.*train/seed 0"):
+        _evaluate(base, tmp_path / "refused")
+    report = json.loads(_evaluate([*base, "train_overlap=warn"], tmp_path / "warned").read_text())
+    assert report["data_provenance"]["status"] == "overlap"
+    assert report["data_provenance"]["overlapping_cases"] == 2
+    assert report["warnings"][0].startswith("OVERLAP")
+    assert "OVERLAP" in (tmp_path / "warned" / "report.md").read_text()
+
+    clean = tmp_path / "clean"
+    write_synthetic_benchmark(clean, 2, seed=0)  # same seed, benchmark namespace
+    report = json.loads(_evaluate([f"ckpt_path={recorded_export}", f"bench_dir={clean}",
+                                   "run_refinement=false"], tmp_path / "ok").read_text())
+    assert report["data_provenance"]["status"] == "disjoint" and report["warnings"] == []
+
+
+def test_a_failed_refinement_fails_the_run_after_writing_the_report(
+        tmp_path: Path, export_dir: Path) -> None:
+    import eval as eval_script
+
+    bench = tmp_path / "bench"
+    write_synthetic_benchmark(bench, 2, seed=0)
+    with pytest.raises(eval_script.EvalError, match="stage 'refinement'.*unknown methods") as err:
+        _evaluate([f"ckpt_path={export_dir}", f"bench_dir={bench}",
+                   "refinement.methods=[input,no_such_method]"], tmp_path / "run")
+    report = json.loads(err.value.report.read_text())
+    assert report["refinement_status"]["run"] is False
+    assert "unknown methods" in report["refinement_status"]["error"]
+    assert report["warnings"][-1].startswith("REFINEMENT FAILED")
+
+
+def test_eval_exits_nonzero_when_no_case_is_valid(tmp_path: Path, export_dir: Path) -> None:
+    bench = tmp_path / "bench"
+    write_synthetic_benchmark(bench, 2, seed=0)
+    (bench / "00000" / "mask.png").unlink()
+    (bench / "00001" / "reference.png").write_bytes(b"not an image")
+    cmd = [sys.executable, str(REPO / "eval.py"), f"bench_dir={bench}",
+           f"ckpt_path={export_dir}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "stage 'load'" in proc.stderr
+    assert "00000: missing required file(s): mask" in proc.stderr
+    assert "00001: unreadable reference.png" in proc.stderr
+    assert not (tmp_path / "run" / "report.json").exists()

@@ -58,21 +58,33 @@ def test_ssim_small_boxes(side: int) -> None:
 
 
 def test_weight_metrics_not_available_without_weights(tmp_path) -> None:
-    garbage = tmp_path / "clip.safetensors"
-    garbage.write_bytes(b"not a checkpoint")
     assert M.load_clip_scorer("ViT-B-16", None) is None
     assert M.load_clip_scorer("ViT-B-16", str(tmp_path / "missing.bin")) is None
-    assert M.load_clip_scorer("ViT-B-16", str(garbage)) is None
     assert M.load_dino_scorer(None) is None
     assert M.load_dino_scorer(str(tmp_path / "no_dinov2_here")) is None
+    assert M.load_dino_scorer("nobody/not-a-cached-model") is None
     assert M.load_fid(None) is None
-    assert M.load_fid(str(garbage)) is None
+    assert M.load_fid(str(tmp_path / "missing.pth")) is None
 
     output, target, mask = _pair()
     scores = M.identity_scores(None, [output], [mask], [target], [None])
     assert scores == [M.NOT_AVAILABLE]
     assert M.fid_score(None, [output] * 2, [target] * 2) == M.NOT_AVAILABLE
     assert M.mean_value([M.NOT_AVAILABLE, M.NOT_AVAILABLE]) == M.NOT_AVAILABLE
+
+
+def test_present_but_broken_weights_fail_loudly(tmp_path) -> None:
+    """Weights that exist but do not load are an error naming the file, not 'no weights'."""
+    garbage = tmp_path / "weights.bin"
+    garbage.write_bytes(b"not a checkpoint")
+    (tmp_path / "dino").mkdir()
+    (tmp_path / "dino" / "config.json").write_text("{not json")
+    with pytest.raises(M.MetricLoadError, match="CLIP.*weights.bin"):
+        M.load_clip_scorer("ViT-B-16", str(garbage))
+    with pytest.raises(M.MetricLoadError, match="DINO.*dino"):
+        M.load_dino_scorer(str(tmp_path / "dino"))
+    with pytest.raises(M.MetricLoadError, match="FID.*weights.bin"):
+        M.load_fid(str(garbage))
 
 
 def test_dino_score_with_local_weights(tmp_path) -> None:
@@ -92,6 +104,48 @@ def test_dino_score_with_local_weights(tmp_path) -> None:
                                     [target, target], [ref_mask, ref_mask])
     assert same == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= other <= 1.0
+
+
+def _lettering() -> tuple[np.ndarray, np.ndarray]:
+    """Two-colour 4 px strokes (lettering-like detail) and a mask over most of them."""
+    import cv2
+
+    cells = np.random.default_rng(0).random((12, 12)) < 0.4
+    strokes = cv2.resize(cells.astype(np.uint8), (48, 48), interpolation=cv2.INTER_NEAREST)
+    target = np.where(strokes[..., None] > 0, [40, 60, 200], [220, 200, 90]).astype(np.uint8)
+    mask = np.zeros((48, 48), bool)
+    mask[12:36, 10:38] = True
+    return target, mask
+
+
+def test_gradient_similarity_rewards_detail_not_smoothness() -> None:
+    import cv2
+
+    from evaluation.refinement import telea
+
+    target, mask = _lettering()
+
+    def inside(fill: np.ndarray) -> np.ndarray:
+        return np.where(mask[..., None], fill, target)
+
+    shifted = inside(np.roll(target, 1, axis=1))  # correct sharp detail, 1 px off
+    blurred = inside(cv2.GaussianBlur(target, (0, 0), 2.0))
+    smooth = telea(target, mask)
+    flat = inside(np.broadcast_to(target[mask].mean(0).astype(np.uint8), target.shape))
+    gms = {name: M.gradient_similarity(out, target, mask) for name, out in
+           {"exact": target, "shifted": shifted, "blurred": blurred, "telea": smooth,
+            "flat": flat}.items()}
+    assert gms["exact"] == pytest.approx(1.0)
+    for smooth_fill in ("blurred", "telea", "flat"):
+        assert gms[smooth_fill] < gms["shifted"] - 0.15, gms
+    # why the metric exists: PSNR prefers the blur to the correct sharp fill
+    assert M.psnr_in_box(blurred, target, mask) > M.psnr_in_box(shifted, target, mask)
+    # invented edges on a flat target cost as much as missing ones
+    noisy = inside(np.random.default_rng(1).integers(0, 256, target.shape).astype(np.uint8))
+    assert M.gradient_similarity(noisy, flat, mask) < 0.3
+    assert M.ground_truth_metrics(shifted, target, mask)["gms"] == gms["shifted"]
+    with pytest.raises(ValueError):
+        M.gradient_similarity(target, target, np.zeros_like(mask))
 
 
 def test_mean_value() -> None:

@@ -136,13 +136,26 @@ def test_evaluate_refinement_all_methods(cases, components) -> None:
     assert counts["cases"] == 3 and counts["aligned_on_the_fly"] == 3
     assert counts["oracle_crop_skipped_no_reference_mask"] == 1
     assert counts["scored"]["oracle_crop"] == 2 and counts["scored"]["input"] == 3
-    assert 0 <= counts.get("copy_from_reference_fallback", 0) <= 3
+    from evaluation.baselines import warp_reference_into_image
+    from evaluation.metrics import gradient_similarity, masked_l1
+
+    unmatched = [c.id for c in cases
+                 if warp_reference_into_image(c.image, c.mask, c.reference)[0] is None]
+    assert counts.get("copy_from_reference_fallback", 0) == len(unmatched)
+    for case_id in unmatched:
+        assert np.array_equal(outputs[case_id]["copy_from_reference"],
+                              next(c.image for c in cases if c.id == case_id))
 
     for name in ("clip", "dino", "fid"):
         assert result["methods"]["aligned_crop"][name] == NOT_AVAILABLE
-    for name in ("psnr", "ssim", "l1"):
+    for name in ("psnr", "ssim", "l1", "gms"):
         assert isinstance(result["methods"]["aligned_crop"][name], float)
-    assert result["methods"]["input"]["l1"] > 0
+    # the input row is the artifact's own score, case by case
+    assert result["methods"]["input"]["l1"] == pytest.approx(
+        np.mean([masked_l1(c.image, c.target, c.mask) for c in cases]))
+    assert result["methods"]["input"]["gms"] == pytest.approx(
+        np.mean([gradient_similarity(c.image, c.target, c.mask) for c in cases]))
+    assert result["methods"]["input"]["l1"] > 0.01  # the artifacts really change the mask
 
     for case in cases:
         region = R.dilated_mask(case.mask, 1)
@@ -150,6 +163,35 @@ def test_evaluate_refinement_all_methods(cases, components) -> None:
             assert out.shape == case.image.shape and out.dtype == np.uint8
             assert np.array_equal(out[~region], case.image[~region]), (case.id, method)
     assert "oracle_crop" not in outputs[cases[2].id]
+
+
+def test_a_failing_method_names_the_method_and_cases(cases, components,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(R.RefineByAlign, "refine", broken)
+    cfg = OmegaConf.create({"methods": ["input", "whole_reference"], "num_steps": 1,
+                            "batch_size": 2})
+    with pytest.raises(R.RefinementError,
+                       match=r"method whole_reference failed on case\(s\) 00000, 00001: "
+                             "RuntimeError: sampler exploded"):
+        R.evaluate_refinement(cases, components, None, cfg)
+
+
+def test_copy_from_reference_bugs_are_not_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = np.zeros((16, 16, 3), np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4:8, 4:8] = True
+    fake = types.ModuleType("evaluation.baselines")
+
+    def bug(im, m, ref):
+        raise KeyError("not a matching failure")
+
+    fake.warp_reference_into_image = bug
+    monkeypatch.setitem(sys.modules, "evaluation.baselines", fake)
+    with pytest.raises(KeyError):
+        R.copy_from_reference(image, mask, image)
 
 
 def test_given_alignments_are_used(cases, components) -> None:

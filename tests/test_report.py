@@ -8,6 +8,7 @@ import json
 import pytest
 
 from evaluation.report import (
+    SCHEMA_VERSION,
     ReportError,
     render_markdown,
     validate_report,
@@ -20,13 +21,18 @@ PAIR = {"miou_mask": 0.4, "miou_box": 0.5}
 
 def good_report() -> dict:
     rows = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]
+    unknown = "UNKNOWN PROVENANCE: no training_data.yaml"
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
+        "warnings": [unknown],
+        "data_provenance": {"status": "unknown", "message": unknown, "training": None,
+                            "benchmark": {"generators": [], "not_generated": 4},
+                            "overlapping_cases": 0},
         "meta": {"checkpoint": "ckpt", "bench_dir": "bench", "command": "eval.py",
                  "device": "cpu", "date": "2025-01-01T00:00:00", "versions": {"torch": "x"}},
         "counts": {"cases_found": 5, "cases_loaded": 4, "skipped": 1, "with_reference_mask": 4,
                    "without_reference_mask": 0, "with_target": 4, "sweep_cases": 4,
-                   "feature_matching_failures": 2},
+                   "calibration_cases": 2, "report_cases": 2, "feature_matching_failures": 2},
         "skipped": [{"id": "bad", "reason": "missing required file(s): mask"}],
         "correspondence": {
             "num_cases": 4, "timesteps": [667, 334], "layers": [0, 1, 2], "seeds": [0],
@@ -34,21 +40,35 @@ def good_report() -> dict:
             "table": {"mask": rows, "box": rows},
             "curves": {"timestep": {"mask": [0.2, 0.5], "box": [0.2, 0.5]},
                        "layer": {"mask": [0.25, 0.35, 0.45], "box": [0.25, 0.35, 0.45]}},
-            "best": {"t": 334, "t_index": 1, "layer": 2, "miou_mask": 0.6, "miou_box": 0.6},
+            "best": {"t": 334, "t_index": 1, "layer": 2, "miou_mask": 0.55, "miou_box": 0.5,
+                     "calibration": {"miou_mask": 0.65, "miou_box": 0.7}},
+            "in_sample_best": {"t": 334, "t_index": 1, "layer": 2, **PAIR},
+            "split": {"held_out": True, "seed": 0, "calibration_fraction": 0.5,
+                      "calibration_ids": ["a", "b"], "report_ids": ["c", "d"]},
+            "stability": {"resamples": 200, "seed": 0, "chosen_win_frequency": 0.61,
+                          "distinct_winners": 3,
+                          "wins": [{"t": 334, "t_index": 1, "layer": 2, "frequency": 0.61},
+                                   {"t": 667, "t_index": 0, "layer": 2, "frequency": 0.3}],
+                          "held_out_of_resampled_choice": {"mean": 0.5, "low": 0.4,
+                                                           "high": 0.55},
+                          "chosen_held_out": {"mean": 0.55, "low": 0.3, "high": 0.8}},
             "topk": {"ks": [1, 3], "best_cell": PAIR,
                      "in_sample": [{"k": 1, "cells": [[1, 2]], **PAIR},
                                    {"k": 3, "cells": [[1, 2], [1, 1], [1, 0]], **PAIR}],
                      "in_sample_beats_best_cell": False, "held_out": None, "note": "n"},
             "baselines": {"whole_reference": PAIR, "same_position_box": PAIR,
                           "feature_matching": PAIR},
+            "baselines_all_cases": {"whole_reference": PAIR, "same_position_box": PAIR,
+                                    "feature_matching": PAIR},
             "feature_matching": {"attempts": 4, "failures": 2, "failed": []},
             "deployed": {**PAIR, "num_cases": 4},
             "by_category": {"synthetic": {"num_cases": 4, "ours": PAIR, "whole_reference": PAIR,
                                           "same_position_box": PAIR, "feature_matching": PAIR}},
         },
-        "refinement": {"aligned_crop": {"psnr": 20.0, "clip": "not available (no weights)"}},
+        "refinement": {"aligned_crop": {"psnr": 20.0, "gms": 0.7,
+                                        "clip": "not available (no weights)"}},
         "refinement_by_category": {"synthetic": {"aligned_crop": {"psnr": 20.0}}},
-        "refinement_status": {"run": True, "reason": None},
+        "refinement_status": {"run": True, "reason": None, "error": None},
         "alignment": {"timestep": 334, "block": 2, "threshold": 0.5, "margin": 0.1},
         "figures": {"heatmap_mask": "figures/heatmap_mask.png"},
     }
@@ -61,15 +81,19 @@ def test_good_report_validates_and_renders(tmp_path) -> None:
     assert json.loads(path.read_text())["correspondence"]["best"]["layer"] == 2
     md = write_report_md(report, tmp_path / "report.md").read_text()
     for text in ("whole_reference", "same_position_box", "feature_matching", "aligned_crop",
-                 "synthetic", "figures/heatmap_mask.png", "bad"):
+                 "synthetic", "figures/heatmap_mask.png", "bad", "gms"):
         assert text in md
+    # warnings head the report; the held-out headline comes before the in-sample rows
+    assert md.index("WARNING:** UNKNOWN PROVENANCE") < md.index("## Cases")
+    assert md.index("Headline (held-out report cases, 2 case(s))") < md.index("Secondary")
+    assert "wins 61% of them" in md and "0.550 [0.300, 0.800]" in md
 
 
 def test_report_without_correspondence_or_refinement_is_valid() -> None:
     report = good_report()
     report["correspondence"] = None
     report["refinement"], report["refinement_by_category"] = {}, {}
-    report["refinement_status"] = {"run": False, "reason": "evaluation.refinement missing"}
+    report["refinement_status"] = {"run": False, "reason": "run_refinement=false", "error": None}
     validate_report(report)
     assert "Not run" in render_markdown(report)
 
@@ -100,6 +124,16 @@ def _broken(path: str, value=None, delete: bool = False) -> dict:
     (_broken("refinement.aligned_crop", {"psnr": [1, 2]}), "refinement.aligned_crop"),
     (_broken("alignment.block", delete=True), "alignment"),
     (_broken("schema_version", 0), "schema_version"),
+    (_broken("warnings", []), "must include data_provenance.message"),
+    (_broken("data_provenance.status", "fine"), "data_provenance"),
+    (_broken("correspondence.split.report_ids", ["a", "c"]), "overlap"),
+    (_broken("correspondence.stability.chosen_win_frequency", 1.5), "chosen_win_frequency"),
+    (_broken("correspondence.stability.chosen_held_out", {"mean": 0.5, "low": 0.6,
+                                                          "high": 0.4}), "low > high"),
+    (_broken("correspondence.best.calibration", delete=True), "best.calibration"),
+    (_broken("correspondence.baselines_all_cases", delete=True), "baselines_all_cases"),
+    (_broken("refinement_status", {"run": False, "reason": "failed"}), "refinement_status"),
+    (_broken("counts.report_cases", delete=True), "counts.report_cases"),
 ])
 def test_broken_reports_are_rejected(report: dict, expected: str) -> None:
     with pytest.raises(ReportError, match=expected.replace("[", r"\[")):

@@ -15,11 +15,14 @@ from evaluation.sweep import (
     SweepConfig,
     aggregate_grids,
     best_cell,
+    calibrate,
     case_tensors,
+    choice_stability,
     collect_vectors,
     normalised_grids,
     run_sweep,
     score_grids,
+    split_ids,
     sweep_timesteps,
     top_cells,
 )
@@ -97,13 +100,26 @@ def test_run_sweep_tables_curves_and_topk(components) -> None:
     assert result.scores_mask.shape == (4, 2, 3, n_layers)
     curves = result.curves()
     assert len(curves["timestep"]["mask"]) == 3 and len(curves["layer"]["box"]) == n_layers
+    # (t*, l*): argmax over the calibration cases, scored on the others
+    cal, rep = result.split["calibration_ids"], result.split["report_ids"]
+    assert result.split["held_out"] and len(cal) == len(rep) == 2
+    assert sorted(cal + rep) == result.case_ids
+    cal_idx = [result.case_ids.index(i) for i in cal]
+    rep_idx = [result.case_ids.index(i) for i in rep]
     best = result.best
-    assert best["miou_mask"] == pytest.approx(result.table_mask.max())
+    ti, li = best["t_index"], result.blocks.index(best["layer"])
+    cal_table = result.scores_mask[cal_idx].mean(axis=(0, 1))
+    assert cal_table[ti, li] == pytest.approx(cal_table.max())
+    assert best["calibration"]["miou_mask"] == pytest.approx(cal_table.max())
+    assert best["miou_mask"] == pytest.approx(result.scores_mask[rep_idx][:, :, ti, li].mean())
+    assert result.in_sample_best["miou_mask"] == pytest.approx(result.table_mask.max())
     assert best["t"] == result.timesteps[best["t_index"]]
     assert [r["k"] for r in result.topk["in_sample"]] == [1, 2, 50]
     assert len(result.topk["in_sample"][2]["cells"]) == 3 * n_layers  # k capped at T x L
     held = result.topk["held_out"]
     assert held["num_select"] == 2 and held["num_score"] == 2
+    assert held["best_cell"]["miou_mask"] == pytest.approx(best["miou_mask"])
+    assert result.stability["resamples"] == 200
     assert result.best_heat(0, (224, 224)).shape == (224, 224)
     d = result.to_dict()
     assert len(d["table"]["mask"]) == 3 and len(d["table"]["mask"][0]) == n_layers
@@ -116,6 +132,52 @@ def test_best_cell_on_constructed_table() -> None:
     box = np.full((4, 3), 0.1)
     best = best_cell(mask, box, [900, 600, 300, 0], [4, 5, 6])
     assert best == {"t": 900, "t_index": 0, "layer": 6, "miou_mask": 0.7, "miou_box": 0.1}
+
+
+def test_split_ids_is_seeded_disjoint_and_complete() -> None:
+    ids = [f"c{i}" for i in range(11)]
+    cal, rep = split_ids(ids, 0.5, seed=3)
+    assert len(cal) == 6 and len(rep) == 5 and not set(cal) & set(rep)
+    assert sorted(cal + rep) == sorted(ids) and cal == sorted(cal)  # input order kept
+    assert split_ids(ids, 0.5, seed=3) == (cal, rep)
+    assert split_ids(ids, 0.5, seed=4) != (cal, rep)
+    assert len(split_ids(ids, 0.99, 0)[1]) == 1  # the report part is never empty
+    assert split_ids(["only"], 0.5, 0) == (["only"], ["only"])
+
+
+def test_calibrate_chooses_on_calibration_and_scores_on_report() -> None:
+    """Calibration cases prefer cell (0, 1), report cases prefer (1, 0): the choice is the
+    calibration's, its score the report's, whatever the whole table's argmax."""
+    mask = np.zeros((4, 1, 2, 2))
+    mask[:2, 0, 0, 1] = 0.6  # calibration cases c0, c1
+    mask[2:, 0, 1, 0] = 0.9  # report cases c2, c3
+    mask[2:, 0, 0, 1] = 0.2
+    best, cal, rep = calibrate((mask, mask / 2), ["c0", "c1", "c2", "c3"], ["c0", "c1"],
+                               [800, 200], [5, 7])
+    assert (best["t_index"], best["layer"], best["t"]) == (0, 7, 800)
+    assert best["calibration"]["miou_mask"] == pytest.approx(0.6)
+    assert best["miou_mask"] == pytest.approx(0.2) and best["miou_box"] == pytest.approx(0.1)
+    assert (cal, rep) == ([0, 1], [2, 3])
+
+
+def test_choice_stability_on_constructed_scores() -> None:
+    rng = np.random.default_rng(0)
+    # one dominant cell: it wins every resample; a flat table: wins spread over cells
+    dominant = rng.uniform(0.0, 0.1, (20, 1, 3, 2))
+    dominant[:, 0, 2, 1] = 0.8
+    stab = choice_stability(dominant, range(10), range(10, 20), (2, 1), [900, 500, 100],
+                            [3, 4], resamples=100)
+    assert stab["chosen_win_frequency"] == 1.0 and stab["distinct_winners"] == 1
+    assert stab["wins"] == [{"t": 100, "t_index": 2, "layer": 4, "frequency": 1.0}]
+    assert stab["chosen_held_out"]["mean"] == pytest.approx(0.8)
+    flat = rng.uniform(0.3, 0.5, (20, 1, 3, 2))
+    stab = choice_stability(flat, range(10), range(10, 20), (0, 0), [900, 500, 100], [3, 4],
+                            resamples=200)
+    assert stab["distinct_winners"] >= 3 and stab["chosen_win_frequency"] < 0.7
+    assert sum(w["frequency"] for w in stab["wins"]) <= 1.0 + 1e-9
+    spread = stab["chosen_held_out"]
+    assert spread["low"] < spread["mean"] < spread["high"]
+    assert spread["mean"] == pytest.approx(flat[10:, 0, 0, 0].mean(), abs=0.02)
 
 
 def test_top_cells_and_aggregation_math() -> None:
@@ -146,7 +208,7 @@ def test_case_tensors_resize_image_not_reference() -> None:
     assert image.shape == (1, 3, 64, 64) and mask.shape == (1, 1, 64, 64)
     assert reference.shape == (1, 3, 100, 100)
     assert image.min() >= -1 and image.max() <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
-    assert mask.sum() > 0
+    assert mask.sum() == 4 * case.mask.sum()  # nearest-cell upsampling doubles each side
 
 
 def test_case_noise_does_not_depend_on_the_batch():

@@ -97,6 +97,11 @@ def test_train_entry_point_runs_and_exports(tmp_path):
     assert "Training finished" in done.stdout and "baseline: whole_reference" in done.stdout
     exports = list(tmp_path.glob("train/*/export/model.safetensors"))
     assert len(exports) == 1
+    from data.provenance import read_training_data
+
+    record = read_training_data(exports[0].parent)  # eval.py checks benchmarks against it
+    assert record["train"]["namespace"] == "train" and record["train"]["seed"] == 0
+    assert record["validation"]["namespace"] == "validation"
     assert list(tmp_path.glob("train/*/checkpoints/last.ckpt"))
     assert list(tmp_path.glob("train/*/csv/metrics.csv"))
 

@@ -1,0 +1,120 @@
+"""Which generated data trained an export, and whether a benchmark could share items with it.
+
+train.py writes ``<export>/training_data.yaml`` (:func:`write_training_data`): the data source
+and, per use (train, validation), the seed namespace and seed of data/synthetic.py's item
+generator. Benchmark cases written by data/benchmark.py carry ``namespace``, ``seed`` and
+``index`` in meta.json. :func:`check_overlap` compares the two:
+
+- ``overlap``: a benchmark case comes from a generator (namespace, seed) that made the
+  export's training or validation data (model selection saw the latter): eval.py refuses
+  (or, with ``train_overlap=warn``, says so loudly in the report);
+- ``disjoint``: every generated case is in another namespace or seed than the training data;
+- ``unknown``: the export has no record (trained before seed namespaces existed, or not by
+  train.py), or cases come from the pre-namespace generator: nothing can be guaranteed;
+- ``not_generated``: no case says how it was generated (hand-made benchmark): not checked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+TRAINING_DATA = "training_data.yaml"
+LEGACY = "legacy"  # cases written before namespaces: SeedSequence([seed, index])
+
+
+def training_data_record(data_cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The provenance of a PairDataModule config (configs/data/*): what train.py records.
+
+    Shards carry no generator seed we can trust here; synthetic shards are always drawn from
+    the "train" namespace, so their seed is recorded as null (= any seed).
+    """
+    source = str(data_cfg.get("source", "synthetic"))
+    train: dict[str, Any] = {"source": source, "namespace": "train",
+                             "seed": int(data_cfg["train_seed"]) if source == "synthetic"
+                             else None}
+    if source != "synthetic":
+        train["shard_urls"] = data_cfg.get("shard_urls")
+    else:
+        train["length"] = int(data_cfg.get("train_length", 0))
+    return {"train": train,
+            "validation": {"source": "synthetic", "namespace": "validation",
+                           "seed": int(data_cfg["val_seed"]),
+                           "length": int(data_cfg.get("val_length", 0))}}
+
+
+def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path
+                        ) -> Path:
+    """Write ``training_data.yaml`` next to an export's weights."""
+    path = Path(export_dir) / TRAINING_DATA
+    body = OmegaConf.to_yaml(OmegaConf.create(training_data_record(data_cfg)))
+    path.write_text("# written by train.py: the generated data this export saw; eval.py "
+                    "refuses benchmarks drawn from it\n" + body)
+    return path
+
+
+def read_training_data(export_dir: str | Path) -> dict[str, Any] | None:
+    """The export's record, or None when it has none (unknown provenance)."""
+    path = Path(export_dir) / TRAINING_DATA
+    if not path.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def case_generator(meta: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(namespace, seed) of a generated case from its meta.json; None if not generated here."""
+    if "seed" not in meta or "index" not in meta:
+        return None
+    return str(meta.get("namespace", LEGACY)), int(meta["seed"])
+
+
+def check_overlap(training: Mapping[str, Any] | None, metas: Iterable[Mapping[str, Any]]
+                  ) -> dict[str, Any]:
+    """Compare a benchmark's case generators with an export's training data (module docstring).
+
+    Returns {status, message, training, benchmark: {generators: [{namespace, seed, cases}],
+    not_generated}, overlapping_cases}.
+    """
+    counts: Counter[tuple[str, int] | None] = Counter(case_generator(m) for m in metas)
+    not_generated = counts.pop(None, 0)
+    generators = [{"namespace": ns, "seed": seed, "cases": n}
+                  for (ns, seed), n in sorted(counts.items())]
+    bench = {"generators": generators, "not_generated": not_generated}
+    result: dict[str, Any] = {"training": dict(training) if training else None,
+                              "benchmark": bench, "overlapping_cases": 0}
+    legacy = sum(g["cases"] for g in generators if g["namespace"] == LEGACY)
+    if not generators:
+        return {**result, "status": "not_generated",
+                "message": "no case records a generator seed (hand-made benchmark): "
+                           "overlap with the training data not checked"}
+    if training is None:
+        message = ("UNKNOWN PROVENANCE: the export has no training_data.yaml (trained before "
+                   "seed namespaces, or not by train.py), so nothing guarantees that the "
+                   "benchmark is disjoint from its training data")
+        if legacy:
+            message += (f"; {legacy} case(s) come from the pre-namespace generator, the one "
+                        "such exports trained with: benchmark case i may be training item i")
+        return {**result, "status": "unknown", "message": message}
+    uses = {name: u for name, u in training.items() if isinstance(u, Mapping)
+            and u.get("namespace")}
+    hits = [{**g, "use": name} for g in generators for name, u in uses.items()
+            if g["namespace"] == u["namespace"] and u.get("seed") in (None, g["seed"])]
+    result["overlapping_cases"] = sum(g["cases"] for g in hits)
+    if hits:
+        which = ", ".join(f"{g['namespace']}/seed {g['seed']} ({g['cases']} cases, the "
+                          f"export's {g['use']} data)" for g in hits)
+        return {**result, "status": "overlap",
+                "message": f"OVERLAP: benchmark cases come from a generator that made the "
+                           f"export's training or validation data: {which}"}
+    if legacy:
+        return {**result, "status": "unknown",
+                "message": f"{legacy} case(s) come from the pre-namespace generator "
+                           "(SeedSequence([seed, index])): not guaranteed disjoint from "
+                           "namespaced training data; regenerate the benchmark"}
+    return {**result, "status": "disjoint",
+            "message": "every generated case comes from another seed namespace or seed than "
+                       "the export's training data"}
