@@ -37,7 +37,7 @@ import platform
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,28 @@ def report_warnings(verdict: dict[str, Any], held_out: bool, sweep: SweepResult 
     return warnings
 
 
+def compare_readouts(components: Components, cases: Sequence[BenchmarkCase],
+                     sweep_cfg: SweepConfig, sweep: SweepResult, calibration_ids: Sequence[str],
+                     others: Sequence[str], progress: bool) -> dict[str, dict[str, Any]]:
+    """Each read-out's best cell, chosen on the calibration cases and scored on the others:
+    the deployed one (``sweep.readout``) and every one of ``sweep.compare_readouts``."""
+    def row(result: SweepResult) -> dict[str, Any]:
+        return {k: result.best[k] for k in ("t", "t_index", "layer", "miou_mask", "miou_box")}
+
+    rows = {sweep_cfg.readout: {**row(sweep), "deployed": True}}
+    for readout in dict.fromkeys(others):
+        if readout == sweep_cfg.readout:
+            continue
+        try:
+            other = run_sweep(components, cases, replace(sweep_cfg, readout=readout, bootstrap=0),
+                              progress=progress, calibration_ids=calibration_ids)
+        except Exception as err:
+            raise EvalError("sweep", f"read-out {readout}: {err.__class__.__name__}: {err}"
+                            ) from err
+        rows[readout] = {**row(other), "deployed": False}
+    return rows
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     """The whole evaluation; returns the path of report.json, raises :class:`EvalError`."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +334,9 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         chosen.timestep, chosen.block = sweep.best["t"], sweep.best["layer"]
         chosen.readout, chosen.num_steps = sweep_cfg.readout, sweep_cfg.num_timesteps
         scored_ids = sweep.split["report_ids"]
-        correspondence = {**sweep.to_dict(),
+        readouts = compare_readouts(components, sweepable, sweep_cfg, sweep, calibration_ids,
+                                    list(cfg.sweep.get("compare_readouts") or []), cfg.progress)
+        correspondence = {**sweep.to_dict(), "readouts": readouts,
                           "baselines": baseline_means(baselines, scored_ids),
                           "baselines_all_cases": baselines["scores"],
                           "feature_matching": baselines["feature_matching"],
@@ -344,9 +368,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         correspondence["deployed"] = {**_mean_pair(deployed), "num_cases": len(deployed)}
 
     refine_cfg = cfg.copy()
-    OmegaConf.update(refine_cfg, "refinement.alignment",
-                     {"timestep": chosen.timestep, "block": chosen.block,
-                      "threshold": chosen.threshold, "margin": chosen.margin}, merge=True)
+    OmegaConf.update(refine_cfg, "refinement.alignment", asdict(chosen), merge=True)
     result, status = run_refinement(report_cases, components, alignments, refine_cfg)
     outputs = result.pop("outputs", {}) if result else {}
     rows = qualitative_rows(report_cases, alignments, outputs, int(cfg.qualitative.num_cases))
@@ -384,8 +406,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         if result else {},
         "refinement_counts": _jsonable_metrics(result.get("counts", {})) if result else {},
         "refinement_status": status,
-        "alignment": {"timestep": int(chosen.timestep), "block": int(chosen.block),
-                      "threshold": float(chosen.threshold), "margin": float(chosen.margin)},
+        "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},
     }
     path = write_report_json(report, run_dir / "report.json")

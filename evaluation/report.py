@@ -35,6 +35,8 @@ report.json schema (version 2; also in docs/report_schema.md)::
                  on the report cases; baselines_all_cases: the same on every swept case
       feature_matching: {attempts, failures, failed: [{id, reason}]}
       deployed:  null | {miou_mask, miou_box, num_cases}   align() at (t*, l*), report cases
+      readouts:  {readout: {t, t_index, layer, miou_mask, miou_box, deployed}}  each read-out's
+                 best cell on the calibration cases, scored on the report cases
       by_category: {category: {num_cases, ours: {..}, <baseline>: {miou_mask, miou_box}}}
     refinement:  {method: {metric: number | note}}   on the report cases; empty when the
                  refinement evaluation did not run; a note string (e.g. "not available (no
@@ -42,7 +44,7 @@ report.json schema (version 2; also in docs/report_schema.md)::
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
     refinement_status: {run: bool, reason: str | null, error: str | null}
-    alignment:   {timestep, block, threshold, margin}      what alignment.yaml holds
+    alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
 
 All mIoU values are in [0, 1] (NaN is allowed only where no case could be scored).
@@ -395,6 +397,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += ["No case has a reference_mask: the calibration sweep was not run.", ""]
     else:
         out += _correspondence_lines(corr)
+        if len(corr.get("readouts", {})) > 1:
+            out += ["### Read-outs side by side (best cell on calibration, scored held out)", ""]
+            out += _table(["read-out", "t (index)", "block", "mIoU mask", "mIoU box"],
+                          [[f"{name}{' (deployed)' if r['deployed'] else ''}",
+                            f"{r['t']} ({r['t_index']})", r["layer"], f"{r['miou_mask']:.3f}",
+                            f"{r['miou_box']:.3f}"] for name, r in corr["readouts"].items()])
     out += [f"## Refinement ({counts.get('report_cases', '?')} report case(s))", "",
             "PSNR and SSIM in the mask's box; L1 and gms (gradient magnitude similarity, "
             "1 = the target's edges; a smooth fill scores low) in the mask.", ""]
@@ -409,7 +417,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     align = report["alignment"]
     out += ["## Chosen alignment (alignment.yaml)", "",
             f"timestep {align['timestep']}, block {align['block']}, threshold "
-            f"{align['threshold']}, margin {align['margin']}", ""]
+            f"{align['threshold']}, margin {align['margin']}, read-out "
+            f"{align.get('readout', 'forward_noise')}", ""]
     if report["figures"]:
         out += ["## Figures", ""]
         out += [f"![{name}]({rel})" for name, rel in report["figures"].items()] + [""]

@@ -64,6 +64,7 @@ class SweepConfig:
     split: bool = True  # choose on a calibration part, score on the rest (False: in-sample)
     split_seed: int = 0
     readout: str = "forward_noise"  # or "trajectory": see models.alignment.attention_vectors
+    compare_readouts: list[str] = field(default_factory=list)  # eval.py sweeps these too
     calibration_fraction: float = 0.5
     bootstrap: int = 200  # resamples of the calibration cases for the stability of (t*, l*)
     bootstrap_seed: int = 0

@@ -78,6 +78,12 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
         report["figures"])
     md = (run_dir / "report.md").read_text()
     assert "99999_broken" in md and "feature_matching" in md and "UNKNOWN PROVENANCE" in md
+    # both read-outs swept on the same split; the deployed one is what alignment.yaml says
+    readouts = corr["readouts"]
+    assert set(readouts) == {"forward_noise", "trajectory"}
+    assert readouts["forward_noise"]["deployed"] and not readouts["trajectory"]["deployed"]
+    assert readouts["forward_noise"]["layer"] == corr["best"]["layer"]
+    assert report["alignment"]["readout"] == "forward_noise" and "Read-outs side by side" in md
     chosen = AlignmentConfig(**OmegaConf.load(run_dir / "alignment.yaml"))
     assert chosen.timestep == corr["best"]["t"] and chosen.block == corr["best"]["layer"]
 
