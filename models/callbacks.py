@@ -5,10 +5,12 @@ its samples and the loss terms), and samples skipped from bad shards are counted
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.nn.utils import get_total_norm
 
 from data.modes import MODE_NAMES
 
@@ -34,9 +36,10 @@ def describe_samples(batch: dict[str, Any], limit: int = 16) -> str:
 
 
 def nonfinite_gradients(module: torch.nn.Module) -> list[str]:
-    """Names of parameters whose gradient holds NaN or inf (one device sync when all are fine)."""
+    """Names of parameters whose gradient holds NaN or inf; when all are finite, one fused
+    max-norm pass (NaN and inf propagate through it; no overflow) and one device sync."""
     named = [(n, p.grad) for n, p in module.named_parameters() if p.grad is not None]
-    if not named or torch.stack([g.isfinite().all() for _, g in named]).all():
+    if not named or get_total_norm([g for _, g in named], norm_type=math.inf).isfinite():
         return []
     return [n for n, g in named if not g.isfinite().all()]
 
@@ -69,7 +72,7 @@ class StopOnNonFinite(pl.Callback):
         if self._bad_loss is None and not torch.isfinite(loss).all():
             terms = getattr(pl_module, "loss_terms", {})
             named = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            self._bad_loss = (f"loss {float(loss):.4g} ({named or 'no terms recorded'}); "
+            self._bad_loss = (f"loss {float(loss.detach()):.4g} ({named or 'no terms recorded'}); "
                               f"samples (mode): {describe_samples(self._batch)}")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
