@@ -182,3 +182,69 @@ def test_too_many_unreadable_shard_samples_stop_with_the_reason(cut_shards):
                        skip_check_after=1)
     with pytest.raises(ShardReadError, match=r"data.max_skip_fraction=0.05.*shard-000000.tar"):
         list(data.train_dataloader())
+
+
+# ----------------------------------------------------------------------------- kill -9
+def test_default_checkpoints_give_the_main_job_a_mid_run_checkpoint():
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from train import instantiate_group
+
+    cfg = compose_config([])  # `python train.py`
+    saving = [c for c in instantiate_group(cfg.callbacks) if isinstance(c, ModelCheckpoint)]
+    by_steps = [c._every_n_train_steps for c in saving if c._every_n_train_steps]
+    assert by_steps and min(by_steps) < cfg.trainer.max_steps
+    assert any(c._train_time_interval is not None and c.save_last for c in saving)
+
+
+def _train_steps(run: Path) -> list[int]:
+    """Steps at which the run logged a training loss (CSV logger, every step)."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_mid_run_checkpoint_then_resume_continues(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    common = [sys.executable, "train.py", *FAST, "trainer.log_every_n_steps=1",
+              "callbacks.model_checkpoint.every_n_train_steps=3", "~callbacks.progress_bar"]
+    first = tmp_path / "first"
+    proc = subprocess.Popen([*common, "trainer.max_steps=200", f"hydra.run.dir={first}"],
+                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    last, deadline = first / "checkpoints" / "last.ckpt", time.time() + 600
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if (first / "checkpoints" / "step0000003.ckpt").exists() and last.exists():
+                try:  # complete (written after the step checkpoint, not atomically)
+                    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+                    break
+                except (RuntimeError, EOFError):
+                    pass
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and step >= 3
+    killed_at = max(_train_steps(first))
+
+    second = tmp_path / "second"
+    done = subprocess.run([*common, f"trainer.max_steps={step + 3}", f"hydra.run.dir={second}",
+                           f"ckpt_path={last}"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"steps            : {step + 3}" in done.stdout
+    resumed = _train_steps(second)
+    assert resumed == list(range(step, step + 3)), resumed  # continues, no restart from 0
+    assert killed_at >= step - 1  # the killed run had logged up to the checkpoint
