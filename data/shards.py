@@ -317,36 +317,42 @@ class ShardReadError(RuntimeError):
 class ShardErrors:
     """webdataset error handler that skips a bad shard or sample, counts it and warns with
     the shard and key, and stops once skips exceed ``max_fraction`` of what was seen (read +
-    skipped), checked from ``check_after`` seen on. Counts are shared by the loader workers.
+    skipped), checked from ``check_after`` seen on.
 
     A skip is one event: a sample that fails to decode, or the rest of a shard that cannot be
-    read (a truncated shard loses its remaining samples as one skip).
+    read (a truncated shard loses its remaining samples as one skip). Counts live in shared
+    memory, one slot per loader worker (no lock, no lost updates), so the training process
+    and every worker see the totals whatever the workers' start method.
     """
+
+    SLOTS = 64  # the main process and loader workers 0..62 (more share slots modulo)
 
     def __init__(self, max_fraction: float = 0.01, check_after: int = 1000) -> None:
         if not 0 <= max_fraction <= 1:
             raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
         self.max_fraction = max_fraction
         self.check_after = check_after
-        self._counts = multiprocessing.Array("q", 2)  # read, skipped; inherited by workers
+        self._counts = multiprocessing.RawArray("q", 2 * self.SLOTS)  # (read, skipped) per slot
 
     @property
     def read(self) -> int:
-        return self._counts[0]
+        return sum(self._counts[0::2])
 
     @property
     def skipped(self) -> int:
-        return self._counts[1]
+        return sum(self._counts[1::2])
+
+    def _slot(self) -> int:
+        worker = torch.utils.data.get_worker_info()
+        return 2 * (0 if worker is None else (worker.id + 1) % self.SLOTS)
 
     def count_read(self) -> None:
-        with self._counts.get_lock():
-            self._counts[0] += 1
+        self._counts[self._slot()] += 1
 
     def __call__(self, exn: Exception) -> bool:
         """The handler: warn, count, and continue (True) unless past the limit."""
-        with self._counts.get_lock():
-            self._counts[1] += 1
-            read, skipped = self._counts[0], self._counts[1]
+        self._counts[self._slot() + 1] += 1
+        read, skipped = self.read, self.skipped
         log.warning("skipping unreadable shard data (%d skipped so far): %s", skipped,
                     _describe(exn))
         seen = read + skipped

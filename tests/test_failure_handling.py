@@ -224,7 +224,7 @@ def test_kill_9_after_a_mid_run_checkpoint_then_resume_continues(tmp_path):
     try:
         while proc.poll() is None and time.time() < deadline:
             if (first / "checkpoints" / "step0000003.ckpt").exists() and last.exists():
-                try:  # complete (written after the step checkpoint, not atomically)
+                try:  # written after the step checkpoint; read it once it is complete
                     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
                     break
                 except (RuntimeError, EOFError):
