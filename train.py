@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,28 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if node and "_target_" in node]
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse a resume checkpoint that cannot be read, naming it (torch's error does not).
+
+    Memory-mapped, so only the pickled structure is read, not the tensors. A folder (a
+    sharded FSDP checkpoint) is left to Lightning.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path {path} does not exist")
+    if path.is_file():
+        try:
+            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(f"ckpt_path {path}: unreadable, truncated or corrupt checkpoint "
+                             f"({str(err).splitlines()[0]})") from err
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the module described by ``cfg``; export EMA weights; return the final metrics."""
     check_config(cfg)
+    if cfg.get("ckpt_path"):
+        check_checkpoint(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     datamodule = instantiate(cfg.data)

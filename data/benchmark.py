@@ -1,4 +1,4 @@
-"""The benchmark folder format (shared/BENCHMARK_FORMAT.md): synthetic writer and strict reader.
+"""The benchmark folder format (docs/benchmark_format.md): synthetic writer and strict reader.
 
 BENCH_DIR/<case_id>/ image.* mask.* reference.* [reference_mask.*] [target.*] [meta.json]
 Any Pillow-readable extension is accepted. Malformed cases are returned with a reason rather

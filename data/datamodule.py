@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from data.latent_shards import latent_shard_dataset, read_manifest
 from data.masks import MaskConfig
 from data.modes import ALIGNMENT
-from data.shards import expand_urls, shard_dataset
+from data.shards import ShardErrors, expand_urls, shard_dataset
 from data.synthetic import SyntheticPairs
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ class PairDataModule(pl.LightningDataModule):
     `source`: "synthetic" (generated on the fly), "shards" (scripts/make_shards.py) or
     "latent_shards" (scripts/make_latent_shards.py: latents precomputed, no VAE in the step;
     mode mix and masks were fixed when they were written).
+
+    Shard sources skip unreadable shards and samples (warned, counted in `shard_errors`) and
+    stop once more than `max_skip_fraction` of what was seen is skipped, checked from
+    `skip_check_after` samples on.
     """
 
     def __init__(
@@ -54,6 +58,8 @@ class PairDataModule(pl.LightningDataModule):
         mask_p_box: float = 0.2,
         mask_min_area: float = 0.02,
         mask_max_area: float = 0.5,
+        max_skip_fraction: float = 0.01,
+        skip_check_after: int = 1000,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -67,6 +73,7 @@ class PairDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.latent_manifest: dict | None = None
+        self.shard_errors: ShardErrors | None = None  # counts of skipped shard data (shards only)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -81,19 +88,20 @@ class PairDataModule(pl.LightningDataModule):
                 trainer = self.trainer
                 rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
                 urls = expand_urls(hp.shard_urls)
+                self.shard_errors = ShardErrors(hp.max_skip_fraction, hp.skip_check_after)
             if hp.source == "latent_shards":
                 self.latent_manifest = self._checked_manifest(urls)
                 self.train_set = latent_shard_dataset(
                     urls, seed=hp.train_seed, shuffle=hp.shuffle_buffer,
                     resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
-                    rank=rank, world_size=world)
+                    rank=rank, world_size=world, errors=self.shard_errors)
             elif hp.source == "shards":
                 self.train_set = shard_dataset(
                     urls, seed=hp.train_seed, image_size=hp.image_size,
                     reference_size=hp.reference_size, align_ratio=hp.align_ratio,
                     mask_config=self.mask_config, shuffle=hp.shuffle_buffer,
                     resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
-                    rank=rank, world_size=world)
+                    rank=rank, world_size=world, errors=self.shard_errors)
         if self.val_set is None:
             self.val_set = SyntheticPairs(
                 length=hp.val_length, seed=hp.val_seed, image_size=hp.image_size,

@@ -34,9 +34,11 @@ from tqdm import tqdm
 from data.masks import MaskConfig
 from data.shards import (
     SampleDecoder,
+    ShardErrors,
     ShardPipeline,
     decode_npy,
     decode_png,
+    decode_with,
     encode_npy,
     encode_png,
     expand_urls,
@@ -265,7 +267,10 @@ def latent_shard_dataset(
     epoch_length: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    errors: ShardErrors | None = None,
 ) -> ShardPipeline:
-    """IterableDataset over latent shards, split over ranks and workers like pixel shards."""
-    ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size).map(LatentDecoder())
+    """IterableDataset over latent shards, split over ranks and workers like pixel shards;
+    with `errors`, unreadable shards and samples are skipped and counted, else they raise."""
+    ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size, errors)
+    ds = decode_with(ds, LatentDecoder(), errors)
     return ds.with_epoch(epoch_length) if epoch_length is not None else ds

@@ -12,7 +12,9 @@ Sample contract (what models/ and train.py rely on):
   reference_mask  float32 [1,R,R] in {0,1}, region of `reference` matching `mask`
   mode            int64 scalar, 0 = alignment, 1 = refinement
 Latent shards (data/latent_shards.py) carry `latents` and `masked_latents` [C,h,w] instead
-of `target`.
+of `target`. Samples say where they came from, so a failing batch can be named: shard
+samples carry webdataset's `__key__` (str), synthetic pairs `index` (int64 scalar: the item
+number, which with the dataset's seed regenerates the sample).
 """
 
 from __future__ import annotations

@@ -8,8 +8,6 @@ placed there.
 
 from __future__ import annotations
 
-import logging
-import os
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-log = logging.getLogger(__name__)
-
-# System font locations searched for DejaVu fonts; overridable with RBA_FONT_DIRS (os.pathsep list).
-DEFAULT_FONT_DIRS: tuple[str, ...] = ("/usr/share/fonts/truetype/dejavu",)
+# DejaVu faces shipped with matplotlib (its mathtext-only "Display" faces lack most glyphs)
+FONT_FILES: tuple[str, ...] = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
+)
 BODY_SHAPES: tuple[str, ...] = ("label", "ellipse", "bag", "can", "shirt", "polygon")
 DETAIL_KINDS: tuple[str, ...] = ("text", "emblem", "stripes", "checker", "dots", "chevrons")
 TEXT_ALPHABET = string.ascii_uppercase + string.digits + "&#@"
@@ -40,25 +41,29 @@ class ObjectView:
     meta: dict = field(default_factory=dict)
 
 
+def font_dir() -> Path:
+    """matplotlib's bundled TrueType fonts: a pinned dependency, so every machine has the
+    same font files (system fonts differ between machines and would change the pixels)."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
 @lru_cache(maxsize=1)
 def font_paths() -> tuple[str, ...]:
-    """TrueType fonts available for lettering; empty tuple means Pillow's default font only."""
-    dirs = os.environ.get("RBA_FONT_DIRS")
-    search = dirs.split(os.pathsep) if dirs else DEFAULT_FONT_DIRS
-    found = sorted(str(p) for d in search if Path(d).is_dir() for p in Path(d).glob("*.ttf"))
-    found = [p for p in found if "Math" not in p]  # math font lacks most Latin glyph shapes
-    if not found:
-        log.info("no TrueType fonts found in %s; using Pillow's default font only", search)
-    return tuple(found)
+    """The lettering fonts, in a fixed order; refuses a matplotlib that lacks one."""
+    paths = tuple(font_dir() / name for name in FONT_FILES)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"lettering fonts missing from matplotlib's data: {missing} "
+                                "(install the matplotlib version pinned in requirements.txt)")
+    return tuple(map(str, paths))
 
 
 @lru_cache(maxsize=512)
-def load_font(index: int, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Font `index` into [default, *font_paths()] at pixel `size` (cached: loading is slow)."""
-    paths = font_paths()
-    if index == 0 or not paths:
-        return ImageFont.load_default(size=size)
-    return ImageFont.truetype(paths[(index - 1) % len(paths)], size=size)
+def load_font(index: int, size: int) -> ImageFont.FreeTypeFont:
+    """Font `index` of `font_paths()` at pixel `size` (cached: loading is slow)."""
+    return ImageFont.truetype(font_paths()[index], size=size)
 
 
 def random_colour(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> tuple[int, int, int]:
@@ -164,7 +169,7 @@ def draw_text_fitted(
     """Draw `text` as large as fits in `box` with a random font (on each draw with its fill)."""
     x0, y0, x1, y1 = box
     w, h = max(1, x1 - x0), max(1, y1 - y0)
-    font_idx = int(rng.integers(0, len(font_paths()) + 1))
+    font_idx = int(rng.integers(0, len(font_paths())))
     size = max(6, int(h * rng.uniform(0.55, 0.95)))
     font = load_font(font_idx, size)
     for _ in range(8):  # shrink until it fits the box width

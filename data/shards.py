@@ -20,8 +20,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -309,6 +310,88 @@ def split_by_rank(urls: Iterable[str], rank: int, world_size: int) -> Iterator[s
     yield from islice(urls, rank, None, world_size)
 
 
+class ShardReadError(RuntimeError):
+    """Too many unreadable shards or samples: the data, not one bad file, is broken."""
+
+
+class ShardErrors:
+    """webdataset error handler that skips a bad shard or sample, counts it and warns with
+    the shard and key, and stops once skips exceed ``max_fraction`` of what was seen (read +
+    skipped), checked from ``check_after`` seen on.
+
+    A skip is one event: a sample that fails to decode, or the rest of a shard that cannot be
+    read (a truncated shard loses its remaining samples as one skip). Counts live in shared
+    memory, one slot per loader worker (no lock, no lost updates), so the training process
+    and every worker see the totals whatever the workers' start method.
+    """
+
+    SLOTS = 64  # the main process and loader workers 0..62 (more share slots modulo)
+
+    def __init__(self, max_fraction: float = 0.01, check_after: int = 1000) -> None:
+        if not 0 <= max_fraction <= 1:
+            raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
+        self.max_fraction = max_fraction
+        self.check_after = check_after
+        self._counts = multiprocessing.RawArray("q", 2 * self.SLOTS)  # (read, skipped) per slot
+
+    @property
+    def read(self) -> int:
+        return sum(self._counts[0::2])
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._counts[1::2])
+
+    def _slot(self) -> int:
+        worker = torch.utils.data.get_worker_info()
+        return 2 * (0 if worker is None else (worker.id + 1) % self.SLOTS)
+
+    def count_read(self) -> None:
+        self._counts[self._slot()] += 1
+
+    def __call__(self, exn: Exception) -> bool:
+        """The handler: warn, count, and continue (True) unless past the limit."""
+        self._counts[self._slot() + 1] += 1
+        read, skipped = self.read, self.skipped
+        log.warning("skipping unreadable shard data (%d skipped so far): %s", skipped,
+                    _describe(exn))
+        seen = read + skipped
+        if seen >= self.check_after and skipped > self.max_fraction * seen:
+            raise ShardReadError(
+                f"{skipped} of {seen} shard samples or shards were unreadable, more than "
+                f"data.max_skip_fraction={self.max_fraction}; last: {_describe(exn)}") from exn
+        return True
+
+
+def _describe(exn: Exception) -> str:
+    """The error with the shard url that webdataset appended to its args."""
+    where = [a for a in exn.args[1:] if isinstance(a, str)]
+    head = exn.args[0] if exn.args else ""
+    return f"{type(exn).__name__}: {head}" + (f" (shard {where[-1]})" if where else "")
+
+
+class SampleError(ValueError):
+    """One shard sample that could not be decoded (names its shard and key)."""
+
+
+@dataclass(frozen=True)
+class CountedDecoder:
+    """Decode a raw sample; on failure raise `SampleError` naming the shard and key (for
+    `ShardErrors` to skip), on success count it as read. Picklable for loader workers."""
+
+    decode: Callable[[dict], dict]
+    errors: ShardErrors
+
+    def __call__(self, sample: dict) -> dict:
+        try:
+            out = self.decode(sample)
+        except Exception as err:
+            raise SampleError(f"shard {sample.get('__url__')}, sample {sample.get('__key__')}: "
+                              f"{type(err).__name__}: {err}") from err
+        self.errors.count_read()
+        return out
+
+
 class ShardPipeline(wds.DataPipeline, wds.compat.FluidInterface):
     """A webdataset pipeline with the fluent interface (``.map``, ``.with_epoch``)."""
 
@@ -326,8 +409,11 @@ def split_webdataset(
     resampled: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
+    errors: ShardErrors | None = None,
 ) -> ShardPipeline:
     """Raw samples of the shards this rank and worker own, optionally shuffled or resampled.
+
+    Unreadable shards go to ``errors`` (skipped and counted) when given, else raise.
 
     Shards are split over ranks by (`rank`, `world_size`), resolved here in the main process
     (from torch.distributed when not given): DataLoader workers cannot see the process group,
@@ -351,7 +437,7 @@ def split_webdataset(
     stages = [source, node_split, wds.split_by_worker]
     if shuffle > 0 and not resampled:
         stages.append(wds.detshuffle(shuffle, seed=seed))
-    stages.append(wds.tarfile_to_samples())
+    stages.append(wds.tarfile_to_samples(handler=errors or wds.reraise_exception))
     if shuffle > 0:
         stages.append(wds.detshuffle(shuffle, seed=seed + 1))
     return ShardPipeline(*stages)
@@ -370,14 +456,25 @@ def shard_dataset(
     epoch_length: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    errors: ShardErrors | None = None,
 ) -> ShardPipeline:
     """IterableDataset over shards (brace pattern or list), decoded to the sample contract.
 
     `shuffle` > 0 shuffles shards and a sample buffer of that size (order only: contents
     stay fixed per key). `resampled` draws shards with replacement forever; give
     `epoch_length` (samples per worker) to bound an epoch. Splitting: `split_webdataset`.
+    With `errors`, unreadable shards and samples are skipped and counted, else they raise.
     """
-    ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size)
-    ds = ds.map(SampleDecoder(seed, image_size, reference_size, align_ratio, force_mode,
-                              mask_config))
+    ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size, errors)
+    decode = SampleDecoder(seed, image_size, reference_size, align_ratio, force_mode,
+                           mask_config)
+    ds = decode_with(ds, decode, errors)
     return ds.with_epoch(epoch_length) if epoch_length is not None else ds
+
+
+def decode_with(ds: ShardPipeline, decode: Callable[[dict], dict],
+                errors: ShardErrors | None) -> ShardPipeline:
+    """``ds.map(decode)``; with ``errors``, a sample that fails is skipped and counted."""
+    if errors is None:
+        return ds.map(decode)
+    return ds.map(CountedDecoder(decode, errors), handler=errors)

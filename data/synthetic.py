@@ -126,5 +126,6 @@ class SyntheticPairs(Dataset):
         content, mode_rng = item_generators(self.seed, index, self.namespace)
         p = make_pair(content, self.reference_res, self.target_res, self.mask_config)
         mode = draw_mode(mode_rng, self.align_ratio, self.force_mode)
-        return to_sample(p.target.rgb, p.mask, p.reference.rgb, p.reference_region, mode,
-                         self.image_size, self.reference_size, mode_rng)
+        sample = to_sample(p.target.rgb, p.mask, p.reference.rgb, p.reference_region, mode,
+                           self.image_size, self.reference_size, mode_rng)
+        return {**sample, "index": torch.tensor(index, dtype=torch.int64)}

@@ -14,7 +14,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from yaml import YAMLError
 
 from models.autoencoder import Autoencoder
 from models.reference_encoder import ReferenceEncoder
@@ -22,6 +24,19 @@ from models.reference_encoder import ReferenceEncoder
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = REPO_ROOT / "checkpoints" / "tiny_synthetic"
 WEIGHTS, CONFIG = "model.safetensors", "model.yaml"
+
+
+class ExportError(ValueError):
+    """An export that is unreadable, corrupt or non-finite; the message names the file."""
+
+
+def check_finite(weights: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse NaN or inf weights (a diverged run): they would refine into garbage silently."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ExportError(f"{file}: non-finite (NaN/inf) values in {len(bad)} of {len(weights)} "
+                          f"tensors ({shown}); the training run diverged")
 
 
 @dataclass
@@ -53,8 +68,10 @@ class Components:
 
 
 def save_export(state_dict: dict[str, torch.Tensor], model_cfg: DictConfig, out_dir: Path) -> Path:
-    """Write ``model.safetensors`` and ``model.yaml`` (interpolations resolved) to ``out_dir``."""
+    """Write ``model.safetensors`` and ``model.yaml`` (interpolations resolved) to ``out_dir``;
+    refuses non-finite weights."""
     out_dir = Path(out_dir)
+    check_finite(state_dict, out_dir / WEIGHTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_dir / WEIGHTS))
     OmegaConf.save(model_cfg, out_dir / CONFIG, resolve=True)
@@ -66,13 +83,24 @@ def load_export(path: str | Path | None = None, device: str | torch.device = "cp
     path = Path(path) if path else DEFAULT_EXPORT
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path} is not an export: expected {WEIGHTS} and {CONFIG} in it")
-    cfg = OmegaConf.load(path / CONFIG)
+    try:
+        cfg = OmegaConf.load(path / CONFIG)
+    except (YAMLError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path / CONFIG}: not a readable model config ({err})") from err
     parts = {name: instantiate(cfg[name]) for name in
              ("denoiser", "reference_encoder", "autoencoder", "noise_scheduler",
               "sampling_scheduler")}
-    weights = load_file(str(path / WEIGHTS))
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except SafetensorError as err:
+        raise ExportError(f"{path / WEIGHTS}: unreadable, truncated or corrupt ({err})") from err
+    check_finite(weights, path / WEIGHTS)
     for name in ("denoiser", "reference_encoder"):
         prefix = f"{name}."
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        parts[name].load_state_dict(own, strict=True)
+        try:
+            parts[name].load_state_dict(own, strict=True)
+        except RuntimeError as err:
+            raise ExportError(f"{path / WEIGHTS}: its {name} weights do not fit the model of "
+                              f"{path / CONFIG} ({err})") from err
     return Components(**parts, config=cfg).to(device).eval()

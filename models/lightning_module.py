@@ -99,6 +99,7 @@ class RefineByAlignModule(pl.LightningModule):
         )
         self.val_table: dict[str, Any] = {}
         self.val_step = -1  # global step of the last completed validation
+        self.loss_terms: dict[str, torch.Tensor] = {}
         self._val_batch: dict[str, torch.Tensor] | None = None
 
     def setup(self, stage: str) -> None:
@@ -169,15 +170,18 @@ class RefineByAlignModule(pl.LightningModule):
             batch, capture_blocks=self.attn_loss_blocks if use_attn else None, drop=drop
         )
         loss = out["diffusion"].mean()
+        self.loss_terms = {"diffusion": loss.detach()}  # this step's terms, for StopOnNonFinite
         self.log("train/loss_diffusion", loss, prog_bar=True, batch_size=batch_size)
         for code, name in enumerate(MODES):
             chosen = batch["mode"] == code
             if chosen.any():
-                self.log(f"train/loss_{name}", out["diffusion"][chosen].mean(),
+                self.loss_terms[name] = out["diffusion"][chosen].mean().detach()
+                self.log(f"train/loss_{name}", self.loss_terms[name],
                          batch_size=int(chosen.sum()))
         if use_attn:
             attn_loss = self.alignment_loss(out["attention"], batch, ~drop)
             if attn_loss is not None:
+                self.loss_terms["attention"] = attn_loss.detach()
                 self.log("train/loss_attention", attn_loss, prog_bar=True, batch_size=batch_size)
                 loss = loss + self.hparams.attn_loss_weight * attn_loss
         self.log("train/loss", loss, batch_size=batch_size)

@@ -3,7 +3,7 @@
 Builds ``model=sd15_dinov2_random`` from the configs and runs ``RefineByAlignModule``'s own
 ``training_step`` in a manual loop (data already on the device): two VAE encodes, DINOv2 + MLP,
 UNet forward + backward, gradient clipping, optimizer, LR scheduler and EMA, under bf16
-autocast. In the same process, the anchor of /work/shared/gpu/anchor_bench.py: a plain
+autocast. In the same process, the anchor (``measure_anchor``): a plain
 diffusers UNet of the same layout, bf16 autocast, fused AdamW, MSE. The ratio ours/anchor
 says what the project's extras cost; the per-part breakdown (parts timed in isolation) says
 where. ``--precomputed-latents`` feeds the step what ``data=latent_shards`` gives it (both
@@ -216,7 +216,7 @@ def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
 
 def measure_anchor(cfg: Any, args: argparse.Namespace, device: torch.device,
                    tokens: int) -> dict[str, Any]:
-    """anchor_bench.py's raw step: plain UNet, bf16 autocast, fused AdamW, MSE on epsilon."""
+    """The anchor's raw step: plain UNet, bf16 autocast, fused AdamW, MSE on epsilon."""
     from diffusers import UNet2DConditionModel
 
     unet_cfg = dict(cfg.model.denoiser.config)

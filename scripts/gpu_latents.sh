@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run (about 6 minutes on one H100): the latent-shard training path at SD-1.5 scale,
 # random weights, 512 px, measured two ways.
-#   device: run(command="bash scripts/gpu_latents.sh", carry=[".whl", ".fonts"], timeout_s=560)
+#   device: run(command="bash scripts/gpu_latents.sh", carry=[".whl"], timeout_s=560)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_latents.sh
 # 1. benchmark_train.py --precomputed-latents --fused-adamw: the module's step fed a latent
 #    batch, against the raw UNet anchor in the same process (ratio).
@@ -16,7 +16,7 @@ if ! "$PY" -c "import diffusers, hydra, webdataset" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RBA_FONT_DIRS=$PWD/.fonts
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 exec > >(tee "$OUT/gpu_latents.log") 2>&1
 START=$(date +%s)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The refinement-recipe device run (about 8 minutes on one H100 or H200): train the recipe
-# variants side by side on one GPU (each with its share of the 16 CPU cores for data
-# workers), then evaluate every export on one generated benchmark (eval.py: calibration and
-# report halves) and compare samplers and guidance on held-out refinement pairs.
+# variants side by side on one GPU (they share the 16 CPU cores' data workers), then evaluate
+# every new export and every export named in COMPARE (e.g. the previously shipped model) on
+# one benchmark (eval.py: calibration and report halves), and compare samplers and guidance
+# on held-out refinement pairs.
 #   device: run(command="BENCH=results/<bench> bash scripts/gpu_recipe.sh", carry=[".whl"],
 #               timeout_s=590)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_recipe.sh
@@ -17,14 +18,15 @@ if [ "${SMOKE:-0}" != 1 ]; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-TRAIN_TIME=${TRAIN_TIME:-00:00:05:00}
-WORKERS=${WORKERS:-7}
+TRAIN_TIME=${TRAIN_TIME:-00:00:04:30}
+WORKERS=${WORKERS:-14}
+COMPARE=${COMPARE:-}  # name:export_dir pairs, evaluated beside the new exports
 RUNS=$(mktemp -d)
 START=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - START ))s] $*"; }
 
 # name:overrides (comma-separated); every variant is experiment=tiny_gpu plus these
-VARIANTS=${VARIANTS:-"eps: vpred:model.noise_scheduler.prediction_type=v_prediction"}
+VARIANTS=${VARIANTS:-"vpred:model.noise_scheduler.prediction_type=v_prediction"}
 if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN_ARGS=(trainer=cpu trainer.max_steps=3 data.batch_size=4 data.val_length=8
               trainer.val_check_interval=3 model.val_sample_steps=2)
@@ -56,16 +58,20 @@ done
 # the benchmark: a committed folder generated on the CPU machine (pinned libraries), or a new one
 [ -n "${BENCH:-}" ] && EVAL_ARGS+=(bench_dir="$PWD/$BENCH")
 stamp "evaluating on ${BENCH:-a generated benchmark}"
+EXPORTS=()
 for variant in $VARIANTS; do
-  name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
-  ( "$PY" eval.py ckpt_path="$run/export" paths.log_dir="$RUNS/eval_$name" progress=false \
+  name=${variant%%:*}; EXPORTS+=("$name:$(ls -d "$RUNS/$name"/*/ | head -1)export")
+done
+for pair in "${EXPORTS[@]}" $COMPARE; do
+  name=${pair%%:*}; export_dir=${pair#*:}
+  ( "$PY" eval.py ckpt_path="$export_dir" paths.log_dir="$RUNS/eval_$name" progress=false \
       "${EVAL_ARGS[@]}" > "$RUNS/$name.eval.log" 2>&1
-    "$PY" scripts/compare_samplers.py --ckpt "$run/export" "${SAMPLER_ARGS[@]}" \
+    "$PY" scripts/compare_samplers.py --ckpt "$export_dir" "${SAMPLER_ARGS[@]}" \
       --out "$RUNS/$name.samplers.json" > "$RUNS/$name.samplers.log" 2>&1 ) &
 done
 wait
-for variant in $VARIANTS; do
-  name=${variant%%:*}
+for pair in "${EXPORTS[@]}" $COMPARE; do
+  name=${pair%%:*}
   stamp "$name eval: $(tail -1 "$RUNS/$name.eval.log")"
   cat "$RUNS/$name.samplers.log" | tail -9
   report=$(ls "$RUNS/eval_$name"/eval/*/report.md 2>/dev/null | head -1)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one device run of a session (about 9 minutes on one H100): train the shipped tiny model
 # (experiment=tiny_gpu, TRAIN_TIME of wall time), then the scale benchmarks (gpu_check.sh).
-#   device: run(command="bash scripts/gpu_session.sh", carry=[".whl", ".fonts"], timeout_s=590)
+#   device: run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=590)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_session.sh
 # Files back in $OUT: model.safetensors.part00/01, model.yaml, train.tar.gz (log, metrics,
-# sample grids), bench.tar.gz (benchmark JSON and logs). .fonts carries the DejaVu fonts that the
-# data generator finds on the CPU machines, so the GPU sees the same data distribution.
+# sample grids), bench.tar.gz (benchmark JSON and logs). The lettering fonts come from matplotlib
+# (its wheel must be in .whl), so the GPU sees the same data as the CPU machines.
 set -u -o pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
@@ -13,7 +13,7 @@ if [ "${SMOKE:-0}" != 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled RBA_FONT_DIRS=$PWD/.fonts
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 TRAIN_TIME=${TRAIN_TIME:-00:00:04:00}
 RUNS=$(mktemp -d)

@@ -185,3 +185,38 @@ def test_seed_namespaces_never_share_an_item():
     assert not torch.equal(a, b)
     with pytest.raises(ValueError):
         item_generators(2**32, 0)
+
+
+# Pixels of seeds whose objects carry lettering, rendered at 128 px with the fonts of the
+# pinned matplotlib (requirements.txt): a machine whose fonts differ renders other pixels.
+LETTERING_SHA256 = {0: "f95c44aefd091c97", 1: "9acaf1cde7c18388", 4: "82dbcb37231d76b1"}
+
+
+def test_lettering_uses_only_the_pinned_matplotlib_fonts_and_renders_the_same_pixels(
+        monkeypatch):
+    import hashlib
+    from pathlib import Path
+
+    import matplotlib
+    from PIL import ImageFont
+
+    from data import objects
+
+    pinned = next(line.split("==")[1].strip() for line in
+                  (Path(__file__).resolve().parents[1] / "requirements.txt").read_text().split()
+                  if line.startswith("matplotlib=="))
+    assert matplotlib.__version__ == pinned
+    opened: list[str] = []
+    truetype = ImageFont.truetype
+    monkeypatch.setattr(ImageFont, "truetype",
+                        lambda path, *a, **k: opened.append(str(path)) or truetype(path, *a, **k))
+    objects.load_font.cache_clear()
+    rendered = {}
+    for seed in LETTERING_SHA256:
+        view = render_object(128, np.random.default_rng(seed))
+        assert "text" in [e["kind"] for e in view.meta["elements"]]
+        rendered[seed] = hashlib.sha256(view.rgb.tobytes()).hexdigest()[:16]
+    objects.load_font.cache_clear()  # later tests must not keep fonts opened by the spy
+    data_dir = Path(matplotlib.get_data_path()).resolve()
+    assert opened and all(Path(p).resolve().is_relative_to(data_dir) for p in opened), opened
+    assert rendered == LETTERING_SHA256
