@@ -70,7 +70,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 "$PY" - <<'EOF' || exit 1
 import importlib, sys
 names = ("torch diffusers transformers hydra omegaconf webdataset braceexpand pytorch_lightning "
-         "torchmetrics cv2 PIL safetensors huggingface_hub importlib_metadata").split()
+         "torchmetrics cv2 PIL safetensors huggingface_hub").split()
 missing = []
 for name in names:
     try:
