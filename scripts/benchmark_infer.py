@@ -7,7 +7,11 @@ layouts), run under bf16 autocast on the GPU. Measured:
     end to end (DINOv2, two VAE encodes, forward, map -> region -> box -> crop);
   * the calibration sweep: all L blocks at T timesteps = T forwards per batch of cases;
   * refinement: ``RefineByAlign.refine``, 50 DDIM steps with CFG at 512 px, VAE encode and
-    decode and blending included (target <= 2.0 s).
+    decode and blending included (target <= 1.0 s), in up to three variants: fp32 weights
+    under bf16 autocast (what the pipeline does), all components cast to bf16 (fewer cast
+    kernels: a batch-2 forward is launch-bound), and bf16 plus ``torch.compile`` of the UNet
+    with CUDA graphs (``mode="reduce-overhead"``; compiling takes about a minute).
+``--parts`` picks which of align, sweep, refine run; the JSON is rewritten after each part.
 
     PYTHONPATH=. python scripts/benchmark_infer.py --out runs/bench/infer.json
     PYTHONPATH=. python scripts/benchmark_infer.py --smoke
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 from models.alignment import align, attention_vectors
 from models.attention_capture import capture_cross_attention, cross_attention_blocks
 from models.export import Components
-from models.pipeline import RefineByAlign, RefinementConfig
+from models.pipeline import RefineByAlign, RefinementConfig, to_uint8
 from models.refinement import denoiser_input, latent_mask
 from scripts.bench_common import (
     FULL_MODEL_OVERRIDES,
@@ -45,13 +50,15 @@ from scripts.bench_common import (
     pick_device,
     reset_peak_memory,
     setup_backends,
+    sync,
     time_it,
     write_json,
 )
 
 log = logging.getLogger(__name__)
 PARTS = ("denoiser", "reference_encoder", "autoencoder", "noise_scheduler", "sampling_scheduler")
-ALIGN_TARGET, REFINE_TARGET_S = 1.05, 2.0
+ALIGN_TARGET, REFINE_TARGET_S = 1.05, 1.0
+REFINE_VARIANTS = ("autocast", "bf16_weights", "bf16_weights_compiled")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,11 +69,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="refinement sampling steps")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--iters", type=int, default=10, help="timed forwards")
+    p.add_argument("--parts", default="align,sweep,refine", help="comma-separated subset")
+    p.add_argument("--refine-variants", default="autocast,bf16_weights",
+                   help=f"comma-separated subset of {','.join(REFINE_VARIANTS)}, in that order")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override")
     p.add_argument("--device", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, few steps")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
+    args.parts = [x for x in args.parts.split(",") if x]
+    args.refine_variants = [v for v in REFINE_VARIANTS if v in args.refine_variants.split(",")]
+    if set(args.parts) - {"align", "sweep", "refine"}:
+        p.error(f"--parts: unknown part in {args.parts}")
     if args.smoke:
         args.sweep_cases, args.sweep_timesteps, args.steps, args.iters = 2, 2, 2, 2
     return args
@@ -93,15 +107,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     parts = build_on(device, lambda: {name: instantiate(cfg.model[name]) for name in PARTS})
     comp = Components(**parts, config=cfg.model).to(device).eval()
-    unet, encoder, ae = comp.denoiser, comp.reference_encoder, comp.autoencoder
     size, block, timestep = cfg.data.image_size, int(cfg.model.val_block), 500
-    n_blocks = len(cross_attention_blocks(unet))
+    n_blocks = len(cross_attention_blocks(comp.denoiser))
     result: dict[str, Any] = {**environment(device), "benchmark": "infer", "smoke": args.smoke,
                               "image_size": size, "block": block, "n_blocks": n_blocks,
                               "overrides": overrides + args.override}
-    log.info("inference benchmark at %d px on %s", size, result["device"])
+    log.info("inference benchmark at %d px on %s: %s", size, result["device"], args.parts)
+    if "align" in args.parts:
+        result["alignment"] = measure_alignment(comp, args, size, block, timestep, device)
+        write_json(result, args.out)
+    if "sweep" in args.parts:
+        result["sweep"] = measure_sweep(comp, args, size, device)
+        write_json(result, args.out)
+    if "refine" in args.parts:
+        result["refinement"] = {}
+        for variant in args.refine_variants:
+            log.info("refinement, %s", variant)
+            result["refinement"][variant] = measure_refinement(comp, args, size, variant,
+                                                               device)
+            write_json(result, args.out)
 
-    # --- alignment forward: capture of one block vs plain -----------------------------------
+    ok = {True: "ok", False: "MISSED"}
+    rows: list[tuple[str, Any]] = [
+        ("device", result["device"]), ("image px / block l*", f"{size} / {block} of {n_blocks}"),
+    ]
+    if "alignment" in result:
+        a = result["alignment"]
+        rows += [
+            (f"plain forward ms (batch {a['batch']})", a["plain_forward_ms"]),
+            ("capture l* forward ms", a["capture_block_forward_ms"]),
+            ("ratio capture/plain (target <= 1.05)", f"{a['ratio']:.3f} {ok[a['meets_target']]}"),
+            ("capture all L blocks ratio", a["capture_all_ratio"]),
+            ("align() end to end ms", a["align_end_to_end_ms"]),
+        ]
+    if "sweep" in result:
+        sw = result["sweep"]
+        rows += [(f"sweep T={sw['timesteps']} x L={n_blocks}, {sw['cases']} cases: s/batch",
+                  sw["seconds_per_batch"]), ("sweep s/case", sw["seconds_per_case"])]
+    for variant, r in result.get("refinement", {}).items():
+        rows.append((f"refine {args.steps} steps CFG, {variant}: s (target <= "
+                     f"{REFINE_TARGET_S})", f"{r['seconds']:.3f} {ok[r['meets_target']]}"))
+    print(format_table(rows, "benchmark_infer" + (" (smoke: targets meaningless)"
+                                                  if args.smoke else "")))
+    write_json(result, args.out)
+    return result
+
+
+def measure_alignment(comp: Components, args: argparse.Namespace, size: int, block: int,
+                      timestep: int, device: torch.device) -> dict[str, Any]:
+    """One forward capturing block l* (and all blocks) against a plain one, in alternation."""
+    unet, encoder, ae = comp.denoiser, comp.reference_encoder, comp.autoencoder
     image, mask, reference = inputs(args.forward_batch, size, encoder.image_size, device)
     with torch.no_grad(), autocast(device):
         context = encoder(reference)
@@ -128,8 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with autocast(device):
         align_s = time_it(lambda: align(comp, image[:1], mask[:1], reference[:1], timestep, block,
                                         generator=gen.manual_seed(0)), device, args.iters // 2, 1)
-    result["alignment"] = {
-        "batch": args.forward_batch, "plain_forward_ms": round(plain_s * 1e3, 2),
+    return {
+        "batch": args.forward_batch, "timing": "interleaved, median of 6 x iters",
+        "plain_forward_ms": round(plain_s * 1e3, 2),
         "capture_block_forward_ms": round(capture_s * 1e3, 2),
         "ratio": round(capture_s / plain_s, 3), "target_ratio": ALIGN_TARGET,
         "meets_target": capture_s / plain_s <= ALIGN_TARGET,
@@ -138,55 +194,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "align_end_to_end_ms": round(align_s * 1e3, 2),
     }
 
-    # --- calibration sweep: T timesteps x all L blocks --------------------------------------
+
+def measure_sweep(comp: Components, args: argparse.Namespace, size: int,
+                  device: torch.device) -> dict[str, Any]:
+    """The calibration sweep: T timesteps x all L blocks = T forwards per batch of cases."""
     cases, steps = args.sweep_cases, args.sweep_timesteps
-    image, mask, reference = inputs(cases, size, encoder.image_size, device)
+    image, mask, reference = inputs(cases, size, comp.reference_encoder.image_size, device)
     timesteps = torch.linspace(999, 0, steps).round().long().tolist()
     reset_peak_memory(device)
+    gen = torch.Generator()
     with torch.no_grad(), autocast(device):
-        context = encoder(reference)
+        context = comp.reference_encoder(reference)
         sweep_s = time_it(lambda: attention_vectors(comp, image, mask, context, timesteps, None,
                                                     gen.manual_seed(0)), device, 1, 1)
-    result["sweep"] = {
-        "cases": cases, "timesteps": steps, "blocks": n_blocks, "forwards_per_batch": steps,
-        "seconds_per_batch": round(sweep_s, 3), "seconds_per_case": round(sweep_s / cases, 4),
-        "peak_memory_gib": peak_memory_gib(device),
+    return {
+        "cases": cases, "timesteps": steps, "blocks": len(cross_attention_blocks(comp.denoiser)),
+        "forwards_per_batch": steps, "seconds_per_batch": round(sweep_s, 3),
+        "seconds_per_case": round(sweep_s / cases, 4), "peak_memory_gib": peak_memory_gib(device),
     }
 
-    # --- refinement: 50 guided steps end to end ----------------------------------------------
+
+def measure_refinement(comp: Components, args: argparse.Namespace, size: int, variant: str,
+                       device: torch.device) -> dict[str, Any]:
+    """``RefineByAlign.refine`` end to end. The bf16 variants cast ``comp`` in place (and the
+    compiled one compiles its UNet in place), so they run after the autocast variant."""
+    amp = autocast(device)
+    if variant != "autocast":
+        comp.to(torch.bfloat16)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16)  # casts the fp32 inputs
+    first_s = None
+    if variant == "bf16_weights_compiled":
+        comp.denoiser.compile(mode="reduce-overhead" if device.type == "cuda" else "default")
     pipe = RefineByAlign(comp, refinement=RefinementConfig(num_steps=args.steps,
                                                            guidance_scale=args.guidance))
-    image, mask, reference = inputs(1, size, encoder.image_size, device)
+    image, mask, reference = inputs(1, size, comp.reference_encoder.image_size, device)
+    # what a user hands the pipeline: uint8 arrays (refine() converts, samples, pastes back)
+    case = ([to_uint8(image[0])], [mask[0, 0].bool().cpu().numpy()],
+            [(reference[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()])
     reset_peak_memory(device)
-    with autocast(device):
-        refine_s = time_it(lambda: pipe.refine(image, mask, reference), device,
-                           1 if args.smoke else 3, 1)
-    result["refinement"] = {
+    with torch.no_grad(), amp:
+        if variant == "bf16_weights_compiled":
+            t0 = time.perf_counter()
+            pipe.refine(*case)  # compiles
+            sync(device)
+            first_s = round(time.perf_counter() - t0, 2)
+        refine_s = time_it(lambda: pipe.refine(*case), device, 1 if args.smoke else 3, 1)
+    return {
         "steps": args.steps, "guidance_scale": args.guidance, "seconds": round(refine_s, 3),
         "target_seconds": REFINE_TARGET_S, "meets_target": refine_s <= REFINE_TARGET_S,
         "per_step_ms": round(refine_s / args.steps * 1e3, 2),
-        "peak_memory_gib": peak_memory_gib(device),
+        "first_call_s_compile": first_s, "peak_memory_gib": peak_memory_gib(device),
     }
-
-    a, s, r = result["alignment"], result["sweep"], result["refinement"]
-    ok = {True: "ok", False: "MISSED"}
-    rows: list[tuple[str, Any]] = [
-        ("device", result["device"]), ("image px / block l*", f"{size} / {block} of {n_blocks}"),
-        (f"plain forward ms (batch {a['batch']})", a["plain_forward_ms"]),
-        ("capture l* forward ms", a["capture_block_forward_ms"]),
-        ("ratio capture/plain (target <= 1.05)", f"{a['ratio']:.3f} {ok[a['meets_target']]}"),
-        ("capture all L blocks ratio", a["capture_all_ratio"]),
-        ("align() end to end ms", a["align_end_to_end_ms"]),
-        (f"sweep T={steps} x L={n_blocks}, {cases} cases: s/batch", s["seconds_per_batch"]),
-        ("sweep s/case", s["seconds_per_case"]),
-        (f"refine {args.steps} steps CFG s (target <= 2.0)",
-         f"{r['seconds']:.3f} {ok[r['meets_target']]}"),
-        ("refine ms/step", r["per_step_ms"]),
-    ]
-    print(format_table(rows, "benchmark_infer" + (" (smoke: targets meaningless)"
-                                                  if args.smoke else "")))
-    write_json(result, args.out)
-    return result
 
 
 if __name__ == "__main__":

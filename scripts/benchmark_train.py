@@ -7,9 +7,16 @@ autocast. In the same process, the anchor (``measure_anchor``): a plain
 diffusers UNet of the same layout, bf16 autocast, fused AdamW, MSE. The ratio ours/anchor
 says what the project's extras cost; the per-part breakdown (parts timed in isolation) says
 where. ``--precomputed-latents`` feeds the step what ``data=latent_shards`` gives it (both
-latents, no target pixels), so the module's step runs no VAE encode.
+latents, no target pixels), so the module's step runs no VAE encode. ``--loader-workers N``
+goes further: every step takes its batch from the real ``data=latent_shards`` DataLoader
+(N workers, pinned memory, non-blocking copies) over shards written here from procedural
+pairs with random latents of the VAE's shape (reading costs the same whatever the values),
+so data loading is inside the timed step. The anchor is measured first and the JSON is
+rewritten after each part, so a run cut short by a timeout keeps what it measured.
 
     PYTHONPATH=. python scripts/benchmark_train.py --batch-size 32 --out runs/bench/train.json
+    PYTHONPATH=. python scripts/benchmark_train.py --batch-size 32 --precomputed-latents \
+        --loader-workers 8 --fused-adamw --compile --anchor eager --out runs/bench/c.json
     PYTHONPATH=. python scripts/benchmark_train.py --smoke     # CPU, tiny, < 60 s
 """
 
@@ -20,7 +27,10 @@ import gc
 import logging
 import math
 import sys
+import tempfile
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +55,7 @@ from scripts.bench_common import (
     pick_device,
     reset_peak_memory,
     setup_backends,
+    sync,
     time_it,
     write_json,
 )
@@ -78,10 +89,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (in place)")
+    p.add_argument("--then-compile", action="store_true",
+                   help="after the eager step, compile the UNet in place and time it again "
+                        "(same process, same anchor, same data)")
     p.add_argument("--fused-adamw", action="store_true", help="model.optimizer.fused=true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--grad-ckpt", action="store_true", help="UNet gradient checkpointing")
     p.add_argument("--precomputed-latents", action="store_true", help="skip the VAE encodes")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="batches from a latent-shard DataLoader with N workers (0: one fixed "
+                        "batch on the device); implies --precomputed-latents")
     p.add_argument("--anchor", choices=["same", "eager", "none"], default="same",
                    help="anchor in the same mode (compile/channels-last/ckpt), eager, or none")
     p.add_argument("--no-breakdown", action="store_true")
@@ -90,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
+    args.precomputed_latents |= args.loader_workers > 0
     if args.smoke:
         args.batch_size, args.steps, args.warmup = min(args.batch_size, 2), 2, 1
     return args
@@ -98,6 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def variant_name(args: argparse.Namespace) -> str:
     flags = [f for f in ("compile", "fused_adamw", "channels_last", "grad_ckpt",
                          "precomputed_latents") if getattr(args, f)]
+    if args.loader_workers:
+        flags.append(f"loader{args.loader_workers}")
     return "+".join(flags) or "eager"
 
 
@@ -108,12 +128,55 @@ def optimizer_and_scheduler(module: nn.Module) -> tuple[torch.optim.Optimizer, A
     return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
 
 
-def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+class ShapeOnlyEncoder(nn.Module):
+    """Random latents in ``like``'s shape and scale: stands in for the VAE when writing
+    shards whose reading, not whose values, is being timed."""
+
+    def __init__(self, like: nn.Module) -> None:
+        super().__init__()
+        self.latent_channels, self.downsample = like.latent_channels, like.downsample
+        self.scaling_factor = getattr(like, "scaling_factor", 1.0)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        return torch.randn(b, self.latent_channels, h // self.downsample, w // self.downsample)
+
+
+def latent_batches(cfg: Any, args: argparse.Namespace, device: torch.device,
+                   autoencoder: nn.Module, folder: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless device batches from the ``data=latent_shards`` DataModule's train loader."""
+    from data.datamodule import PairDataModule
+    from data.latent_shards import synthetic_samples, write_latent_shards
+
+    size, ref, workers = cfg.data.image_size, cfg.data.reference_size, args.loader_workers
+    num = 4 * args.batch_size
+    urls = write_latent_shards(
+        synthetic_samples(num, [0], size, ref, workers=workers), ShapeOnlyEncoder(autoencoder),
+        folder, per_shard=max(1, num // (2 * workers)), image_size=size, reference_size=ref,
+        batch_size=args.batch_size)
+    data = PairDataModule(source="latent_shards", shard_urls=[str(u) for u in urls],
+                          batch_size=args.batch_size, num_workers=workers, image_size=size,
+                          reference_size=ref, pin_memory=device.type == "cuda",
+                          train_length=10**9, shuffle_buffer=num)
+    data.setup("fit")
+    for batch in data.train_dataloader():  # resampled: endless
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()
+               if isinstance(v, torch.Tensor)}
+
+
+def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device, tmp: str,
+                 report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """The module's own training step, timed; plus FLOPs, peak memory and a part breakdown."""
     module = build_on(device, lambda: instantiate(cfg.model)).to(device)
     module.train()
-    batch = make_batch(args.batch_size, cfg.data.image_size, cfg.data.reference_size, device)
-    if args.precomputed_latents:  # what data=latent_shards hands the step: no target pixels
+    source = (latent_batches(cfg, args, device, module.autoencoder, tmp)
+              if args.loader_workers else None)
+    if source is not None:
+        batch = next(source)
+    else:
+        batch = make_batch(args.batch_size, cfg.data.image_size, cfg.data.reference_size,
+                           device)
+    if args.precomputed_latents and source is None:  # what data=latent_shards hands the step
         with torch.no_grad(), autocast(device):
             batch["latents"], batch["masked_latents"] = module.encode_inputs(batch)
         del batch["target"]
@@ -126,8 +189,9 @@ def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> di
     counter = {"i": 0}
 
     def step() -> None:
+        data = next(source) if source is not None else batch
         with autocast(device):
-            loss = module.training_step(batch, counter["i"])
+            loss = module.training_step(data, counter["i"])
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -135,7 +199,7 @@ def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> di
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
-        module.on_train_batch_end(loss, batch, counter["i"])
+        module.on_train_batch_end(loss, data, counter["i"])
         counter["i"] += 1
 
     with FlopCounterMode(display=False) as flops:  # eager, before any compile
@@ -146,14 +210,15 @@ def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> di
     flops_per_sample = flops.get_total_flops() / args.batch_size
     if args.compile:
         module.denoiser.compile()
-    reset_peak_memory(device)
-    seconds = time_it(step, device, args.steps, args.warmup)
+    timing = timed_steps(step, args, device)
+    seconds = timing["step_ms"] / 1e3
     result = {
-        "samples_per_s": round(args.batch_size / seconds, 2),
-        "step_ms": round(seconds * 1e3, 2),
+        **timing,
+        "data": (f"latent-shard DataLoader, {args.loader_workers} workers, pin_memory="
+                 f"{device.type == 'cuda'}" if source
+                 else "one fixed batch on the device"),
         "train_tflop_per_sample": round(flops_per_sample / 1e12, 4),
         "achieved_tflop_per_s": round(flops_per_sample * args.batch_size / seconds / 1e12, 2),
-        "peak_memory_gib": peak_memory_gib(device),
         "parameters_m": {name: round(sum(p.numel() for p in part.parameters()) / 1e6, 1)
                          for name, part in (("denoiser", module.denoiser),
                                             ("reference_encoder", module.reference_encoder),
@@ -162,12 +227,37 @@ def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device) -> di
     }
     if not args.no_breakdown:
         result["breakdown_ms"] = breakdown(module, batch, optimizer, clip, args, device)
+        if source is not None:
+            result["breakdown_ms"]["data_next_and_copy"] = round(
+                time_it(lambda: next(source), device, max(1, args.steps // 2), 1) * 1e3, 2)
+    if args.then_compile and not args.compile:
+        report(result)  # the eager numbers are safe before compiling starts
+        log.info("compiling the UNet in place and timing the same step again")
+        module.denoiser.compile()
+        result["compiled"] = timed_steps(step, args, device)
+        if not args.no_breakdown:
+            result["compiled"]["breakdown_ms"] = breakdown(module, batch, optimizer, clip, args,
+                                                           device, vae=False)
     return result
 
 
+def timed_steps(step: Callable[[], None], args: argparse.Namespace, device: torch.device
+                ) -> dict[str, Any]:
+    """samples/s of ``step`` after one first call (timed apart: it compiles, when compiling)."""
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first_step_s = time.perf_counter() - t0
+    seconds = time_it(step, device, args.steps, max(0, args.warmup - 1))
+    return {"samples_per_s": round(args.batch_size / seconds, 2),
+            "step_ms": round(seconds * 1e3, 2), "first_step_s": round(first_step_s, 2),
+            "peak_memory_gib": peak_memory_gib(device)}
+
+
 def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-              clip: float | None, args: argparse.Namespace, device: torch.device
-              ) -> dict[str, float]:
+              clip: float | None, args: argparse.Namespace, device: torch.device,
+              vae: bool = True) -> dict[str, float]:
     """Each part of the step timed alone (same inputs, same precision), in ms per step."""
     from models.losses import diffusion_loss
     from models.refinement import denoiser_input, latent_mask
@@ -176,7 +266,7 @@ def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     enc, unet = module.reference_encoder, module.denoiser
     drop = torch.zeros(len(batch["mode"]), dtype=torch.bool, device=device)
 
-    def vae() -> None:
+    def encode() -> None:
         with autocast(device):
             module.encode_inputs(batch)
 
@@ -198,7 +288,8 @@ def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
         diffusion_loss(pred, noise, mask_lat, module.hparams.masked_region_weight).mean().backward()
 
     params = module.trainable_parameters()
-    out = {} if "latents" in batch else {"vae_encode_x2": time_it(vae, device, iters, warm)}
+    out = ({"vae_encode_x2": time_it(encode, device, iters, warm)}
+           if vae and "latents" not in batch else {})
     out["dinov2_mlp_forward"] = time_it(reference, device, iters, warm)
     out["unet_fwd_bwd"] = time_it(unet_step, device, iters, warm)
 
@@ -269,31 +360,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "smoke": args.smoke, "batch_size": args.batch_size, "image_size": cfg.data.image_size,
         "steps": args.steps, "warmup": args.warmup, "overrides": overrides + args.override,
     }
+    tokens = ((cfg.data.reference_size // 14) ** 2) + 1  # DINOv2 sequence as in the anchor
+    result["anchor_published_h100"] = {"eager_bf16_bs32": 87.5, "compiled_bf16_bs32": 120.7}
+    if args.anchor != "none":  # first: a run cut short by a timeout still has its anchor
+        log.info("measuring the raw UNet anchor (%s)", args.anchor)
+        result["anchor"] = measure_anchor(cfg, args, device, tokens)
+        write_json(result, args.out)
+        gc.collect()
+        reset_peak_memory(device)
+    else:
+        result["anchor"] = {"samples_per_s": None}
     log.info("measuring the module's training step (%s, batch %d, %d px) on %s",
              result["variant"], args.batch_size, cfg.data.image_size, result["device"])
-    result["full_step"] = ours = measure_ours(cfg, args, device)
-    gc.collect()
-    tokens = ((cfg.data.reference_size // 14) ** 2) + 1  # DINOv2 sequence as in the anchor
-    result["anchor"] = (measure_anchor(cfg, args, device, tokens)
-                        if args.anchor != "none" else {"samples_per_s": None})
     anchor = result["anchor"]["samples_per_s"]
-    result["ratio"] = round(ours["samples_per_s"] / anchor, 3) if anchor else None
-    result["anchor_published_h100"] = {"eager_bf16_bs32": 87.5, "compiled_bf16_bs32": 120.7}
+
+    def report(ours: dict[str, Any]) -> None:
+        result["full_step"] = ours
+        result["ratio"] = round(ours["samples_per_s"] / anchor, 3) if anchor else None
+        if "compiled" in ours and anchor:
+            result["ratio_compiled"] = round(ours["compiled"]["samples_per_s"] / anchor, 3)
+        write_json(result, args.out)
+
+    with tempfile.TemporaryDirectory(prefix="rba-bench-latents-") as tmp:
+        ours = measure_ours(cfg, args, device, tmp, report)
+    report(ours)
 
     rows: list[tuple[str, Any]] = [
         ("device", result["device"]), ("variant", result["variant"]),
         ("batch x px", f"{args.batch_size} x {cfg.data.image_size}"),
         ("ours: samples/s", ours["samples_per_s"]), ("ours: step ms", ours["step_ms"]),
+        ("ours: data", ours["data"]), ("ours: first step s (compile)", ours["first_step_s"]),
         ("ours: TFLOP/sample (fwd+bwd)", ours["train_tflop_per_sample"]),
         ("ours: achieved TFLOP/s", ours["achieved_tflop_per_s"]),
         ("ours: peak GiB", ours["peak_memory_gib"]),
     ]
     for part, ms in ours.get("breakdown_ms", {}).items():
         rows.append((f"  part (isolated) {part} ms/step", ms))
+    if "compiled" in ours:
+        rows += [("compiled: samples/s", ours["compiled"]["samples_per_s"]),
+                 ("compiled: first step s", ours["compiled"]["first_step_s"]),
+                 ("compiled: peak GiB", ours["compiled"]["peak_memory_gib"])]
+        for part, ms in ours["compiled"].get("breakdown_ms", {}).items():
+            rows.append((f"  compiled part {part} ms/step", ms))
     if anchor:
         rows += [(f"anchor ({args.anchor}): samples/s", anchor),
                  ("anchor: peak GiB", result["anchor"]["peak_memory_gib"]),
                  ("ratio ours/anchor", result["ratio"])]
+        if "ratio_compiled" in result:
+            rows.append(("ratio compiled ours / eager anchor", result["ratio_compiled"]))
     if not math.isnan(ours["samples_per_s"]):
         rows.append(("anchor H100 published eager/compiled", "87.5 / 120.7 samples/s"))
     print(format_table(rows, "benchmark_train"))

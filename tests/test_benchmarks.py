@@ -49,8 +49,26 @@ def test_benchmark_train_variants_smoke(tmp_path) -> None:
     assert res["ratio"] is None and res["full_step"]["samples_per_s"] > 0
 
 
+def test_benchmark_train_loader_smoke(tmp_path) -> None:
+    """--loader-workers: the step reads a real latent-shard DataLoader (no target pixels),
+    and a stand-in encoder's shards fit the model (else encode_inputs raises)."""
+    res = _run("benchmark_train", tmp_path, "--loader-workers", "1", "--anchor", "none")
+    assert res["variant"] == "precomputed_latents+loader1"
+    assert "latent-shard DataLoader, 1 workers" in res["full_step"]["data"]
+    assert "vae_encode_x2" not in res["full_step"]["breakdown_ms"]
+    assert res["full_step"]["breakdown_ms"]["data_next_and_copy"] > 0
+
+
 def test_benchmark_infer_smoke(tmp_path) -> None:
     res = _run("benchmark_infer", tmp_path)
     assert res["alignment"]["ratio"] > 0
     assert res["sweep"]["forwards_per_batch"] == 2
-    assert res["refinement"]["seconds"] > 0
+    assert set(res["refinement"]) == {"autocast", "bf16_weights"}
+    assert all(r["seconds"] > 0 for r in res["refinement"].values())
+
+
+def test_benchmark_infer_parts(tmp_path) -> None:
+    res = _run("benchmark_infer", tmp_path, "--parts", "refine", "--refine-variants",
+               "bf16_weights")
+    assert "alignment" not in res and "sweep" not in res
+    assert list(res["refinement"]) == ["bf16_weights"]

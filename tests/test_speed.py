@@ -1,0 +1,51 @@
+"""Speed settings of the training job change its speed, never its results."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers.training_utils import EMAModel
+from hydra.utils import instantiate
+
+from tests.conftest import compose_config
+from train import intra_op_threads
+
+FAST = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.val_length=4"]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ([], 1),  # the main job: 2 cores, 1 data worker -> 1 thread, 1 core each
+    (["data.num_workers=0"], 2),
+    (["data.num_workers=4"], 1),  # never below one
+    (["num_threads=3"], 3),  # explicit wins
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.num_workers=0"], 1),
+    (["trainer=gpu"], None),  # GPU runs keep torch's default
+])
+def test_cpu_threads_are_the_cores_left_after_data_workers(monkeypatch, overrides, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert intra_op_threads(compose_config(overrides)) == expected
+
+
+def test_module_ema_equals_a_per_parameter_ema():
+    """The module's EMA (foreach kernels) keeps the shadow weights of diffusers' per-tensor
+    loop over the same sequence of weights (warm-up decay included)."""
+    module = instantiate(compose_config(FAST).model)
+    params = module.trainable_parameters()
+    def copies() -> list[torch.Tensor]:  # requires_grad: EMAModel copies frozen tensors as is
+        return [p.detach().clone().requires_grad_(True) for p in params]
+
+    reference = EMAModel(copies(), decay=0.999, use_ema_warmup=True, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(3):
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=generator))
+            module.ema.step(params)
+            reference.step(copies())
+    for ours, theirs in zip(module.ema.shadow_params, reference.shadow_params, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    moved = sum(not torch.equal(s, p) for s, p in zip(module.ema.shadow_params, params,
+                                                      strict=True))
+    assert moved == len(params)  # the averages lag the weights: the EMA did average
