@@ -25,6 +25,7 @@ from distributed import (
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
+from models.checkpoint import ModelConfigInCheckpoint
 from models.export import save_export
 from models.lightning_module import val_table_from_metrics
 
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model)]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
     trainer: pl.Trainer = instantiate(
