@@ -152,7 +152,9 @@ def plan(cfg: DictConfig) -> list[Job]:
                                 f"(evaluation/refinement.py: {list(METHODS)})")
         if row.method not in methods[row.training]:
             methods[row.training].append(row.method)
-    preset = list(cfg.preset.train)
+    if not rows_of(cfg):
+        raise AblationError(f"no table row names one of the trainings {sorted(trainings)}")
+    preset = [*cfg.preset.train, *cfg.extra_train]
     return [Job(name, int(seed), [*preset, *overrides, f"seed={seed}"], methods[name],
                 Path(cfg.out_dir) / name / f"seed{seed}")
             for name, overrides in trainings.items() for seed in cfg.seeds]
@@ -409,7 +411,7 @@ def run(cfg: DictConfig, command: str) -> Path:
     for i, job in enumerate(jobs, 1):
         tag = f"[{i}/{len(jobs)}]"
         _train(job, tag)
-        report = _evaluate(job, bench, list(cfg.preset.eval), tag)
+        report = _evaluate(job, bench, [*cfg.preset.eval, *cfg.extra_eval], tag)
         where = f"{job.label} ({report})"
         values[(job.training, job.seed)] = run_values(json.loads(report.read_text()),
                                                       job.methods, where)
