@@ -102,7 +102,8 @@ def t_quantile(p: float, df: int) -> float:
     def upper_tail(t: float) -> Any:  # P(T > t) - (1 - p), for t > 0
         return mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2 - (1 - p)
 
-    return float(mpmath.findroot(upper_tail, (1e-9, 1e4), solver="anderson"))
+    return float(mpmath.findroot(upper_tail, (mpmath.mpf("1e-6"), mpmath.mpf(1000)),
+                                 solver="illinois"))
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
