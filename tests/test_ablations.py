@@ -134,7 +134,7 @@ def test_smoke_run_end_to_end_resumes_and_fails_loudly(tmp_path, capsys):
 
     broken = ["preset=smoke", "seeds=[1,2]", f"out_dir={tmp_path / 'broken'}",
               f"results_dir={tmp_path / 'broken_results'}", "only=[cls_token]",
-              "trainings.cls_token=[experiment=ablation_cls_token,model.val_block=99]"]
+              "trainings.cls_token=['experiment=ablation_cls_token','model.val_block=99']"]
     with pytest.raises(SystemExit, match="training of cls_token seed 1 failed") as err:
         abl.main(broken)
     assert "val_block 99" in str(err.value)
