@@ -63,6 +63,7 @@ from evaluation.sweep import (
     sweep_cases,
 )
 from models.alignment import Alignment, region_mask
+from models.checkpoint import as_export
 from models.correspondence import mask_boxes, mask_iou, mask_iou_box_target
 from models.export import DEFAULT_EXPORT, Components, load_export
 from models.pipeline import AlignmentConfig, RefineByAlign
@@ -306,7 +307,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else DEFAULT_EXPORT
-    components = load_export(ckpt, device)
+    components = load_export(as_export(ckpt, run_dir / "export"), device)  # .ckpt: exported
     bench_dir = prepare_benchmark(cfg, components, run_dir)
     cases, skipped = load_benchmark(bench_dir)
     for case_id, reason in skipped:

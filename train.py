@@ -27,6 +27,7 @@ from distributed import (
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
+from models.checkpoint import ModelConfigInCheckpoint
 from models.export import save_export
 from models.lightning_module import val_table_from_metrics
 
@@ -86,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("torch CPU threads: %d", threads)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model)]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
     trainer: pl.Trainer = instantiate(

@@ -210,8 +210,10 @@ class RefineByAlignModule(pl.LightningModule):
             self.ema.shadow_params = [p.clone() for p in self.ema.shadow_params]
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # here, not in on_train_batch_end: ModelCheckpoint saves in the callbacks' batch-end
+        # hook, which runs before the module's, so a step checkpoint would hold the EMA of
+        # the previous step; and with gradient accumulation the EMA follows optimizer steps
         super().optimizer_step(*args, **kwargs)
-        # here, not per batch: under gradient accumulation one step spans several batches
         if self.ema is not None:
             self.ema.step(self.trainable_parameters())
 
@@ -403,9 +405,11 @@ class RefineByAlignModule(pl.LightningModule):
             config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
             gather = FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config)
         with self.ema_weights(), gather:
+            # copied inside: the state dict's tensors are the parameters, which leaving
+            # ema_weights() restores in place to the trained weights
             state = (root or self).state_dict()
-        return {k: v.detach().cpu().clone() for k, v in state.items()
-                if k.startswith(("denoiser.", "reference_encoder."))}
+            return {k: v.detach().cpu().clone() for k, v in state.items()
+                    if k.startswith(("denoiser.", "reference_encoder."))}
 
 
 def val_table_from_metrics(metrics: Mapping[str, float], timestep: int) -> dict[str, Any]:

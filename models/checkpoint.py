@@ -1,0 +1,144 @@
+"""Lightning checkpoints -> exports (``model.safetensors`` + ``model.yaml``, see models/export.py).
+
+Takes any checkpoint train.py writes: ``last.ckpt``, ``stepNNNNNNN.ckpt``, or the directory of
+an FSDP-sharded one (``trainer=fsdp``: distributed-checkpoint shards + ``meta.pt``). The export
+holds the EMA weights when the checkpoint has them (what train.py exports), else, or with
+``ema=False``, the trained weights themselves.
+
+The model config that rebuilds the weights comes, in this order, from: an explicit file; the
+checkpoint itself (train.py stores the resolved ``cfg.model`` under :data:`MODEL_CONFIG_KEY`);
+the Hydra run folder around it (``<run>/checkpoints/x.ckpt`` -> ``<run>/.hydra/config.yaml``).
+Lightning's own ``hyper_parameters`` cannot serve: the module is handed built components, so
+they hold only its scalar settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.export import CONFIG, WEIGHTS, save_export
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_KEY = "model_config"
+FSDP_META = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
+SOURCE = "source.json"  # provenance written next to the exported weights
+
+
+class ModelConfigInCheckpoint(pl.Callback):
+    """Store the resolved model config in every checkpoint, so that it exports on its own."""
+
+    def __init__(self, model_cfg: DictConfig) -> None:
+        self.model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[MODEL_CONFIG_KEY] = self.model_cfg
+
+
+def is_export(path: Path) -> bool:
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / FSDP_META).is_file()
+
+
+def is_lightning_checkpoint(path: Path) -> bool:
+    return (path.is_file() and path.suffix == ".ckpt") or is_sharded_checkpoint(path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint dict, with a sharded one consolidated (``state_dict`` from its shards)."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"{path}: neither a .ckpt file nor a sharded checkpoint "
+                                f"directory (with {FSDP_META})")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = torch.load(path / FSDP_META, map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "consolidated.pt")
+        shards = torch.load(Path(tmp) / "consolidated.pt", map_location="cpu",
+                            weights_only=False)
+    checkpoint["state_dict"] = shards["model"]
+    return checkpoint
+
+
+def model_config(checkpoint: dict[str, Any], path: Path,
+                 config: Path | None = None) -> tuple[DictConfig, str]:
+    """(resolved model config, where it came from); raises when no source has one."""
+    if config is not None:
+        loaded = OmegaConf.load(config)
+        node = loaded.model if "model" in loaded and "_target_" not in loaded else loaded
+        return _resolved(node, config), str(config)
+    if MODEL_CONFIG_KEY in checkpoint:
+        return OmegaConf.create(checkpoint[MODEL_CONFIG_KEY]), "checkpoint"
+    run_config = path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if run_config.is_file():
+        loaded = OmegaConf.load(run_config)
+        if "model" in loaded:
+            return _resolved(loaded.model, run_config), str(run_config)
+    raise ValueError(
+        f"{path}: no model config to rebuild the weights with: the checkpoint has no "
+        f"'{MODEL_CONFIG_KEY}' (train.py stores it) and there is no Hydra run config at "
+        f"{run_config}; pass one explicitly (a run's .hydra/config.yaml or an export's "
+        f"{CONFIG})")
+
+
+def _resolved(node: DictConfig, source: Path) -> DictConfig:
+    try:
+        return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{source}: the model config does not resolve: {err}") from err
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
+                      config: str | Path | None = None) -> Path:
+    """Write the export of checkpoint ``path`` to ``out_dir``; returns ``out_dir``.
+
+    The module is rebuilt from the config and loaded strictly, and the weights come from its
+    ``inference_state_dict``: the same code path as train.py's own export.
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    model_cfg, source = model_config(checkpoint, path, Path(config) if config else None)
+    module = instantiate(model_cfg)
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the model config from {source}: "
+                         f"{err}") from err
+    use_ema = ema and "ema" in checkpoint
+    if use_ema:
+        module.on_load_checkpoint(checkpoint)
+    else:
+        if ema:
+            log.info("%s holds no EMA weights: exporting the trained weights", path)
+        module.ema = None  # else inference_state_dict swaps in the never-trained EMA copy
+    out = save_export(module.inference_state_dict(), model_cfg, Path(out_dir))
+    (out / SOURCE).write_text(json.dumps({
+        "checkpoint": str(path.resolve()), "global_step": checkpoint.get("global_step"),
+        "weights": "ema" if use_ema else "raw", "model_config": source}, indent=1))
+    log.info("exported %s (%s weights, step %s) to %s", path, "EMA" if use_ema else "raw",
+             checkpoint.get("global_step"), out)
+    return out
+
+
+def as_export(path: str | Path, out_dir: str | Path) -> Path:
+    """``path`` itself when it is an export; a Lightning checkpoint is exported to ``out_dir``."""
+    path = Path(path)
+    if is_lightning_checkpoint(path):
+        return export_checkpoint(path, out_dir)
+    return path

@@ -1,0 +1,49 @@
+"""Turn a Lightning checkpoint of train.py into an export that eval.py and refine.py load.
+
+  python scripts/export_checkpoint.py runs/train/<date>/checkpoints/last.ckpt --out export/
+  python scripts/export_checkpoint.py .../step0001000.ckpt --out export_raw/ --raw
+  python scripts/export_checkpoint.py .../last.ckpt/ --out export/   # FSDP-sharded directory
+
+Writes model.safetensors, model.yaml and source.json (checkpoint, step, EMA or raw weights,
+where the model config came from) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.checkpoint import export_checkpoint  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help=".ckpt file or FSDP-sharded checkpoint dir")
+    p.add_argument("--out", required=True, type=Path, help="export folder to write")
+    p.add_argument("--raw", action="store_true",
+                   help="export the trained weights, not their EMA (default: EMA if saved)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="model config when the checkpoint has none: a run's "
+                        ".hydra/config.yaml or an export's model.yaml")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, ema=not args.raw, config=args.config)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"export_checkpoint: {err}") from err
+    print(f"export: {out}")
+
+
+if __name__ == "__main__":
+    main()
