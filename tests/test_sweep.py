@@ -214,21 +214,10 @@ def test_case_tensors_resize_image_not_reference() -> None:
 def test_case_noise_does_not_depend_on_the_batch():
     """A case's captured vectors are the same alone and inside a larger batch."""
     import torch
-    from hydra.utils import instantiate
 
     from models.alignment import attention_vectors
-    from models.export import Components
-    from tests.conftest import compose_config
 
-    cfg = compose_config(["data.image_size=32"])
-    parts = {k: instantiate(cfg.model[k]) for k in ("denoiser", "reference_encoder",
-             "autoencoder", "noise_scheduler", "sampling_scheduler")}
-    comp = Components(**parts, config=cfg.model).eval()
-    torch.manual_seed(0)
-    image = torch.rand(3, 3, 32, 32) * 2 - 1
-    mask = torch.zeros(3, 1, 32, 32)
-    mask[..., 8:20, 8:20] = 1
-    context = comp.reference_encoder(torch.rand(3, 3, 224, 224))
+    comp, image, mask, context = _random_case_batch(3)
     both = attention_vectors(comp, image, mask, context, [500], [0], noise_seeds=[7, 8, 9])
     alone = attention_vectors(comp, image[1:2], mask[1:2], context[1:2], [500], [0],
                               noise_seeds=[8])
@@ -240,22 +229,11 @@ def test_trajectory_readout_follows_algorithm_1() -> None:
     requested timestep, maps that differ from the forward-noised read-out, clear errors."""
     import pytest
     import torch
-    from hydra.utils import instantiate
 
     from models.alignment import attention_vectors
-    from models.export import Components
     from models.refinement import build_sampler
-    from tests.conftest import compose_config
 
-    cfg = compose_config(["data.image_size=32"])
-    parts = {k: instantiate(cfg.model[k]) for k in ("denoiser", "reference_encoder",
-             "autoencoder", "noise_scheduler", "sampling_scheduler")}
-    comp = Components(**parts, config=cfg.model).eval()
-    torch.manual_seed(0)
-    image = torch.rand(2, 3, 32, 32) * 2 - 1
-    mask = torch.zeros(2, 1, 32, 32)
-    mask[..., 8:20, 8:20] = 1
-    context = comp.reference_encoder(torch.rand(2, 3, 224, 224))
+    comp, image, mask, context = _random_case_batch(2)
     ddim = build_sampler("ddim", comp.noise_scheduler.config, comp.autoencoder)
     ddim.set_timesteps(10)
     schedule = [int(t) for t in ddim.timesteps]
@@ -284,3 +262,22 @@ def test_trajectory_readout_follows_algorithm_1() -> None:
                           num_steps=10)
     with pytest.raises(ValueError, match="read-out"):
         attention_vectors(comp, image, mask, context, wanted, [0], readout="sideways")
+
+
+def _random_case_batch(n: int):
+    """A random-weight tiny model at 32 px and ``n`` random cases (image, mask, context)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from models.export import Components
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data.image_size=32"])
+    parts = {k: instantiate(cfg.model[k]) for k in ("denoiser", "reference_encoder",
+             "autoencoder", "noise_scheduler", "sampling_scheduler")}
+    comp = Components(**parts, config=cfg.model).eval()
+    torch.manual_seed(0)
+    image = torch.rand(n, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(n, 1, 32, 32)
+    mask[..., 8:20, 8:20] = 1
+    return comp, image, mask, comp.reference_encoder(torch.rand(n, 3, 224, 224))
