@@ -26,7 +26,7 @@ from scripts.convert_export import main as convert_main
 
 # not the defaults: a read-out that did not travel would show
 CALIBRATED = AlignmentConfig(timestep=200, block=2, threshold=0.3, margin=0.05)
-FAST = RefinementConfig(num_steps=3)
+FAST = RefinementConfig(num_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +87,12 @@ def test_refines_identically_to_todays_path(old_export: Path, converted: Path, c
     np.testing.assert_array_equal(refined, expected)
     assert found.box == expected_found.box
 
-    # and a second save/load of the pipeline keeps every pixel
-    again = RefineByAlignPipeline.from_pretrained(_resaved(pipe, converted))
+    # the pipeline's own save_pretrained keeps every pixel (__call__ refines from found.crop)
+    pipe.save_pretrained(converted.parent / "resaved")
+    again = RefineByAlignPipeline.from_pretrained(converted.parent / "resaved")
     again.refinement = FAST
     np.testing.assert_array_equal(again.refine([image], [mask], [found.crop], seed=7)[0],
-                                  pipe.refine([image], [mask], [found.crop], seed=7)[0])
-
-
-def _resaved(pipe: RefineByAlignPipeline, converted: Path) -> Path:
-    out = converted.parent / "resaved"
-    pipe.save_pretrained(out)
-    return out
+                                  refined)
 
 
 def test_unet_and_encoder_load_alone(old_export: Path, converted: Path) -> None:
@@ -153,3 +148,25 @@ def test_shipped_pipeline_folder_holds_the_shipped_weights() -> None:
         assert new.keys() == theirs.keys()
         assert all(torch.equal(new[k], v) for k, v in theirs.items()), part
     assert (folder / ALIGNMENT_FILE).read_text() == (DEFAULT_EXPORT / ALIGNMENT_FILE).read_text()
+
+
+def test_latent_model_saves_its_vae(old_export: Path, tmp_path: Path) -> None:
+    """A latent model's autoencoder is the `vae` component, loaded back as the same VAE."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
+
+    from models.autoencoder import VAE
+
+    torch.manual_seed(1)
+    vae = VAE.from_config({"block_out_channels": [8, 16], "norm_num_groups": 4,
+                           "down_block_types": ["DownEncoderBlock2D"] * 2,
+                           "up_block_types": ["UpDecoderBlock2D"] * 2, "latent_channels": 4})
+    components = replace(load_export(old_export), autoencoder=vae)
+    RefineByAlignPipeline.from_components(components, CALIBRATED).save_pretrained(tmp_path)
+    assert list(OmegaConf.load(tmp_path / "model_index.json")["vae"]) == ["diffusers",
+                                                                          "AutoencoderKL"]
+    loaded = RefineByAlignPipeline.from_pretrained(tmp_path).inference_components().autoencoder
+    assert isinstance(loaded, VAE) and loaded.downsample == vae.downsample == 2
+    alone = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae").state_dict()
+    assert all(torch.equal(alone[k], v) for k, v in vae.vae.state_dict().items())
