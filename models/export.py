@@ -24,6 +24,7 @@ from models.reference_encoder import ReferenceEncoder
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = REPO_ROOT / "checkpoints" / "tiny_synthetic"
 WEIGHTS, CONFIG = "model.safetensors", "model.yaml"
+PIPELINE_INDEX = "model_index.json"
 
 
 class ExportError(ValueError):
@@ -79,8 +80,14 @@ def save_export(state_dict: dict[str, torch.Tensor], model_cfg: DictConfig, out_
 
 
 def load_export(path: str | Path | None = None, device: str | torch.device = "cpu") -> Components:
-    """Rebuild the components of an export directory (default: the shipped tiny checkpoint)."""
+    """Rebuild the components of an export directory (default: the shipped tiny checkpoint):
+    ``model.safetensors`` + ``model.yaml``, or a diffusers pipeline folder."""
     path = Path(path) if path else DEFAULT_EXPORT
+    if (path / PIPELINE_INDEX).is_file():  # the diffusers folder of scripts/convert_export.py
+        from models.diffusers_pipeline import RefineByAlignPipeline
+
+        pipe = RefineByAlignPipeline.from_pretrained(path)
+        return pipe.inference_components().to(device).eval()
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise FileNotFoundError(f"{path} is not an export: expected {WEIGHTS} and {CONFIG} in it")
     try:

@@ -1,0 +1,43 @@
+"""Convert an export (model.safetensors + model.yaml) into the diffusers pipeline folder.
+
+  python scripts/convert_export.py checkpoints/tiny_synthetic \
+      --out checkpoints/tiny_synthetic/diffusers
+
+Writes model_index.json, unet/, reference_encoder/, scheduler/ (and vae/ for latent models),
+all weights as safetensors, plus model.yaml and the calibrated alignment.yaml. Load it with
+``RefineByAlignPipeline.from_pretrained(out)``; the UNet alone with
+``UNet2DConditionModel.from_pretrained(out, subfolder="unet")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.diffusers_pipeline import convert_export  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("export", type=Path, help="export folder (model.safetensors + model.yaml)")
+    p.add_argument("--out", required=True, type=Path, help="diffusers pipeline folder to write")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        out = convert_export(args.export, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"convert_export: {args.export}: {err}") from err
+    print(f"diffusers pipeline: {out}")
+
+
+if __name__ == "__main__":
+    main()
