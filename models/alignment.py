@@ -70,10 +70,10 @@ def attention_vectors(
     if readout not in READOUTS:
         raise ValueError(f"unknown read-out {readout!r}; choose one of {READOUTS}")
     ae, unet, scheduler = components.autoencoder, components.denoiser, components.noise_scheduler
-    latents = ae.encode(image)
     masked_latent = ae.encode(image * (1 - mask))
-    mask_lat = latent_mask(mask, latents.shape[-2:])
-    noise = case_noise(latents.shape, generator, noise_seeds).to(latents.device, latents.dtype)
+    mask_lat = latent_mask(mask, masked_latent.shape[-2:])
+    noise = case_noise(masked_latent.shape, generator, noise_seeds).to(masked_latent.device,
+                                                                       masked_latent.dtype)
     wanted = {int(t) for t in timesteps}
     out: dict[int, dict[int, torch.Tensor]] = {}
 
@@ -87,6 +87,7 @@ def attention_vectors(
 
     with capture_cross_attention(unet, mask, blocks) as maps:
         if readout == "forward_noise":
+            latents = ae.encode(image)
             for t in dict.fromkeys(int(t) for t in timesteps):
                 t_batch = torch.full((image.shape[0],), t, device=image.device)
                 forward(scheduler.add_noise(latents, noise, t_batch), t, maps)
