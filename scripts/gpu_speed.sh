@@ -4,7 +4,7 @@
 #             --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export \
 #             PYTHONPATH=/tmp/site && bash scripts/gpu_speed.sh", carry=[".whl"],
 #             timeout_s=300)
-#   CPU check: SMOKE=1 PYTHON=/work/main/.venv/bin/python OUT=/tmp/o bash scripts/gpu_speed.sh
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_speed.sh
 # Order = priority; each part starts only if its minimum fits in the time left, runs under a
 # timeout of the time left, and writes its JSON as it goes (a part cut short keeps what it
 # measured). Skipped parts are logged with the reason and listed in summary.json.
