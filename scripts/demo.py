@@ -39,7 +39,7 @@ from data.benchmark import load_case, write_synthetic_benchmark
 from evaluation.figures import correspondence_image
 from models.alignment import READOUTS
 from models.attention_capture import cross_attention_blocks
-from models.export import DEFAULT_EXPORT, Components, load_export
+from models.export import DEFAULT_EXPORT, REPO_ROOT, Components, load_export
 from models.pipeline import (
     ALIGNMENT_FILE,
     AlignmentConfig,
@@ -80,7 +80,9 @@ class DemoModel:
         cfg = self.alignment
         source = (f"calibrated (`{ALIGNMENT_FILE}` of the export)" if self.calibrated else
                   "**UNCALIBRATED** (the model preset's default; run eval.py to calibrate)")
-        return (f"Model `{self.export_dir}` ({self.components.image_size} px). Default read-out "
+        shown = (self.export_dir.relative_to(REPO_ROOT)
+                 if self.export_dir.is_relative_to(REPO_ROOT) else self.export_dir)
+        return (f"Model `{shown}` ({self.components.image_size} px). Default read-out "
                 f"{source}: t={cfg.timestep}, block {cfg.block}, threshold {cfg.threshold}, "
                 f"margin {cfg.margin}, {cfg.readout}.")
 
@@ -191,16 +193,22 @@ def build_demo(export_dir: str | Path | None = None) -> gr.Blocks:
             "(cross-attention of one block at one timestep), then re-generates the painted "
             "region from that crop; pixels outside the mask are kept.\n\n" + model.describe())
         with gr.Row():
-            editor = gr.ImageEditor(
-                label="Generated image: paint over the artifact", type="numpy",
-                image_mode="RGBA", format="png", sources=("upload", "clipboard"),
-                transforms=(), layers=False, height=420, elem_id="editor",
-                elem_classes="pixelated",
-                brush=gr.Brush(colors=["rgb(255, 40, 40)"], color_mode="fixed"))
-            reference = gr.Image(label="Reference", type="numpy", image_mode="RGB",
-                                 format="png", sources=("upload", "clipboard"), height=420,
-                                 elem_id="reference")
-            with gr.Column(min_width=260):
+            with gr.Column(scale=2):
+                with gr.Row():
+                    editor = gr.ImageEditor(
+                        label="Generated image (paint the artifact)", type="numpy",
+                        image_mode="RGBA", format="png", sources=("upload", "clipboard"),
+                        transforms=(), layers=False, height=380, elem_id="editor",
+                        elem_classes="pixelated",
+                        brush=gr.Brush(colors=["rgb(255, 40, 40)"], color_mode="fixed"))
+                    reference = gr.Image(label="Reference", type="numpy", image_mode="RGB",
+                                         format="png", sources=("upload", "clipboard"),
+                                         height=380, elem_id="reference")
+                shown = gr.Examples(
+                    examples, [editor, reference], cache_examples=False,
+                    label=f"Examples: synthetic benchmark cases (seed {EXAMPLE_SEED}, never "
+                          "seen in training); one click loads and refines")
+            with gr.Column(scale=1, min_width=280):
                 with gr.Accordion("Read-out (alignment)", open=True):
                     readout = gr.Radio(list(READOUTS), value=cfg.readout, label="read-out",
                                        elem_id="readout")
@@ -219,22 +227,20 @@ def build_demo(export_dir: str | Path | None = None) -> gr.Blocks:
                                          label="guidance scale", elem_id="guidance")
                     seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                 button = gr.Button("Refine", variant="primary", elem_id="run")
-        with gr.Row():
-            heat = gr.Image(label="heat map and crop box on the reference", format="png",
-                            interactive=False, elem_id="heat")
-            crop = gr.Image(label="crop used for refinement", format="png", interactive=False,
-                            elem_id="crop")
-            before = gr.Image(label="input", format="png", interactive=False,
+        with gr.Row(equal_height=True):
+            heat = gr.Image(label="heat map + crop box (reference)", format="png",
+                            interactive=False, height=280, elem_id="heat")
+            crop = gr.Image(label="crop used to refine", format="png", interactive=False,
+                            height=280, elem_id="crop")
+            before = gr.Image(label="input", format="png", interactive=False, height=280,
                               elem_id="input", elem_classes="pixelated")
-            after = gr.Image(label="refined", format="png", interactive=False,
+            after = gr.Image(label="refined", format="png", interactive=False, height=280,
                              elem_id="refined", elem_classes="pixelated")
-        details = gr.JSON(label="details", elem_id="details")
+        with gr.Accordion("details (box on the reference, settings, time)", open=False):
+            details = gr.JSON(label="details", elem_id="details")
         controls = [readout, timestep, block, threshold, margin, steps, guidance, seed]
         outputs = [heat, crop, before, after, details]
         button.click(run, [editor, reference, *controls], outputs, api_name="refine")
-        shown = gr.Examples(examples, [editor, reference], cache_examples=False,
-                            label=f"Examples: synthetic benchmark cases (seed {EXAMPLE_SEED}, "
-                                  "never seen in training); one click loads and refines")
         shown.load_input_event.then(run, [editor, reference, *controls], outputs,
                                     api_visibility="undocumented")
     return demo
