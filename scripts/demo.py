@@ -88,8 +88,9 @@ class DemoModel:
 
 
 def load_demo_model(export_dir: str | Path | None = None) -> DemoModel:
+    """Load once per server: every request reuses these weights with its own settings."""
     export_dir = Path(export_dir or DEFAULT_EXPORT)
-    components = load_export(export_dir, "cpu" if not torch.cuda.is_available() else "cuda")
+    components = load_export(export_dir, "cuda" if torch.cuda.is_available() else "cpu")
     alignment = load_alignment(export_dir=export_dir, components=components)
     return DemoModel(components, alignment, (export_dir / ALIGNMENT_FILE).is_file(), export_dir)
 
