@@ -1,27 +1,36 @@
 # Two commands do everything on a fresh machine (Python 3.11, pip):
 #   make train   - set up .venv if missing, then the main job (tiny model, synthetic data, CPU)
-#   make test    - set up .venv if missing, then the default test suite
+#   make test    - set up .venv (with the demo lock) if missing, then the default test suite
+#   make demo    - the interactive demo (scripts/demo.py) on the shipped model, CPU
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test test-all eval lint
+.PHONY: setup setup-demo train test test-all eval lint demo
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PIP_INSTALL) -r requirements.txt
+	touch $@
+
+# gradio and its pins, resolved together with the core lock (which they leave unchanged)
+$(VENV)/.demo-installed: $(VENV)/.installed requirements.txt requirements-demo.txt
+	$(PIP_INSTALL) -r requirements.txt -r requirements-demo.txt
 	touch $@
 
 setup: $(VENV)/.installed
 
+setup-demo: $(VENV)/.demo-installed
+
 train: setup
 	$(PY) train.py $(ARGS)
 
-test: setup
+test: setup-demo
 	$(PY) -m pytest $(ARGS)
 
-test-all: setup
+test-all: setup-demo
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
 eval: setup
@@ -29,3 +38,6 @@ eval: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+demo: setup-demo
+	$(PY) scripts/demo.py $(ARGS)

@@ -4,7 +4,8 @@
 - ``layer_curve.png``: mIoU per block, averaged over timesteps.
 - ``heatmap.png``: the T x L mask-mIoU table with the best cell marked.
 - :func:`correspondence_overlay` draws one reference with its heat map, the ground-truth
-  contour and the predicted box; :func:`qualitative_grid` lays out whole cases.
+  contour and the predicted box; :func:`correspondence_image` renders that alone at the
+  reference's pixel size; :func:`qualitative_grid` lays out whole cases.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -101,6 +104,20 @@ def correspondence_overlay(ax: Axes, reference: np.ndarray, heat: np.ndarray | N
     if title:
         ax.set_title(title, fontsize=8)
     return ax
+
+
+def correspondence_image(reference: np.ndarray, heat: np.ndarray | None = None,
+                         box: Sequence[int] | None = None) -> np.ndarray:
+    """The reference with its heat map and box drawn over, as uint8 HxWx3 at its own size.
+
+    A pyplot-free figure, so a server thread (the demo) can render while another one does.
+    """
+    height, width = reference.shape[:2]
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    correspondence_overlay(fig.add_axes((0, 0, 1, 1)), reference, heat, box=box)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def qualitative_grid(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

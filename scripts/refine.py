@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.benchmark import load_benchmark  # noqa: E402
-from evaluation.figures import correspondence_overlay  # noqa: E402
+from evaluation.figures import correspondence_image  # noqa: E402
 from models.export import load_export  # noqa: E402
 from models.pipeline import (  # noqa: E402
     RefineByAlign,
@@ -103,16 +103,7 @@ def read_mask(path: Path) -> np.ndarray:
 def save_correspondence(reference: np.ndarray, heat: np.ndarray, box: tuple[int, ...],
                         path: Path) -> None:
     """The reference at its own pixel size with the heat map and the chosen box drawn over."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height, width = reference.shape[:2]
-    fig = plt.figure(figsize=(width / 100, height / 100), dpi=100)
-    correspondence_overlay(fig.add_axes((0, 0, 1, 1)), reference, heat, box=box)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    Image.fromarray(correspondence_image(reference, heat, box)).save(path)
 
 
 def write_outputs(out: Path, refined: np.ndarray, reference: np.ndarray, found) -> dict[str, Path]:
