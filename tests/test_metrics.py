@@ -152,3 +152,13 @@ def test_mean_value() -> None:
     assert M.mean_value([1.0, None, 3.0]) == 2.0
     assert M.mean_value([None, None]) is None
     assert math.isinf(M.mean_value([1.0, float("inf")]))
+
+
+def test_gms_probe_ranks_sharp_copy_above_blur_where_psnr_does_not():
+    from scripts.probe_gms import main as probe
+
+    scores = probe(["--num", "8"])["scores"]
+    shifted, blurred = scores["target shifted 1 px"], scores["target blurred (sigma 1.5)"]
+    assert scores["target (exact)"]["gms"] == 1.0
+    assert shifted["gms"] > blurred["gms"] > scores["OpenCV Telea"]["gms"]
+    assert blurred["psnr"] > shifted["psnr"]  # why PSNR alone cannot judge detail
