@@ -44,12 +44,10 @@ from distributed import (
 )
 from models.checkpoint import ModelConfigInCheckpoint
 from models.diffusers_pipeline import convert_export
-from models.export import save_export
+from models.export import DIFFUSERS_SUBDIR, save_export
 from models.lightning_module import val_table_from_metrics
 
 log = logging.getLogger(__name__)
-# the diffusers pipeline layout of the export, in a subfolder of it (as the shipped checkpoint)
-DIFFUSERS_SUBDIR = "diffusers"
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
