@@ -11,7 +11,7 @@ assembles its :class:`models.export.Components` from the loaded modules.
 Loading: ``RefineByAlignPipeline.from_pretrained(dir)``. diffusers' generic
 ``DiffusionPipeline.from_pretrained(dir)`` cannot find this class by itself: it looks a
 string ``_class_name`` up as an attribute of the ``diffusers`` package, and loads any other
-class only as remote code. The folder therefore carries a two-line module,
+class only as remote code. The folder therefore carries a small module,
 ``refine_by_align_pipeline.py``, that imports this class, so the generic loader works with
 diffusers' custom-pipeline arguments (this repository importable, the file executed):
 ``DiffusionPipeline.from_pretrained(dir, custom_pipeline="refine_by_align_pipeline",
