@@ -11,7 +11,10 @@
 3. the alignment stage at (t*, block*) on the report cases, then the refinement evaluation
    (evaluation/refinement.py);
 4. report.json, report.md, figures/, alignment.yaml (from the calibration part) and
-   qualitative.png in the run folder.
+   qualitative.png in the run folder; with ``write_alignment_to_export=true`` the calibrated
+   alignment.yaml is also written into the evaluated export and its diffusers folder (so
+   scripts/refine.py and ``RefineByAlignPipeline.from_pretrained`` deploy it). Off by
+   default: with no ``ckpt_path`` the export is the shipped, tracked checkpoint.
 
 With no arguments a synthetic benchmark is generated into the run folder (from the
 "benchmark" seed namespace, so no case is a training item) and the shipped export is used.
@@ -34,6 +37,7 @@ import datetime
 import importlib.metadata
 import logging
 import platform
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -65,8 +69,15 @@ from evaluation.sweep import (
 from models.alignment import Alignment, region_mask
 from models.checkpoint import as_export
 from models.correspondence import mask_boxes, mask_iou, mask_iou_box_target
-from models.export import DEFAULT_EXPORT, Components, load_export
-from models.pipeline import AlignmentConfig, RefineByAlign
+from models.export import (
+    DEFAULT_EXPORT,
+    DIFFUSERS_SUBDIR,
+    PIPELINE_INDEX,
+    WEIGHTS,
+    Components,
+    load_export,
+)
+from models.pipeline import ALIGNMENT_FILE, AlignmentConfig, RefineByAlign
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +255,31 @@ def write_alignment_yaml(chosen: AlignmentConfig, path: Path, note: str) -> Path
     return path
 
 
+def alignment_homes(export_dir: Path) -> list[Path]:
+    """Every folder that deploys this export's read-out: the export itself and its twin (the
+    diffusers folder inside an export, or the export around a diffusers folder), so that
+    the two layouts of one model never disagree on (t*, block*)."""
+    homes = [export_dir]
+    inner = export_dir / DIFFUSERS_SUBDIR
+    if (inner / PIPELINE_INDEX).is_file():
+        homes.append(inner)
+    outer = export_dir.parent
+    if (export_dir.name == DIFFUSERS_SUBDIR and (export_dir / PIPELINE_INDEX).is_file()
+            and (outer / WEIGHTS).is_file()):
+        homes.append(outer)
+    return homes
+
+
+def write_alignment_to_export(calibrated: Path, export_dir: Path) -> list[Path]:
+    """Copy the run's calibrated alignment.yaml into the export and its twin; returns the
+    files written."""
+    written = []
+    for home in alignment_homes(export_dir):
+        shutil.copyfile(calibrated, home / ALIGNMENT_FILE)
+        written.append(home / ALIGNMENT_FILE)
+    return written
+
+
 def split_cases(cases: Sequence[BenchmarkCase], cfg: DictConfig
                 ) -> tuple[list[BenchmarkCase], list[str], list[BenchmarkCase], bool]:
     """(sweepable cases, calibration ids, report cases, held out?).
@@ -307,7 +343,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
     ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else DEFAULT_EXPORT
-    components = load_export(as_export(ckpt, run_dir / "export"), device)  # .ckpt: exported
+    export_dir = as_export(ckpt, run_dir / "export")  # a .ckpt is exported into the run
+    components = load_export(export_dir, device)
     bench_dir = prepare_benchmark(cfg, components, run_dir)
     cases, skipped = load_benchmark(bench_dir)
     for case_id, reason in skipped:
@@ -379,7 +416,14 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     note = (f"calibrated by eval.py on {len(calibration_ids)} calibration case(s) of "
             f"{bench_dir}" + ("" if held_out else " (in-sample: no held-out split)")
             if sweep else "no reference_mask in the benchmark: defaults, not calibrated")
-    write_alignment_yaml(chosen, run_dir / "alignment.yaml", note)
+    calibrated = write_alignment_yaml(chosen, run_dir / ALIGNMENT_FILE, note)
+    if cfg.get("write_alignment_to_export"):
+        if sweep is None:  # defaults are not a calibration: never overwrite one with them
+            log.warning("write_alignment_to_export: nothing calibrated (no case has a "
+                        "reference_mask), %s left as it is", export_dir)
+        else:
+            for path in write_alignment_to_export(calibrated, export_dir):
+                log.info("calibrated read-out written to %s", path)
     report = {
         "schema_version": SCHEMA_VERSION,
         "warnings": report_warnings(verdict, held_out, sweep, status),

@@ -2,6 +2,20 @@
 
 With no arguments: the tiny model on on-the-fly synthetic data on CPU (about 10 minutes on
 2 cores), then a summary with the checkpoint, logs, final loss and correspondence mIoU.
+
+What a run writes (``export_dir``, default ``<run>/export``):
+
+- ``model.safetensors`` + ``model.yaml`` + ``training_data.yaml``: the export that eval.py,
+  scripts/refine.py and the notebook load (:func:`models.export.load_export`);
+- ``diffusers/`` (unless ``export_diffusers=false``): the same EMA weights in diffusers'
+  pipeline layout, as ``scripts/convert_export.py`` writes it (``model_index.json``, ``unet/``,
+  ``reference_encoder/``, ``scheduler/``, ``vae/`` for latent models, ``model.yaml``); load it
+  with ``RefineByAlignPipeline.from_pretrained(<export_dir>/diffusers)``. It has no
+  ``alignment.yaml`` until eval.py calibrates the export (``write_alignment_to_export=true``).
+
+Hyperparameter search: ``main`` returns the logged metric named by ``optimized_metric``
+(None when unset), which Hydra sweepers optimize, e.g.
+``python train.py -m hparams_search=tiny_optuna`` (configs/hparams_search/).
 """
 
 from __future__ import annotations
@@ -9,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +43,8 @@ from distributed import (
     uses_fsdp,
 )
 from models.checkpoint import ModelConfigInCheckpoint
-from models.export import save_export
+from models.diffusers_pipeline import convert_export
+from models.export import DIFFUSERS_SUBDIR, save_export
 from models.lightning_module import val_table_from_metrics
 
 log = logging.getLogger(__name__)
@@ -105,15 +121,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         "fails under FSDP); metrics are from step %d", trainer.global_step,
                         module.val_step)
 
-    export_dir = None
+    export_dir = diffusers_dir = None
     # under FSDP, gathering the whole weights (to rank 0) is a collective: every rank joins
     if trainer.is_global_zero or module.fsdp_root() is not None:
         weights = module.inference_state_dict()
         if trainer.is_global_zero:
             export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
             write_training_data(cfg.data, export_dir)
+            if cfg.get("export_diffusers", True):
+                diffusers_dir = convert_export(export_dir, export_dir / DIFFUSERS_SUBDIR)
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
+            "diffusers_dir": diffusers_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}
 
@@ -127,6 +146,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"  logs             : {result['log_dir']}",
         f"  checkpoints      : {result['checkpoint_dir']}",
         f"  exported weights : {result['export_dir']}",
+        f"  diffusers folder : {result.get('diffusers_dir')}",
         f"  final train loss : {metrics.get('train/loss', float('nan')):.4f}",
         f"  final val loss   : {metrics.get('val/loss', float('nan')):.4f}",
     ]
@@ -142,12 +162,32 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def optimized_metric_value(metrics: Mapping[str, float], name: str | None) -> float | None:
+    """The value a sweeper optimizes: ``metrics[name]``, None when no name is set.
+
+    A name that was not logged fails the run, listing what was: returning None or a default
+    would let a search rank its trials on nothing.
+    """
+    if not name:
+        return None
+    if name not in metrics:
+        logged = ", ".join(sorted(metrics)) or "none"
+        raise ValueError(f"optimized_metric {name!r} was not logged by this run; logged metrics: "
+                       f"{logged}")
+    return float(metrics[name])
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train, print the summary, return ``cfg.optimized_metric``'s value (for sweepers)."""
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
     use_job_command_for_ddp_children()  # DDP children run this job, not the whole sweep
     result = train(cfg)
     print(format_summary(result))
+    value = optimized_metric_value(result["metrics"], cfg.get("optimized_metric"))
+    if value is not None:
+        log.info("optimized metric %s = %.6f", cfg.optimized_metric, value)
+    return value
 
 
 if __name__ == "__main__":

@@ -7,6 +7,16 @@ carries the calibrated read-out (``alignment.yaml``, see :func:`models.pipeline.
 and the training config (``model.yaml``: provenance, the preset's uncalibrated read-out and the
 validation sampler). Inference is :class:`models.pipeline.RefineByAlign`'s; this class only
 assembles its :class:`models.export.Components` from the loaded modules.
+
+Loading: ``RefineByAlignPipeline.from_pretrained(dir)``. diffusers' generic
+``DiffusionPipeline.from_pretrained(dir)`` cannot find this class by itself: it looks a
+string ``_class_name`` up as an attribute of the ``diffusers`` package, and loads any other
+class only as remote code. The folder therefore carries a small module,
+``refine_by_align_pipeline.py``, that imports this class, so the generic loader works with
+diffusers' custom-pipeline arguments (this repository importable, the file executed):
+``DiffusionPipeline.from_pretrained(dir, custom_pipeline="refine_by_align_pipeline",
+trust_remote_code=True)``. ``model_index.json`` keeps the plain class name, so this class's
+own loader, ``load_export``, eval.py and scripts/refine.py never execute code from a folder.
 """
 
 from __future__ import annotations
@@ -37,6 +47,19 @@ from models.pipeline import (
     load_alignment,
 )
 from models.reference_encoder import ReferenceEncoder
+
+# the folder's module for DiffusionPipeline.from_pretrained(dir, custom_pipeline=<its stem>, ...)
+CUSTOM_PIPELINE_MODULE = "refine_by_align_pipeline.py"
+CUSTOM_PIPELINE_SOURCE = '''"""The pipeline class of this folder, for diffusers' generic loader:
+
+    DiffusionPipeline.from_pretrained(folder, custom_pipeline="refine_by_align_pipeline",
+                                      trust_remote_code=True)
+
+The refine-by-align repository must be importable.
+"""
+
+from models.diffusers_pipeline import RefineByAlignPipeline  # noqa: F401
+'''
 
 # Dinov2Config bookkeeping that is not architecture (and would pin a transformers version).
 _BACKBONE_META = ("transformers_version", "model_type", "architectures", "_name_or_path",
@@ -135,20 +158,35 @@ class RefineByAlignPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
                         **kwargs: Any) -> RefineByAlignPipeline:
-        """diffusers' loader, then the folder's ``model.yaml`` and calibrated read-out."""
+        """diffusers' loader, then the folder's ``model.yaml`` and calibrated read-out (read
+        by :meth:`register_to_config` for a local folder, here for a hub id)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            folder = Path(cls.download(pretrained_model_name_or_path, **kwargs))
-        if (folder / CONFIG).is_file():
-            pipe.model_config = OmegaConf.load(folder / CONFIG)
-        if (folder / ALIGNMENT_FILE).is_file() or pipe.model_config is not None:
-            pipe.alignment = load_alignment(export_dir=folder,
-                                            components=pipe.inference_components())
+        if not Path(pretrained_model_name_or_path).is_dir():
+            pipe.read_folder_settings(Path(cls.download(pretrained_model_name_or_path,
+                                                        **kwargs)))
         return pipe
 
+    def register_to_config(self, **kwargs: Any) -> None:
+        """diffusers' loaders (this class's and the generic ``DiffusionPipeline``'s) end by
+        recording the folder here: the one step both share, so a local folder's settings are
+        read here and either loader returns a ready pipeline."""
+        super().register_to_config(**kwargs)
+        folder = kwargs.get("_name_or_path")
+        if folder is not None and Path(folder).is_dir():
+            self.read_folder_settings(Path(folder))
+
+    def read_folder_settings(self, folder: Path) -> None:
+        """``model.yaml`` and the calibrated read-out (else the preset default, with
+        :func:`load_alignment`'s UNCALIBRATED warning) of a pipeline folder."""
+        if (folder / CONFIG).is_file():
+            self.model_config = OmegaConf.load(folder / CONFIG)
+        if (folder / ALIGNMENT_FILE).is_file() or self.model_config is not None:
+            self.alignment = load_alignment(export_dir=folder,
+                                            components=self.inference_components())
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """diffusers' layout (safetensors), plus ``model.yaml`` and ``alignment.yaml``."""
+        """diffusers' layout (safetensors), plus ``model.yaml``, ``alignment.yaml`` and the
+        module that lets ``DiffusionPipeline.from_pretrained`` find this class."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
@@ -156,6 +194,7 @@ class RefineByAlignPipeline(DiffusionPipeline):
             OmegaConf.save(self.model_config, folder / CONFIG, resolve=True)
         if self.alignment is not None:
             OmegaConf.save(OmegaConf.structured(self.alignment), folder / ALIGNMENT_FILE)
+        (folder / CUSTOM_PIPELINE_MODULE).write_text(CUSTOM_PIPELINE_SOURCE)
 
     # --- inference: delegated --------------------------------------------------------------
     def inference_components(self) -> Components:
@@ -198,7 +237,9 @@ def convert_export(export_dir: str | Path, out_dir: str | Path) -> Path:
 
     The calibrated ``alignment.yaml`` is copied verbatim when the export has one; an
     uncalibrated export stays uncalibrated (its preset default is not written as calibrated).
+    ``training_data.yaml`` travels too, so eval.py's provenance check reads either folder.
     """
+    from data.provenance import TRAINING_DATA
     from models.export import load_export
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -208,4 +249,6 @@ def convert_export(export_dir: str | Path, out_dir: str | Path) -> Path:
     if calibrated.is_file():
         load_alignment(calibrated)  # refuse a malformed read-out before shipping it
         shutil.copyfile(calibrated, out_dir / ALIGNMENT_FILE)
+    if (export_dir / TRAINING_DATA).is_file():
+        shutil.copyfile(export_dir / TRAINING_DATA, out_dir / TRAINING_DATA)
     return out_dir

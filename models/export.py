@@ -25,6 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPORT = REPO_ROOT / "checkpoints" / "tiny_synthetic"
 WEIGHTS, CONFIG = "model.safetensors", "model.yaml"
 PIPELINE_INDEX = "model_index.json"
+# where an export keeps its diffusers pipeline folder (train.py writes it; eval.py updates its
+# alignment.yaml with the export's; the shipped one is checkpoints/tiny_synthetic/diffusers)
+DIFFUSERS_SUBDIR = "diffusers"
 
 
 class ExportError(ValueError):

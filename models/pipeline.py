@@ -91,7 +91,8 @@ def load_alignment(path: str | Path | None = None, export_dir: str | Path | None
     log.warning(
         "UNCALIBRATED alignment read-out: %s has no %s, so the preset's default "
         "(t=%d, block %d, from its model config) is used. Calibrate it with "
-        "`python eval.py ckpt_path=%s` and copy the run's %s into the export.",
+        "`python eval.py ckpt_path=%s write_alignment_to_export=true` (writes %s into the "
+        "export and its diffusers folder).",
         export_dir, ALIGNMENT_FILE, chosen.timestep, chosen.block, export_dir, ALIGNMENT_FILE)
     return chosen
 

@@ -4,9 +4,11 @@
       --out checkpoints/tiny_synthetic/diffusers
 
 Writes model_index.json, unet/, reference_encoder/, scheduler/ (and vae/ for latent models),
-all weights as safetensors, plus model.yaml and the calibrated alignment.yaml. Load it with
+all weights as safetensors, plus model.yaml, the export's calibrated alignment.yaml and
+training_data.yaml (when it has them) and refine_by_align_pipeline.py. Load it with
 ``RefineByAlignPipeline.from_pretrained(out)``; the UNet alone with
-``UNet2DConditionModel.from_pretrained(out, subfolder="unet")``.
+``UNet2DConditionModel.from_pretrained(out, subfolder="unet")``. train.py writes the same
+folder to <export>/diffusers at the end of a run.
 """
 
 from __future__ import annotations

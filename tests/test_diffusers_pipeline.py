@@ -130,6 +130,33 @@ def test_uncalibrated_export_stays_uncalibrated(old_export: Path, tmp_path: Path
                                                                 model_cfg.val_block)
 
 
+def test_generic_diffusers_loader_needs_the_folders_module(converted: Path, case) -> None:
+    """DiffusionPipeline.from_pretrained: not by class name alone (diffusers looks names up in
+    its own package), but through the folder's module as a custom pipeline, ready to refine
+    exactly like this class's own loader."""
+    from diffusers import DiffusionPipeline
+
+    from models.diffusers_pipeline import CUSTOM_PIPELINE_MODULE
+
+    with pytest.raises(AttributeError, match="RefineByAlignPipeline"):
+        DiffusionPipeline.from_pretrained(converted)
+    stem = CUSTOM_PIPELINE_MODULE.removesuffix(".py")
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never runs folder code silently
+        DiffusionPipeline.from_pretrained(converted, custom_pipeline=stem)
+
+    pipe = DiffusionPipeline.from_pretrained(converted, custom_pipeline=stem,
+                                             trust_remote_code=True)
+    assert type(pipe) is RefineByAlignPipeline
+    assert pipe.alignment == CALIBRATED and pipe.model_config is not None
+    own = RefineByAlignPipeline.from_pretrained(converted)
+    image, mask, reference = case
+    pipe.refinement = own.refinement = FAST
+    refined, found = pipe(image, mask, reference, seed=7)
+    expected, expected_found = own(image, mask, reference, seed=7)
+    np.testing.assert_array_equal(refined, expected)
+    assert found.box == expected_found.box
+
+
 def test_load_export_reads_the_pipeline_folder(old_export: Path, converted: Path) -> None:
     """eval.py, scripts/refine.py and the notebook take either layout."""
     old, new = load_export(old_export), load_export(converted)
@@ -148,6 +175,9 @@ def test_shipped_pipeline_folder_holds_the_shipped_weights() -> None:
         assert new.keys() == theirs.keys()
         assert all(torch.equal(new[k], v) for k, v in theirs.items()), part
     assert (folder / ALIGNMENT_FILE).read_text() == (DEFAULT_EXPORT / ALIGNMENT_FILE).read_text()
+    from models.diffusers_pipeline import CUSTOM_PIPELINE_MODULE, CUSTOM_PIPELINE_SOURCE
+
+    assert (folder / CUSTOM_PIPELINE_MODULE).read_text() == CUSTOM_PIPELINE_SOURCE
 
 
 def test_latent_model_saves_its_vae(old_export: Path, tmp_path: Path) -> None:

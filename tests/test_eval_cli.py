@@ -187,3 +187,36 @@ def test_eval_exits_nonzero_when_no_case_is_valid(tmp_path: Path, export_dir: Pa
     assert "00000: missing required file(s): mask" in proc.stderr
     assert "00001: unreadable reference.png" in proc.stderr
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_eval_writes_the_calibrated_read_out_into_the_export_and_its_diffusers_folder(
+        tmp_path: Path, export_dir: Path) -> None:
+    """write_alignment_to_export=true: both layouts of the model deploy the new (t*, block*),
+    whichever of the two was evaluated; off by default (the default export is tracked)."""
+    import shutil
+
+    from models.diffusers_pipeline import RefineByAlignPipeline, convert_export
+    from models.pipeline import ALIGNMENT_FILE, load_alignment
+
+    assert compose_config([], config_name="eval").write_alignment_to_export is False
+    export = tmp_path / "export"
+    shutil.copytree(export_dir, export)
+    inner = convert_export(export, export / "diffusers")
+    bench = tmp_path / "bench"
+    write_synthetic_benchmark(bench, 2, seed=0)
+    base = [f"bench_dir={bench}", "run_refinement=false", "write_alignment_to_export=true"]
+
+    _evaluate([f"ckpt_path={export}", *base], tmp_path / "run")
+    calibrated = (tmp_path / "run" / ALIGNMENT_FILE).read_text()
+    assert calibrated.startswith("# calibrated by eval.py")
+    assert (export / ALIGNMENT_FILE).read_text() == calibrated
+    assert (inner / ALIGNMENT_FILE).read_text() == calibrated
+    pipe = RefineByAlignPipeline.from_pretrained(inner)
+    assert pipe.alignment == load_alignment(tmp_path / "run" / ALIGNMENT_FILE)
+
+    for home in (export, inner):
+        (home / ALIGNMENT_FILE).unlink()
+    _evaluate([f"ckpt_path={inner}", *base], tmp_path / "run_inner")  # the folder, evaluated
+    calibrated = (tmp_path / "run_inner" / ALIGNMENT_FILE).read_text()
+    assert (export / ALIGNMENT_FILE).read_text() == (inner / ALIGNMENT_FILE).read_text() == (
+        calibrated)

@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
 
@@ -88,22 +89,93 @@ def test_resume_continues_step_count_optimizer_and_ema(tmp_path):
     assert saved_moment.abs().sum() > 0
 
 
-def test_train_entry_point_runs_and_exports(tmp_path):
+SEARCH_CONFIG = Path(__file__).resolve().parents[1] / "configs/hparams_search/tiny_optuna.yaml"
+
+
+@pytest.fixture(scope="module")
+def entry_point_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``python train.py`` end to end for 2 steps: the one real run the tests below share.
+
+    It returns the search's optimized metric, so a search config naming a metric that a real
+    run does not log fails here.
+    """
+    log_dir = tmp_path_factory.mktemp("train_entry")
+    metric = OmegaConf.load(SEARCH_CONFIG).optimized_metric
     cmd = [sys.executable, "train.py", *FAST, "trainer.max_steps=2", "trainer.val_check_interval=2",
-           f"paths.log_dir={tmp_path}", "callbacks.model_checkpoint.every_n_train_steps=2"]
+           f"paths.log_dir={log_dir}", "callbacks.model_checkpoint.every_n_train_steps=2",
+           f"optimized_metric={metric}"]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done, log_dir
+
+
+def test_train_entry_point_runs_and_exports(entry_point_run):
+    done, log_dir = entry_point_run
     assert "Training finished" in done.stdout and "baseline: whole_reference" in done.stdout
-    exports = list(tmp_path.glob("train/*/export/model.safetensors"))
+    metric = OmegaConf.load(SEARCH_CONFIG).optimized_metric
+    assert f"optimized metric {metric} = " in done.stdout  # main() returned it
+    exports = list(log_dir.glob("train/*/export/model.safetensors"))
     assert len(exports) == 1
     from data.provenance import read_training_data
 
     record = read_training_data(exports[0].parent)  # eval.py checks benchmarks against it
     assert record["train"]["namespace"] == "train" and record["train"]["seed"] == 0
     assert record["validation"]["namespace"] == "validation"
-    assert list(tmp_path.glob("train/*/checkpoints/last.ckpt"))
-    assert list(tmp_path.glob("train/*/csv/metrics.csv"))
+    assert list(log_dir.glob("train/*/checkpoints/last.ckpt"))
+    assert list(log_dir.glob("train/*/csv/metrics.csv"))
+
+
+def test_train_exports_the_diffusers_folder(entry_point_run):
+    """<export>/diffusers: convert_export's layout, named in the summary, same provenance."""
+    done, log_dir = entry_point_run
+    (export,) = [p.parent for p in log_dir.glob("train/*/export/model.safetensors")]
+    folder = export / "diffusers"
+    assert f"diffusers folder : {folder}" in done.stdout
+    for part in ("unet", "reference_encoder"):
+        assert (folder / part / "config.json").is_file()
+        assert (folder / part / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+    assert not (folder / "vae").exists()  # the tiny model is pixel-space
+    assert (folder / "model.yaml").read_text() == (export / "model.yaml").read_text()
+    assert (folder / "training_data.yaml").read_text() == (
+        export / "training_data.yaml").read_text()
+    assert not (folder / "alignment.yaml").exists()  # uncalibrated until eval.py says so
+
+
+def test_train_diffusers_folder_loads_and_refines_like_the_export(entry_point_run, tmp_path):
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from data.benchmark import load_benchmark, write_synthetic_benchmark
+    from models.diffusers_pipeline import RefineByAlignPipeline
+    from models.export import load_export
+    from models.pipeline import RefineByAlign, RefinementConfig, load_alignment
+
+    _, log_dir = entry_point_run
+    (export,) = [p.parent for p in log_dir.glob("train/*/export/model.safetensors")]
+    folder = export / "diffusers"
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+    exported = load_file(str(export / "model.safetensors"))
+    theirs = {k[len("denoiser."):]: v for k, v in exported.items() if k.startswith("denoiser.")}
+    assert unet.keys() == theirs.keys()
+    assert all(torch.equal(unet[k], v) for k, v in theirs.items())
+
+    write_synthetic_benchmark(tmp_path, 1, seed=3)
+    (case,), _ = load_benchmark(tmp_path)
+    fast = RefinementConfig(num_steps=2)
+    components = load_export(export)
+    today = RefineByAlign(components, load_alignment(export_dir=export, components=components),
+                          fast)
+    expected, expected_found = today(case.image, case.mask, case.reference, seed=5)
+    pipe = RefineByAlignPipeline.from_pretrained(folder)
+    pipe.refinement = fast
+    refined, found = pipe(case.image, case.mask, case.reference, seed=5)
+    assert not np.array_equal(refined[case.mask], case.image[case.mask])  # it did generate
+    np.testing.assert_array_equal(refined, expected)
+    assert found.box == expected_found.box
 
 
 def test_cls_token_ablation_trains_and_validates_without_a_map(tmp_path):
