@@ -27,6 +27,7 @@ from distributed import (
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
+from evaluation.tracker import write_tracker_record
 from models.checkpoint import ModelConfigInCheckpoint
 from models.export import save_export
 from models.lightning_module import val_table_from_metrics
@@ -112,6 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
             write_training_data(cfg.data, export_dir)
+            write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
