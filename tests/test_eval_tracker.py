@@ -207,3 +207,29 @@ def test_train_records_no_tracker_without_a_wandb_logger(tmp_path: Path) -> None
 
     assert write_tracker_record([CSVLogger(str(tmp_path))], tmp_path) is None
     assert read_tracker_record(tmp_path) is None and not (tmp_path / TRACKER).exists()
+
+
+@pytest.mark.slow
+def test_train_py_records_its_wandb_run_and_eval_logs_into_it(tmp_path: Path) -> None:
+    """The real hand-over: train.py logger=wandb -> export/tracker.yaml -> eval.py (about a
+    minute on 2 cores; the fast tests above cover each side with a real WandbLogger)."""
+    import wandb
+
+    from train import train
+
+    cfg = compose_config(["data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+                          "data.val_length=4", "model.val_sample_steps=2",
+                          "model.val_num_samples=2", "trainer.max_steps=1",
+                          "trainer.val_check_interval=1", "logger=wandb",
+                          "callbacks.progress_bar.refresh_rate=0"])
+    cfg.paths.output_dir = str(tmp_path / "train")
+    export = Path(train(cfg)["export_dir"])
+    wandb.finish()  # what the end of the train.py process does
+    record = read_tracker_record(export)
+    training = read_finished_run(Path(record["run_dir"]))
+    assert training.run_id == record["id"] and "val/loss" in training.history_keys()
+
+    _evaluate([f"ckpt_path={export}", "bench_cases=4", "run_refinement=false"],
+              tmp_path / "eval")
+    run = _only_run(tmp_path / "eval")
+    assert run.run_id == record["id"] and "eval/heatmap_mask" in run.history_keys()
