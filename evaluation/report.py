@@ -5,7 +5,8 @@ report.json schema (version 2; also in docs/report_schema.md)::
     schema_version: 2
     warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
                            provenance, no held-out split, a failed stage); report.md starts here
-    meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version}}
+    meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version},
+                  run_dir, tracker: null | {id, project, entity, name, mode, run_dir, url}}
     data_provenance: {status: disjoint | overlap | unknown | not_generated, message,
                       training: null | {train: {...}, validation: {...}},
                       benchmark: {generators: [{namespace, seed, cases}], not_generated},

@@ -1,8 +1,8 @@
 """The experiment-tracker (wandb) run behind an export, and eval.py's logging into it.
 
 Training side: train.py with a ``WandbLogger`` writes the run's identity (id, project, entity,
-mode, local folder) to ``<export>/tracker.yaml`` (:func:`write_tracker_record`), next to
-``training_data.yaml``.
+mode, local folder, next history step) to ``<export>/tracker.yaml``
+(:func:`write_tracker_record`), next to ``training_data.yaml``.
 
 Eval side: ``python eval.py logger=wandb`` composes the same ``configs/logger/wandb.yaml`` the
 training uses. :func:`start_eval_run` resumes the export's recorded run (``resume="allow"``)
@@ -82,7 +82,8 @@ def write_tracker_record(loggers: Sequence[Any], export_dir: str | Path) -> Path
     if not runs:
         return None
     path = Path(export_dir) / TRACKER
-    body = OmegaConf.to_yaml(OmegaConf.create({"wandb": run_identity(runs[0])}))
+    record = {**run_identity(runs[0]), "next_step": int(runs[0].step)}
+    body = OmegaConf.to_yaml(OmegaConf.create({"wandb": record}))
     path.write_text("# written by train.py: the wandb run that trained this export; "
                     "eval.py logger=wandb logs into it\n" + body)
     return path
@@ -247,6 +248,14 @@ def summary_values(report: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{PREFIX}/{k}": v for k, v in out.items()}
 
 
+def history_step(run: Any) -> int:
+    """The step eval's history row goes to: after the training's rows. Online, a resumed run
+    already continues there; offline it restarts at 0, and a row at step 0 would sort before
+    (and, synced into the existing run, could be refused behind) the training's rows."""
+    record = run.config.get(PREFIX, {}).get("tracker_record") or {}
+    return max(int(run.step), int(record.get("next_step") or 0))
+
+
 def log_eval(run: Any, report: Mapping[str, Any], run_dir: Path) -> None:
     """Log eval.py's figures, tables, summary values and report files into ``run``."""
     import wandb
@@ -258,7 +267,7 @@ def log_eval(run: Any, report: Mapping[str, Any], run_dir: Path) -> None:
         tables = {f"{PREFIX}/{name}": wandb_table(rows)
                   for name, rows in report_tables(report).items()}
     with _stage("wandb log", "history"):
-        run.log({**images, **tables})
+        run.log({**images, **tables}, step=history_step(run))
     with _stage("wandb log", "summary"):
         run.summary.update(summary_values(report))
     with _stage("wandb log", "run files"):  # copies: the offline run folder stands alone

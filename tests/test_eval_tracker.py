@@ -147,6 +147,7 @@ def test_eval_logs_into_the_training_run_the_export_records(tmp_path: Path) -> N
     assert run.run_id == train_id and run.project == "rba-tracker-test"
     assert run.folder.name.endswith(f"-{train_id}")  # `wandb sync` merges it into the run
     assert run.job_type == "" and run.exit_code == 0
+    assert record["next_step"] >= 1 and run.history[0]["_step"] == record["next_step"]
     report = json.loads(path.read_text())
     assert report["meta"]["tracker"]["id"] == train_id
     assert run.config["eval"]["tracker_record"]["id"] == train_id
