@@ -128,13 +128,13 @@ def init_kwargs(node: Mapping[str, Any], record: Mapping[str, Any] | None,
     if node.get("offline"):
         kwargs["mode"] = "offline"
     explicit = node.get("id") or node.get("version")
+    if not explicit and not record:
+        return {**kwargs, "job_type": "eval"}
+    kwargs.pop("name", None)  # a resumed run keeps its name
     if explicit:
         return {**kwargs, "id": str(explicit), "resume": "allow"}
-    if record:
-        kwargs.pop("name", None)
-        return {**kwargs, "id": record["id"], "project": record["project"],
-                "entity": record.get("entity"), "resume": "allow"}
-    return {**kwargs, "job_type": "eval"}
+    return {**kwargs, "id": record["id"], "project": record["project"],
+            "entity": record.get("entity"), "resume": "allow"}
 
 
 def start_eval_run(node: Mapping[str, Any], export_dir: Path, run_dir: Path,

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from data.provenance import write_training_data
-from evaluation.tracker import TRACKER, read_tracker_record, wandb_table, write_tracker_record
+from evaluation.tracker import (
+    TRACKER,
+    init_kwargs,
+    read_tracker_record,
+    wandb_table,
+    write_tracker_record,
+)
 from models.export import DEFAULT_EXPORT
 from tests.conftest import compose_config
 from tests.wandb_offline import OfflineRun, offline_runs, read_finished_run
@@ -193,6 +199,20 @@ def test_bad_tracker_settings_are_refused_before_evaluating(tmp_path: Path) -> N
         eval_script.evaluate(compose_config(["logger=wandb", f"ckpt_path={export}"],
                                             config_name="eval"), tmp_path / "bad")
     assert not offline_runs(tmp_path / "bad") and not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_which_run_eval_logs_into(tmp_path: Path) -> None:
+    node = {"_target_": "pytorch_lightning.loggers.WandbLogger", "project": "mine",
+            "name": "eval", "save_dir": "elsewhere", "offline": True, "log_model": False}
+    record = {"id": "trainrun", "project": "theirs", "entity": "team"}
+    new = init_kwargs(node, None, tmp_path)
+    assert new == {"project": "mine", "name": "eval", "dir": str(tmp_path), "mode": "offline",
+                   "job_type": "eval"}
+    resumed = init_kwargs(node, record, tmp_path)  # the training run's place and name
+    assert resumed == {"project": "theirs", "entity": "team", "id": "trainrun",
+                       "resume": "allow", "dir": str(tmp_path), "mode": "offline"}
+    chosen = init_kwargs({**node, "id": "byhand"}, record, tmp_path)
+    assert chosen["id"] == "byhand" and chosen["project"] == "mine" and "name" not in chosen
 
 
 def test_wandb_table_moves_notes_out_of_numeric_columns() -> None:
