@@ -154,11 +154,6 @@ def start_eval_run(node: Mapping[str, Any], export_dir: Path, run_dir: Path,
     return run
 
 
-def _cell(value: Any) -> Any:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
-        else value
-
-
 def wandb_table(rows: TableRows) -> Any:
     """A wandb.Table of report rows; in a numeric column a string (a metric's note, an empty
     cell) becomes null and its text moves to a ``notes`` column (wandb columns have one type)."""
@@ -176,7 +171,7 @@ def wandb_table(rows: TableRows) -> Any:
                 if value:
                     note.append(f"{col}: {value}")
             else:
-                cells.append(_cell(value) if is_numeric else value)
+                cells.append(value)
         out.append(cells)
         notes.append("; ".join(note))
     if any(notes):

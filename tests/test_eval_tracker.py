@@ -220,7 +220,7 @@ def test_wandb_table_moves_notes_out_of_numeric_columns() -> None:
                          [["a", 12.5, ""], ["b", "not available (no weights)", 3]]))
     assert table.columns == ["method", "psnr", "cells", "notes"]
     assert table.data == [["a", 12.5, None, ""],
-                          ["b", None, 3.0, "psnr: not available (no weights)"]]
+                          ["b", None, 3, "psnr: not available (no weights)"]]
 
 
 def test_train_records_no_tracker_without_a_wandb_logger(tmp_path: Path) -> None:
