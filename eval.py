@@ -334,15 +334,15 @@ def open_tracker(cfg: DictConfig, run_dir: Path) -> Any | None:
         try:
             node = wandb_settings(OmegaConf.to_container(cfg.get("logger"), resolve=True)
                                   if cfg.get("logger") else None)
-        except ValueError as err:
-            raise TrackerError("wandb init", str(err)) from err
-        if node is None:
-            return None
-        ckpt = export_path(cfg)
-        settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-                    if k != "logger"}
-        config = {"export": str(ckpt.resolve()), "training_data": read_training_data(ckpt),
-                  "settings": settings}
+            if node is None:
+                return None
+            ckpt = export_path(cfg)
+            settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                        if k != "logger"}
+            config = {"export": str(ckpt.resolve()), "training_data": read_training_data(ckpt),
+                      "settings": settings}
+        except Exception as err:
+            raise TrackerError("wandb init", f"{err.__class__.__name__}: {err}") from err
         return start_eval_run(node, ckpt, run_dir, config)
 
 
