@@ -14,7 +14,10 @@
    qualitative.png in the run folder; with ``write_alignment_to_export=true`` the calibrated
    alignment.yaml is also written into the evaluated export and its diffusers folder (so
    scripts/refine.py and ``RefineByAlignPipeline.from_pretrained`` deploy it). Off by
-   default: with no ``ckpt_path`` the export is the shipped, tracked checkpoint.
+   default: with no ``ckpt_path`` the export is the shipped, tracked checkpoint;
+5. with ``logger=wandb``: all of that logged into the wandb run that trained the export
+   (recorded in its tracker.yaml), else into a new run linked to the export
+   (evaluation/tracker.py); offline with WANDB_MODE=offline.
 
 With no arguments a synthetic benchmark is generated into the run folder (from the
 "benchmark" seed namespace, so no case is a training item) and the shipped export is used.
@@ -24,7 +27,8 @@ stage fails, report.json is still written (``refinement_status.error``) before e
 
 Python entry point (for scripts that run many evaluations): ``evaluate(cfg, run_dir)`` with a
 DictConfig composed from configs/eval.yaml returns the path of report.json and raises
-:class:`EvalError` (stage, message, report path if one was written) when a stage fails.
+:class:`EvalError` (stage, message, report path if one was written) when a stage fails;
+a failure to log to wandb is such a stage (``wandb init``, ``wandb log``, ``wandb finish``).
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
 import datetime
 import importlib.metadata
+import json
 import logging
 import platform
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,14 @@ from evaluation.sweep import (
     run_sweep,
     split_ids,
     sweep_cases,
+)
+from evaluation.tracker import (
+    TrackerError,
+    finish_eval_run,
+    log_eval,
+    run_identity,
+    start_eval_run,
+    wandb_settings,
 )
 from models.alignment import Alignment, region_mask
 from models.checkpoint import as_export
@@ -336,13 +350,93 @@ def compare_readouts(components: Components, cases: Sequence[BenchmarkCase],
     return rows
 
 
+def export_path(cfg: DictConfig) -> Path:
+    """The export (or Lightning checkpoint) ``ckpt_path`` names; the shipped one when null."""
+    return Path(cfg.ckpt_path) if cfg.ckpt_path else DEFAULT_EXPORT
+
+
+@contextlib.contextmanager
+def tracker_stage(report: Path | None = None) -> Iterator[None]:
+    """A failure to log to wandb fails the evaluation, as a stage named after it."""
+    try:
+        yield
+    except TrackerError as err:
+        raise EvalError(err.stage, err.detail, report) from err
+
+
+def open_tracker(cfg: DictConfig, run_dir: Path) -> Any | None:
+    """The wandb run to log into with ``logger=wandb`` (evaluation/tracker.py); else None."""
+    with tracker_stage():
+        try:
+            node = wandb_settings(OmegaConf.to_container(cfg.get("logger"), resolve=True)
+                                  if cfg.get("logger") else None)
+            if node is None:
+                return None
+            ckpt = export_path(cfg)
+            settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                        if k != "logger"}
+            config = {"export": str(ckpt.resolve()), "training_data": read_training_data(ckpt),
+                      "settings": settings}
+        except Exception as err:
+            raise TrackerError("wandb init", f"{err.__class__.__name__}: {err}") from err
+        return start_eval_run(node, ckpt, run_dir, config)
+
+
+def close_tracker(run: Any, run_dir: Path, report: Path | None,
+                  error: BaseException | None) -> None:
+    """Log the report (when one was written) and finish the run, exit code 1 on ``error``.
+
+    A failure to log is raised as an :class:`EvalError`; when the evaluation had already
+    failed, it is logged instead and the evaluation's own error goes on.
+    """
+    failure, where = None, run_identity(run)["run_dir"]
+    try:
+        with tracker_stage(report):
+            if report is not None:
+                log_eval(run, json.loads(report.read_text()), run_dir)
+    except EvalError as err:
+        failure = err
+    try:
+        with tracker_stage(report):
+            finish_eval_run(run, error or failure)
+    except EvalError as err:
+        failure = failure or err
+    if failure is None:
+        log.info("logged to wandb run %s in %s", run.id, where)
+    elif error is None:
+        raise failure
+    else:
+        log.error("%s (the evaluation had already failed: %s)", failure, error)
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
-    """The whole evaluation; returns the path of report.json, raises :class:`EvalError`."""
+    """The whole evaluation; returns the path of report.json, raises :class:`EvalError`.
+
+    With ``logger=wandb`` the run is opened first (a bad tracker setup fails before the sweep)
+    and everything is logged into it at the end, also when a stage failed after report.json
+    was written (the run then closes with exit code 1).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    run = open_tracker(cfg, run_dir)
+    if run is None:
+        return run_evaluation(cfg, run_dir)
+    try:
+        path = run_evaluation(cfg, run_dir, tracker=run_identity(run))
+    except BaseException as err:
+        close_tracker(run, run_dir, err.report if isinstance(err, EvalError) else None, err)
+        raise
+    close_tracker(run, run_dir, path, None)
+    return path
+
+
+def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | None = None
+                   ) -> Path:
+    """Every stage of the evaluation into ``run_dir``; ``tracker`` (the wandb run's identity)
+    goes into the report's meta."""
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
-    ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else DEFAULT_EXPORT
+    ckpt = export_path(cfg)
     export_dir = as_export(ckpt, run_dir / "export")  # a .ckpt is exported into the run
     components = load_export(export_dir, device)
     bench_dir = prepare_benchmark(cfg, components, run_dir)
@@ -431,7 +525,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> Path:
                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                  "device": str(device),
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "versions": versions(), "run_dir": str(run_dir)},
+                 "versions": versions(), "run_dir": str(run_dir), "tracker": tracker},
         "data_provenance": verdict,
         "counts": {
             "cases_found": len(cases) + len(skipped), "cases_loaded": len(cases),

@@ -42,6 +42,7 @@ from distributed import (
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
+from evaluation.tracker import write_tracker_record
 from models.checkpoint import ModelConfigInCheckpoint
 from models.diffusers_pipeline import convert_export
 from models.export import DIFFUSERS_SUBDIR, save_export
@@ -128,6 +129,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
             write_training_data(cfg.data, export_dir)
+            write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
             if cfg.get("export_diffusers", True):
                 diffusers_dir = convert_export(export_dir, export_dir / DIFFUSERS_SUBDIR)
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)

@@ -5,7 +5,8 @@ report.json schema (version 2; also in docs/report_schema.md)::
     schema_version: 2
     warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
                            provenance, no held-out split, a failed stage); report.md starts here
-    meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version}}
+    meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version},
+                  run_dir, tracker: null | {id, project, entity, name, mode, run_dir, url}}
     data_provenance: {status: disjoint | overlap | unknown | not_generated, message,
                       training: null | {train: {...}, validation: {...}},
                       benchmark: {generators: [{namespace, seed, cases}], not_generated},
@@ -65,6 +66,7 @@ COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
               "report_cases", "feature_matching_failures")
 PROVENANCE_STATUSES = ("disjoint", "overlap", "unknown", "not_generated")
 META_KEYS = ("checkpoint", "bench_dir", "command", "device", "date", "versions")
+TableRows = tuple[list[str], list[list[Any]]]  # (header, rows): report.md and the tracker
 
 
 class ReportError(ValueError):
@@ -280,16 +282,17 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 METRIC_ORDER = ("psnr", "ssim", "l1", "gms", "clip", "dino", "fid")
 
 
-def _metric_table(methods: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """Methods x metrics, ground-truth metrics first (METRIC_ORDER), then any other."""
+def metric_table(methods: Mapping[str, Mapping[str, Any]]) -> TableRows:
+    """Methods x metrics, ground-truth metrics first (METRIC_ORDER), then any other; a
+    missing value is NaN, a note stays a string."""
     metrics: list[str] = []
     for values in methods.values():
         metrics += [m for m in values if m not in metrics]
     rank = {m: i for i, m in enumerate(METRIC_ORDER)}
     metrics.sort(key=lambda m: rank.get(m, len(rank)))
-    return _table(["method", *metrics],
-                  [[name, *(values.get(m, float("nan")) for m in metrics)]
-                   for name, values in methods.items()])
+    return (["method", *metrics],
+            [[name, *(values.get(m, float("nan")) for m in metrics)]
+             for name, values in methods.items()])
 
 
 def _interval_text(node: Mapping[str, float]) -> str:
@@ -313,8 +316,61 @@ def _stability_lines(stab: Mapping[str, Any], best: Mapping[str, Any]) -> list[s
             f"{_interval_text(stab['chosen_held_out'])}", ""]
 
 
+def headline_table(corr: Mapping[str, Any]) -> TableRows:
+    """The headline rows: ours at (t*, l*) and deployed, then each baseline, on the report
+    cases (held out when the split is on)."""
+    best = corr["best"]
+    rows = [[f"ours, (t*, l*) = (t={best['t']}, block {best['layer']})", best["miou_mask"],
+             best["miou_box"]]]
+    if corr.get("deployed"):
+        dep = corr["deployed"]
+        rows.append([f"ours, deployed align() at (t*, l*) ({dep['num_cases']} cases)",
+                     dep["miou_mask"], dep["miou_box"]])
+    rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
+             for n, v in corr["baselines"].items()]
+    return ["method", "mIoU mask", "mIoU box"], rows
+
+
+def in_sample_table(corr: Mapping[str, Any]) -> TableRows:
+    """The secondary, optimistic rows: chosen and scored on the same cases."""
+    best, inb = corr["best"], corr["in_sample_best"]
+    n_cal = len(corr["split"]["calibration_ids"])
+    rows = [[f"ours, best cell chosen on these cases (t={inb['t']}, block {inb['layer']})",
+             inb["miou_mask"], inb["miou_box"]],
+            [f"ours, (t*, l*) on the {n_cal} calibration case(s) it was chosen on",
+             best["calibration"]["miou_mask"], best["calibration"]["miou_box"]]]
+    rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
+             for n, v in corr["baselines_all_cases"].items()]
+    return ["method", "mIoU mask", "mIoU box"], rows
+
+
+def topk_table(corr: Mapping[str, Any]) -> TableRows:
+    """Top-k aggregation against the best single cell, held out (if any) then in-sample."""
+    topk, rows = corr["topk"], []
+    held = topk.get("held_out")
+    if held:
+        hb = held["best_cell"]
+        rows.append([f"best single cell (held-out, {held['num_score']} cases)", 1,
+                     hb["miou_mask"], hb["miou_box"]])
+        rows += [[f"top-{r['k']} cells + seeds (held-out)", len(r["cells"]), r["miou_mask"],
+                  r["miou_box"]] for r in held["rows"]]
+    rows.append(["best single cell (in-sample)", "", topk["best_cell"]["miou_mask"],
+                 topk["best_cell"]["miou_box"]])
+    rows += [[f"top-{r['k']} cells + seeds (in-sample)", len(r["cells"]), r["miou_mask"],
+              r["miou_box"]] for r in topk["in_sample"]]
+    return ["aggregation", "cells", "mIoU mask", "mIoU box"], rows
+
+
+def readout_table(corr: Mapping[str, Any]) -> TableRows:
+    """Each read-out's best calibration cell, scored on the report cases."""
+    return (["read-out", "t (index)", "block", "mIoU mask", "mIoU box"],
+            [[f"{name}{' (deployed)' if r['deployed'] else ''}", f"{r['t']} ({r['t_index']})",
+              r["layer"], r["miou_mask"], r["miou_box"]]
+             for name, r in corr.get("readouts", {}).items()])
+
+
 def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
-    best, split, inb = corr["best"], corr["split"], corr["in_sample_best"]
+    best, split = corr["best"], corr["split"]
     n_cal, n_rep = len(split["calibration_ids"]), len(split["report_ids"])
     where = (f"chosen on {n_cal} calibration case(s), scored on the other {n_rep} "
              f"(split seed {split['seed']})" if split["held_out"]
@@ -326,23 +382,9 @@ def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
     out += _stability_lines(corr.get("stability", {}), best)
     label = "held-out report cases" if split["held_out"] else "in-sample"
     out += [f"### Headline ({label}, {n_rep} case(s))", ""]
-    rows = [[f"ours, (t*, l*) = (t={best['t']}, block {best['layer']})", best["miou_mask"],
-             best["miou_box"]]]
-    if corr.get("deployed"):
-        dep = corr["deployed"]
-        rows.append([f"ours, deployed align() at (t*, l*) ({dep['num_cases']} cases)",
-                     dep["miou_mask"], dep["miou_box"]])
-    rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
-             for n, v in corr["baselines"].items()]
-    out += _table(["method", "mIoU mask", "mIoU box"], rows)
+    out += _table(*headline_table(corr))
     out += [f"### Secondary: in-sample (all {corr['num_cases']} swept cases, optimistic)", ""]
-    rows = [[f"ours, best cell chosen on these cases (t={inb['t']}, block {inb['layer']})",
-             inb["miou_mask"], inb["miou_box"]],
-            [f"ours, (t*, l*) on the {n_cal} calibration case(s) it was chosen on",
-             best["calibration"]["miou_mask"], best["calibration"]["miou_box"]]]
-    rows += [[f"baseline: {n}", v["miou_mask"], v["miou_box"]]
-             for n, v in corr["baselines_all_cases"].items()]
-    out += _table(["method", "mIoU mask", "mIoU box"], rows)
+    out += _table(*in_sample_table(corr))
     fm = corr.get("feature_matching", {})
     if fm:
         out += [f"Feature matching failed on {fm['failures']} of {fm['attempts']} case(s); "
@@ -357,19 +399,8 @@ def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
                        for cat, v in cats.items()])
     topk = corr["topk"]
     out += ["### Top-k aggregation (beyond the paper)", "", topk["note"], ""]
-    rows = []
+    out += _table(*topk_table(corr))
     held = topk.get("held_out")
-    if held:
-        hb = held["best_cell"]
-        rows.append([f"best single cell (held-out, {held['num_score']} cases)", 1,
-                     hb["miou_mask"], hb["miou_box"]])
-        rows += [[f"top-{r['k']} cells + seeds (held-out)", len(r["cells"]), r["miou_mask"],
-                  r["miou_box"]] for r in held["rows"]]
-    rows.append(["best single cell (in-sample)", "", topk["best_cell"]["miou_mask"],
-                 topk["best_cell"]["miou_box"]])
-    rows += [[f"top-{r['k']} cells + seeds (in-sample)", len(r["cells"]), r["miou_mask"],
-              r["miou_box"]] for r in topk["in_sample"]]
-    out += _table(["aggregation", "cells", "mIoU mask", "mIoU box"], rows)
     beats = held["beats_best_cell"] if held else topk["in_sample_beats_best_cell"]
     verdict = "beats" if beats else "does not beat"
     out += [f"Aggregation {verdict} the single best cell "
@@ -399,10 +430,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += _correspondence_lines(corr)
         if len(corr.get("readouts", {})) > 1:
             out += ["### Read-outs side by side (best cell on calibration, scored held out)", ""]
-            out += _table(["read-out", "t (index)", "block", "mIoU mask", "mIoU box"],
-                          [[f"{name}{' (deployed)' if r['deployed'] else ''}",
-                            f"{r['t']} ({r['t_index']})", r["layer"], f"{r['miou_mask']:.3f}",
-                            f"{r['miou_box']:.3f}"] for name, r in corr["readouts"].items()])
+            out += _table(*readout_table(corr))
     out += [f"## Refinement ({counts.get('report_cases', '?')} report case(s))", "",
             "PSNR and SSIM in the mask's box; L1 and gms (gradient magnitude similarity, "
             "1 = the target's edges; a smooth fill scores low) in the mask.", ""]
@@ -411,9 +439,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += [f"Not run: {status.get('reason')}"
                 + (f" ({status['error']})" if status.get("error") else ""), ""]
     if report["refinement"]:
-        out += _metric_table(report["refinement"])
+        out += _table(*metric_table(report["refinement"]))
     for cat, methods in report.get("refinement_by_category", {}).items():
-        out += [f"### {cat}", ""] + _metric_table(methods)
+        out += [f"### {cat}", ""] + _table(*metric_table(methods))
     align = report["alignment"]
     out += ["## Chosen alignment (alignment.yaml)", "",
             f"timestep {align['timestep']}, block {align['block']}, threshold "

@@ -237,9 +237,11 @@ def convert_export(export_dir: str | Path, out_dir: str | Path) -> Path:
 
     The calibrated ``alignment.yaml`` is copied verbatim when the export has one; an
     uncalibrated export stays uncalibrated (its preset default is not written as calibrated).
-    ``training_data.yaml`` travels too, so eval.py's provenance check reads either folder.
+    ``training_data.yaml`` and ``tracker.yaml`` travel too, so eval.py's provenance check and
+    its wandb logging read either folder.
     """
     from data.provenance import TRAINING_DATA
+    from evaluation.tracker import TRACKER
     from models.export import load_export
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
@@ -249,6 +251,7 @@ def convert_export(export_dir: str | Path, out_dir: str | Path) -> Path:
     if calibrated.is_file():
         load_alignment(calibrated)  # refuse a malformed read-out before shipping it
         shutil.copyfile(calibrated, out_dir / ALIGNMENT_FILE)
-    if (export_dir / TRAINING_DATA).is_file():
-        shutil.copyfile(export_dir / TRAINING_DATA, out_dir / TRAINING_DATA)
+    for record in (TRAINING_DATA, TRACKER):
+        if (export_dir / record).is_file():
+            shutil.copyfile(export_dir / record, out_dir / record)
     return out_dir
