@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup setup-demo train test test-all eval lint demo
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(REPO))
