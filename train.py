@@ -39,15 +39,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data.provenance import write_training_data
-from distributed import (
+from evaluation.tracker import write_tracker_record
+from models.checkpoint import ModelConfigInCheckpoint
+from models.diffusers_pipeline import convert_export
+from models.distributed import (
     ValidateAtLastStep,
     check_config,
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
-from evaluation.tracker import write_tracker_record
-from models.checkpoint import ModelConfigInCheckpoint
-from models.diffusers_pipeline import convert_export
 from models.export import DIFFUSERS_SUBDIR, save_export
 from models.lightning_module import val_table_from_metrics
 

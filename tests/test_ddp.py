@@ -89,7 +89,7 @@ def test_ddp_child_command_runs_only_its_job(monkeypatch, tmp_path) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from distributed import job_subprocess_command, use_job_command_for_ddp_children
+    from models.distributed import job_subprocess_command, use_job_command_for_ddp_children
     from tests.conftest import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -233,7 +233,7 @@ def test_validation_metrics_reduce_over_two_processes(tmp_path) -> None:
 
 def test_fsdp_config_without_norm_clipping_and_refused_with_ema() -> None:
     """trainer=fsdp (which Lightning runs on CUDA only): no norm clipping, no EMA."""
-    from distributed import check_config, uses_fsdp
+    from models.distributed import check_config, uses_fsdp
     from tests.conftest import compose_config
     from train import train
 
