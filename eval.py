@@ -70,7 +70,6 @@ from evaluation.sweep import (
     SweepConfig,
     SweepResult,
     case_tensors,
-    model_image_size,
     run_sweep,
     split_ids,
     sweep_cases,
@@ -139,7 +138,7 @@ def prepare_benchmark(cfg: DictConfig, components: Components, run_dir: Path) ->
     with tqdm(total=int(cfg.bench_cases), desc="benchmark", unit="case",
               disable=not cfg.progress) as bar:
         write_synthetic_benchmark(out, int(cfg.bench_cases), int(cfg.bench_seed),
-                                  model_image_size(components),
+                                  components.image_size,
                                   components.reference_encoder.image_size, progress=bar.update)
     return out
 
@@ -147,7 +146,7 @@ def prepare_benchmark(cfg: DictConfig, components: Components, run_dir: Path) ->
 def compute_alignments(pipeline: RefineByAlign, cases: Sequence[BenchmarkCase], seed: int,
                        progress: bool = True) -> dict[str, Alignment]:
     """The deployed alignment stage (fixed t*, block*, per-case seed) on every case."""
-    size = model_image_size(pipeline.components)
+    size = pipeline.components.image_size
     out = {}
     for case in tqdm(cases, desc="align", unit="case", disable=not progress):
         try:

@@ -144,11 +144,6 @@ def sweep_timesteps(components: Components, num_timesteps: int) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
-def model_image_size(components: Components) -> int:
-    """Pixel size the denoiser was built for (latent sample size x autoencoder downsampling)."""
-    return components.image_size
-
-
 def case_tensors(
     case: BenchmarkCase, image_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,7 +191,7 @@ def collect_vectors(
     """
     device = next(components.denoiser.parameters()).device
     encoder = components.reference_encoder
-    size = model_image_size(components)
+    size = components.image_size
     out = torch.zeros(len(cases), len(seeds), len(timesteps), len(blocks), encoder.num_tokens)
     starts = range(0, len(cases), batch_size)
     bar = tqdm(total=len(starts) * len(seeds) * len(timesteps), desc="sweep forwards",
