@@ -546,6 +546,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         "refinement_by_category": _jsonable_metrics(result.get("by_category", {}))
         if result else {},
         "refinement_counts": _jsonable_metrics(result.get("counts", {})) if result else {},
+        "refinement_per_case": _jsonable_metrics(result.get("per_case", {})) if result else {},
         "refinement_status": status,
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},

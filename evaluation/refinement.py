@@ -255,7 +255,9 @@ def evaluate_refinement(
     ``alignments`` maps case id -> the alignment stage's answer (calibrated t*, l*); cases
     missing from it are aligned here with ``cfg.alignment`` (counted as aligned_on_the_fly).
     Returns ``{"methods": {method: {metric: value}}, "by_category": {category: {method:
-    {metric: value}}}, "counts": {...}, "outputs": {case_id: {method: uint8 HxWx3}}}``.
+    {metric: value}}}, "per_case": {method: {case_id: {metric: value}}}, "counts": {...},
+    "outputs": {case_id: {method: uint8 HxWx3}}}``; per-case scores let two exports be
+    compared case by case (paired) on the same benchmark.
     Everything but "outputs" is JSON-able (PSNR can be inf, written as Infinity by json);
     "outputs" holds the images for qualitative figures and must be popped before dumping.
     A metric whose network weights are missing has the value ``"not available (no weights)"``;
@@ -275,9 +277,10 @@ def evaluate_refinement(
     methods: dict[str, dict[str, M.Value]] = {}
     by_category: dict[str, dict[str, dict[str, M.Value]]] = {cat: {} for cat in categories}
     scored: dict[str, int] = {}
+    scores_by_method: dict[str, dict[str, dict[str, M.Value]]] = {}
     for method in tqdm(list(cfg.methods), desc="metrics", leave=False):
         out = outputs[method]
-        per_case = score_outputs(cases, out, cfg, device)
+        per_case = scores_by_method[method] = score_outputs(cases, out, cfg, device)
         scored[method] = len(per_case)
 
         def fid_of(ids: Sequence[str], out: Mapping[str, np.ndarray] = out) -> M.Value:
@@ -298,5 +301,5 @@ def evaluate_refinement(
     })
     per_image = {c.id: {m: outputs[m][c.id] for m in cfg.methods if c.id in outputs[m]}
                  for c in cases}
-    return {"methods": methods, "by_category": by_category, "counts": counts,
-            "outputs": per_image}
+    return {"methods": methods, "by_category": by_category, "per_case": scores_by_method,
+            "counts": counts, "outputs": per_image}

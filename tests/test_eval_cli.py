@@ -69,6 +69,10 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
     assert report["refinement_status"] == {"run": True, "reason": None, "error": None}
     assert set(report["refinement"]) == {"input", "telea"}
     assert isinstance(report["refinement"]["telea"]["gms"], float)
+    per_case = report["refinement_per_case"]["telea"]
+    assert sorted(per_case) == sorted(rep)  # the report cases, not the calibration ones
+    assert report["refinement"]["telea"]["l1"] == pytest.approx(
+        sum(v["l1"] for v in per_case.values()) / len(per_case))
     # the export has no training_data.yaml: said first, not hidden
     assert report["data_provenance"]["status"] == "unknown"
     assert report["warnings"][0].startswith("UNKNOWN PROVENANCE")
