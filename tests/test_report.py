@@ -138,3 +138,24 @@ def _broken(path: str, value=None, delete: bool = False) -> dict:
 def test_broken_reports_are_rejected(report: dict, expected: str) -> None:
     with pytest.raises(ReportError, match=expected.replace("[", r"\[")):
         validate_report(report)
+
+
+def test_compare_reports_pairs_cases_and_refuses_reports_without_per_case(tmp_path):
+    from scripts.compare_reports import main as compare
+
+    def write(name, psnr):
+        per_case = {f"{i:05d}": {"psnr": p, "l1": 1.0 / p} for i, p in enumerate(psnr)}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"refinement_per_case": {"aligned_crop": per_case}}))
+        return path
+
+    a, b = write("a", [10.0, 12.0, 14.0]), write("b", [11.0, 11.0, 16.0])
+    result = compare([str(a), str(b), "--metrics", "psnr", "l1"])["metrics"]
+    assert result["psnr"]["mean_difference"] == pytest.approx(2.0 / 3)
+    assert result["psnr"]["b_better_cases"] == 2 and result["l1"]["b_better_cases"] == 2
+    low, high = result["psnr"]["ci95"]
+    assert -1.0 <= low <= 2.0 / 3 <= high <= 2.0
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"refinement": {}}))
+    with pytest.raises(SystemExit, match="no per-case scores"):
+        compare([str(old), str(b)])
