@@ -1,6 +1,7 @@
 """Which sampler suits an export? Masked MSE to the ground truth on held-out refinement pairs.
 
-    python scripts/compare_samplers.py [--ckpt EXPORT_DIR] [--cases 8] [--out results.json]
+    python scripts/compare_samplers.py [--ckpt EXPORT_DIR] [--cases 8] [--steps N] [--device cuda]
+        [--out results.json]
 
 Every sampler starts from the same noise and the same references (the ground-truth crops of
 synthetic refinement-mode pairs), so differences come from the sampler alone.
@@ -24,8 +25,12 @@ from data.synthetic import SyntheticPairs
 from models.export import DEFAULT_EXPORT, load_export
 from models.refinement import build_sampler, sample_inpaint
 
-VARIANTS = [("ddpm", 50, 1.0), ("ddpm", 50, 2.0), ("ddpm", 50, 3.0), ("ddim", 50, 1.0),
-            ("ddim", 50, 2.0), ("dpm_solver", 25, 2.0)]
+# (sampler, steps, guidance, scheduler config overrides)
+VARIANTS: list[tuple[str, int, float, dict]] = [
+    ("ddpm", 50, 1.0, {}), ("ddpm", 50, 2.0, {}), ("ddpm", 50, 3.0, {}), ("ddim", 50, 1.0, {}),
+    ("ddim", 50, 2.0, {}), ("dpm_solver", 25, 2.0, {}),
+    ("ddpm", 50, 2.0, {"clip_sample": False}),  # is clipping x0 to [-1, 1] what saturates?
+]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -33,10 +38,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_EXPORT)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1_000_003, help="the validation seed")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="override every variant's steps")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    comp = load_export(args.ckpt)
+    comp = load_export(args.ckpt, device=args.device)
     size = int(comp.config.denoiser.config.sample_size)
     pairs = SyntheticPairs(length=args.cases, seed=args.seed, image_size=size,
                            force_mode=REFINEMENT, namespace="validation")
@@ -46,22 +53,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     null = comp.reference_encoder.null(len(context))
     mask = batch["mask"]
     rows = []
-    print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}{'masked MSE':>12}{'s':>8}")
-    for name, steps, guidance in VARIANTS:
+    print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}  {'options':<40}{'masked MSE':>11}{'s':>7}")
+    for name, steps, guidance, options in VARIANTS:
+        steps = args.steps or steps
         scheduler = build_sampler(name, comp.noise_scheduler.config, comp.autoencoder)
+        scheduler = type(scheduler).from_config(scheduler.config, **options)
         start = time.perf_counter()
         out = sample_inpaint(comp.denoiser, comp.autoencoder, scheduler, batch["target"], mask,
                              context, null, steps, guidance, torch.Generator().manual_seed(0))
         err = float((((out - batch["target"]) ** 2) * mask).sum() / mask.sum() / 3)
         if args.device != "cpu":
             torch.cuda.synchronize()
-        rows.append({"sampler": name, "steps": steps, "guidance": guidance,
+        rows.append({"sampler": name, "steps": steps, "guidance": guidance, "options": options,
                      "masked_mse": err, "seconds": time.perf_counter() - start})
-        print(f"{name:<12}{steps:>6}{guidance:>10.1f}{err:>12.4f}{rows[-1]['seconds']:>8.1f}")
+        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
+        print(f"{name:<12}{steps:>6}{guidance:>10.1f}  {shown:<40}{err:>11.4f}"
+              f"{rows[-1]['seconds']:>7.1f}")
     best = min(rows, key=lambda r: r["masked_mse"])
     for row in rows:
         row["ratio_to_best"] = row["masked_mse"] / best["masked_mse"]
-    print(f"best: {best['sampler']} {best['steps']} steps, guidance {best['guidance']}")
+    print(f"best: {best['sampler']} {best['steps']} steps, guidance {best['guidance']}, "
+          f"{best['options'] or 'training conventions'}")
     if args.out:
         args.out.write_text(json.dumps({"export": str(args.ckpt), "cases": args.cases,
                                         "rows": rows}, indent=1))

@@ -40,7 +40,10 @@ def test_t_interval_of_three_seeds():
 def _report(**refinement_extra) -> dict:
     cell = {"miou_mask": 0.3, "miou_box": 0.4}
     return {
-        "correspondence": {"best": dict(cell), "topk": {"held_out": {"best_cell": dict(cell)}}},
+        "correspondence": {"best": dict(cell), "in_sample_best": {"miou_mask": 0.35,
+                                                                  "miou_box": 0.45},
+                           "baselines": {"same_position_box": {"miou_mask": 0.1,
+                                                               "miou_box": 0.2}}},
         "refinement_status": {"run": True, "reason": None},
         "refinement": {"aligned_crop": {"psnr": 14.0, "ssim": 0.3, "l1": 0.2, "clip": "n/a",
                                         **refinement_extra},
@@ -51,12 +54,13 @@ def _report(**refinement_extra) -> dict:
 def test_run_values_reads_metrics_and_correspondence_and_extra_metrics():
     values = abl.run_values(_report(detail=0.7), ["aligned_crop", "input"], "x")
     assert values["aligned_crop"]["miou_mask_calibrated"] == 0.3
+    assert values["aligned_crop"]["miou_box_in_sample"] == 0.45
     assert values["aligned_crop"]["detail"] == 0.7 and "clip" not in values["aligned_crop"]
-    assert "miou_mask_best" not in values["input"]
+    assert "miou_mask_calibrated" not in values["input"]
 
 
 @pytest.mark.parametrize("breakage, message", [
-    (lambda r: r["correspondence"]["topk"].pop("held_out"), "correspondence.topk.held_out"),
+    (lambda r: r["correspondence"].pop("in_sample_best"), "correspondence.in_sample_best"),
     (lambda r: r["refinement"]["aligned_crop"].update(psnr="not available"), "psnr"),
     (lambda r: r["refinement"].pop("aligned_crop"), "aligned_crop"),
     (lambda r: r.update(refinement_status={"run": False, "reason": "boom"}), "boom"),
@@ -93,8 +97,17 @@ def test_summary_marks_mIoU_na_off_the_aligned_crop_and_averages_seeds():
     rows = {r["name"]: r["cells"] for r in table["rows"]}
     assert rows["aligned crop"]["psnr"]["mean"] == 15.0
     assert rows["aligned crop"]["psnr"]["half_width"] == pytest.approx(12.7062, abs=1e-3)
-    assert rows["whole reference"]["miou_mask_best"] is None
-    assert rows["aligned crop"]["miou_mask_best"]["mean"] == 0.3
+    assert rows["whole reference"]["miou_mask_calibrated"] is None
+    assert rows["aligned crop"]["miou_mask_calibrated"]["mean"] == 0.3
+
+
+def test_baselines_must_agree_across_evaluations():
+    same = {("mixed", 1): _report(), ("mixed", 2): _report()}
+    assert abl.correspondence_baselines(same)["same_position_box"]["miou_mask"] == 0.1
+    other = _report()
+    other["correspondence"]["baselines"]["same_position_box"]["miou_mask"] = 0.2
+    with pytest.raises(abl.AblationError, match="cls_token seed 3: correspondence baselines"):
+        abl.correspondence_baselines({**same, ("cls_token", 3): other})
 
 
 @pytest.mark.slow
@@ -115,8 +128,11 @@ def test_smoke_run_end_to_end_resumes_and_fails_loudly(tmp_path, capsys):
     assert rows["oracle crop"]["cells"]["psnr"]["values"] == psnr
     assert rows["oracle crop"]["cells"]["psnr"]["mean"] == pytest.approx(sum(psnr) / 2)
     best = [reports[s]["correspondence"]["best"]["miou_mask"] for s in (1, 2)]
-    assert rows["aligned crop"]["cells"]["miou_mask_best"]["values"] == best
-    assert all(r["cells"]["miou_mask_best"] is None for r in table["rows"]
+    assert rows["aligned crop"]["cells"]["miou_mask_calibrated"]["values"] == best
+    baselines = reports[1]["correspondence"]["baselines"]
+    assert table["meta"]["correspondence_baselines"] == baselines
+    assert f"{baselines['whole_reference']['miou_mask']:.3f}" in (results / "table.md").read_text()
+    assert all(r["cells"]["miou_mask_calibrated"] is None for r in table["rows"]
                if r["training"] == "cls_token")
     bench = {json.loads((out / t / f"seed{s}" / "eval" / "report.json").read_text())["meta"][
         "bench_dir"] for t in ("mixed", "cls_token") for s in (1, 2)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -223,3 +224,20 @@ def test_mask_resizing_covers_for_generation_and_keeps_shape_for_scoring():
     assert resize_mask(thin, (2, 2), cover=False).sum() == 2
     assert torch.equal(resize_mask(cover, (4, 4), cover=True), cover)
     assert resize_mask(mask, (16, 16), cover=True).sum() == 4 * mask.sum()
+
+
+def test_compare_samplers_applies_each_variants_scheduler_options(tiny_export, tmp_path) -> None:
+    from scripts.compare_samplers import VARIANTS
+    from scripts.compare_samplers import main as compare
+
+    out = tmp_path / "samplers.json"
+    rows = compare(["--ckpt", str(tiny_export), "--cases", "2", "--steps", "2",
+                    "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    assert [(r["sampler"], r["guidance"], r["options"]) for r in rows] == [
+        (name, guidance, options) for name, _, guidance, options in VARIANTS]
+    plain = next(r for r in rows if r["sampler"] == "ddpm" and r["guidance"] == 2.0
+                 and not r["options"])
+    unclipped = next(r for r in rows if r["options"] == {"clip_sample": False})
+    assert unclipped["masked_mse"] != plain["masked_mse"]  # same noise: the option took effect
+    assert all(r["steps"] == 2 and math.isfinite(r["masked_mse"]) for r in rows)
