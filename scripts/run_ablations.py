@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +362,14 @@ def _cell(cell: dict[str, Any] | None) -> str:
     return f"{cell['mean']:.3f} ± {cell['half_width']:.3f}"
 
 
+def _finished(reports: Iterable[Path]) -> list[str]:
+    """When the first and the last evaluation wrote their report: a resumed run rewrites the
+    table long after the runs it summarises."""
+    stamps = sorted(p.stat().st_mtime for p in reports)
+    return [datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")
+            for t in (stamps[0], stamps[-1])]
+
+
 def write_tables(out: Path, table: dict[str, Any], meta: dict[str, Any]) -> Path:
     """table.md, table.json, table.csv in ``out``; returns the markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -388,7 +396,8 @@ def write_tables(out: Path, table: dict[str, Any], meta: dict[str, Any]) -> Path
         f"Mean ± half-width of the 95% t-interval over {len(table['seeds'])} training seeds "
         f"{table['seeds']}; every model evaluated on the same benchmark: {meta['bench_cases']} "
         f"synthetic cases, generator seed {meta['bench_seed']} (no training seed). "
-        f"Command: `{meta['command']}`; {meta['date']}.", "",
+        f"Command: `{meta['command']}`; evaluations written {meta['evaluations_finished'][0]} "
+        f"to {meta['evaluations_finished'][1]}, table {meta['date']}.", "",
         "| group | row | training | inference | " + " | ".join(titles) + " |",
         "|---|---|---|---|" + "---|" * len(columns),
     ]
@@ -447,6 +456,7 @@ def run(cfg: DictConfig, command: str) -> Path:
             "bench_cases": int(cfg.preset.bench_cases), "bench_dir": str(bench),
             "correspondence_baselines": correspondence_baselines(parsed),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "evaluations_finished": _finished(reports.values()),
             "config": OmegaConf.to_container(cfg, resolve=True)}
     out = Path(cfg.results_dir)
     write_inputs(out, jobs, reports, values)

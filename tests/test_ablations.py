@@ -140,6 +140,8 @@ def test_smoke_run_end_to_end_resumes_and_fails_loudly(tmp_path, capsys):
     assert sorted(p.name for p in (results / "reports").iterdir()) == [
         "cls_token_seed1.json", "cls_token_seed2.json", "mixed_seed1.json", "mixed_seed2.json"]
     assert "n/a" in (results / "table.md").read_text()
+    first, last = table["meta"]["evaluations_finished"]
+    assert first <= last <= table["meta"]["date"]
 
     weights = out / "mixed" / "seed1" / "export" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
