@@ -60,7 +60,7 @@ def denoiser_input(
 
 
 def build_sampler(
-    name: str, training_config: Any, autoencoder: Autoencoder | None = None
+    name: str, training_config: Any, autoencoder: Autoencoder | None = None, **overrides: Any
 ) -> SchedulerMixin:
     """An inference sampler over the training noise schedule, with sampling conventions.
 
@@ -68,7 +68,8 @@ def build_sampler(
     and for DDIM ``set_alpha_to_one=True``, ``steps_offset=0``) that are wrong for SD-1.5
     latents. Samplers here follow SD-1.5's scheduler config: no clipping (latents are not in
     [-1, 1]), the final alpha from the schedule, steps offset by one. Pixel-space models keep
-    clipping: their clean sample does live in [-1, 1].
+    clipping: their clean sample does live in [-1, 1]. ``overrides`` (scheduler config keys)
+    win over both, for sampler experiments.
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
@@ -80,7 +81,7 @@ def build_sampler(
     }
     accepted = inspect.signature(cls.__init__).parameters
     return cls.from_config(
-        training_config, **{k: v for k, v in conventions.items() if k in accepted}
+        training_config, **{k: v for k, v in conventions.items() if k in accepted} | overrides
     )
 
 

@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}  {'options':<40}{'masked MSE':>11}{'s':>7}")
     for name, steps, guidance, options in VARIANTS:
         steps = args.steps or steps
-        scheduler = build_sampler(name, comp.noise_scheduler.config, comp.autoencoder)
-        scheduler = type(scheduler).from_config(scheduler.config, **options)
+        scheduler = build_sampler(name, comp.noise_scheduler.config, comp.autoencoder, **options)
         start = time.perf_counter()
         out = sample_inpaint(comp.denoiser, comp.autoencoder, scheduler, batch["target"], mask,
                              context, null, steps, guidance, torch.Generator().manual_seed(0))

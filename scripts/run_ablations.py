@@ -446,11 +446,9 @@ def run(cfg: DictConfig, command: str) -> Path:
         tag = f"[{i}/{len(jobs)}]"
         _train(job, tag)
         report = _evaluate(job, bench, [*cfg.preset.eval, *cfg.extra_eval], tag)
-        where = f"{job.label} ({report})"
-        parsed[(job.training, job.seed)] = json.loads(report.read_text())
-        values[(job.training, job.seed)] = run_values(parsed[(job.training, job.seed)],
-                                                      job.methods, where)
-        reports[(job.training, job.seed)] = report
+        key = (job.training, job.seed)
+        reports[key], parsed[key] = report, json.loads(report.read_text())
+        values[key] = run_values(parsed[key], job.methods, f"{job.label} ({report})")
     table = summarize(cfg, values)
     meta = {"preset": cfg.preset.name, "command": command, "bench_seed": int(cfg.bench_seed),
             "bench_cases": int(cfg.preset.bench_cases), "bench_dir": str(bench),
