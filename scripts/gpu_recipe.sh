@@ -7,6 +7,7 @@
 #   device: run(command="BENCH=results/<bench> bash scripts/gpu_recipe.sh", carry=[".whl"],
 #               timeout_s=590)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_recipe.sh
+# EVAL=0 stops after training (evaluate the exports here, on the CPU machine, instead).
 # Files back in $OUT: <variant>.safetensors.partNN (cat them), <variant>.yaml, runs.tar.gz
 # (train logs, metrics, sample grids, eval reports and figures, sampler comparisons).
 set -u -o pipefail
@@ -55,6 +56,14 @@ for variant in $VARIANTS; do
   cp "$run/export/model.yaml" "$OUT/$name.yaml"
 done
 
+if [ "${EVAL:-1}" = 0 ]; then  # training only: evaluate the exports on the CPU machine
+  find "$RUNS" -name "*.ckpt" -delete
+  find "$RUNS" -path "*/export/*" -name "*.safetensors" -delete
+  tar czf "$OUT/runs.tar.gz" -C "$RUNS" .
+  stamp "done (EVAL=0)"; ls -la "$OUT"
+  exit 0
+fi
+
 # the benchmark: a committed folder generated on the CPU machine (pinned libraries), or a new one
 [ -n "${BENCH:-}" ] && EVAL_ARGS+=(bench_dir="$PWD/$BENCH")
 stamp "evaluating on ${BENCH:-a generated benchmark}"
@@ -78,7 +87,7 @@ for pair in "${EXPORTS[@]}" $COMPARE; do
   [ -n "$report" ] && sed -n '/## Refinement/,/^$/p;/## Refinement/,+14p' "$report" | head -20
 done
 find "$RUNS" -name "*.ckpt" -delete
-find "$RUNS" -path "*/export/model.safetensors" -delete
+find "$RUNS" -path "*/export/*" -name "*.safetensors" -delete
 find "$RUNS" -path "*/benchmark/*" -delete 2>/dev/null
 tar czf "$OUT/runs.tar.gz" -C "$RUNS" .
 stamp "done"; ls -la "$OUT"

@@ -22,12 +22,15 @@
 #     ThroughputMonitor samples/s and DeviceStatsMonitor peak allocated memory.
 # BUDGET_S=240 should reach parts 1-2 (compile included, ~2 min); BUDGET_S=420 for all five;
 # COMPILE=0 leaves out both compiled measurements (for a short budget: infer, eager, ddp, fsdp).
+# PARTS (comma-separated, default all) runs a subset, e.g. PARTS=infer_compiled,fit_ddp,fit_fsdp
+# to finish in a second call what a first left out; speed_summary.py all merges the folders.
 # Files in $OUT (<= 8): gpu_speed.log, infer.json, train.json, infer_compiled.json,
 # fit_ddp.json, fit_fsdp.json, summary.json.
 set -u -o pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 BUDGET_S=${BUDGET_S:-240}
+PARTS=${PARTS:-infer,train,infer_compiled,fit_ddp,fit_fsdp}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 exec > >(tee "$OUT/gpu_speed.log") 2>&1
@@ -51,6 +54,10 @@ fi
 # part NAME MIN_S CMD...: run CMD under a timeout of the time left if at least MIN_S is left
 part() {
   local name=$1 need=$2; shift 2
+  if [[ ",$PARTS," != *",$name,"* ]]; then
+    echo "=== $name not in PARTS ($PARTS)"
+    return 1
+  fi
   local have; have=$(left)
   if [ "$have" -lt "$need" ]; then
     echo "=== [$(elapsed)s] $name SKIPPED: ${have}s left of ${BUDGET_S}s, needs ${need}s"
@@ -107,6 +114,7 @@ fi
 # fit STRATEGY EXTRA...: train.py end to end, its metrics.csv summarised into fit_STRATEGY.json
 fit() {
   local strategy=$1; shift
+  [[ ",$PARTS," == *",fit_$strategy,"* ]] || { echo "=== fit_$strategy not in PARTS ($PARTS)"; return; }
   part "fit_$strategy" 50 "$PY" train.py "trainer=$strategy" trainer.devices=1 "${FIT[@]}" \
     "$@" trainer.val_check_interval=100000 \
     model.val_sample_steps=2 model.val_num_samples=1 "~callbacks.model_checkpoint" \
