@@ -51,9 +51,11 @@ else
        trainer.log_every_n_steps=5 data.val_length=16)
 fi
 
-# part NAME MIN_S CMD...: run CMD under a timeout of the time left if at least MIN_S is left
+# part NAME MIN_S CMD...: run CMD under a timeout of the time left if at least MIN_S is left;
+# RAN says whether it started (a part not started writes no file: $OUT holds 8 files at most)
 part() {
   local name=$1 need=$2; shift 2
+  RAN=0
   if [[ ",$PARTS," != *",$name,"* ]]; then
     echo "=== $name not in PARTS ($PARTS)"
     return 1
@@ -65,6 +67,7 @@ part() {
     return 1
   fi
   echo "=== [$(elapsed)s] $name (timeout ${have}s)"
+  RAN=1
   timeout "$have" "$@"
   local rc=$?
   [ "$rc" = 0 ] || { echo "=== $name FAILED or timed out (rc $rc)"; SKIPPED+=("$name: rc $rc"); }
@@ -123,6 +126,7 @@ fit() {
     paths.log_dir="$WORK/$strategy" export_dir="$WORK/$strategy/export" \
     > "$WORK/$strategy.log" 2>&1
   local rc=$?
+  [ "$RAN" = 1 ] || { cat "$WORK/$strategy.log"; return; }
   tr '\r' '\n' < "$WORK/$strategy.log" | grep -v "it/s\]$" | tail -8
   "$PY" scripts/speed_summary.py fit "$WORK/$strategy" "$OUT/fit_$strategy.json" "$strategy" "$rc" \
     || true
