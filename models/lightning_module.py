@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 from models.attention_capture import capture_cross_attention, cross_attention_blocks
 from models.autoencoder import Autoencoder, check_autoencoder
 from models.correspondence import baseline_scores, correspondence_scores
+from models.denoiser import compile_denoiser
 from models.losses import (
     attention_alignment_loss,
     diffusion_loss,
@@ -59,7 +60,7 @@ class RefineByAlignModule(pl.LightningModule):
         val_sample_steps: int = 20,
         val_num_samples: int = 4,
         val_guidance_scale: float = 2.0,
-        compile_denoiser: bool = False,
+        compile_denoiser: bool | str = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -106,8 +107,9 @@ class RefineByAlignModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         # in place: parameter names (checkpoints, EMA, export) stay those of the eager module
-        if self.hparams.compile_denoiser and stage == "fit":
-            self.denoiser.compile()
+        scope = self.hparams.compile_denoiser
+        if scope and stage == "fit":
+            compile_denoiser(self.denoiser, "full" if scope is True else scope)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = list(self.denoiser.parameters()) + list(self.reference_encoder.parameters())

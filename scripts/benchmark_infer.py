@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 from models.alignment import align, attention_vectors
 from models.attention_capture import capture_cross_attention, cross_attention_blocks
+from models.denoiser import COMPILE_SCOPES, compile_denoiser
 from models.export import Components
 from models.pipeline import RefineByAlign, RefinementConfig, to_uint8
 from models.refinement import denoiser_input, latent_mask
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", default="align,sweep,refine", help="comma-separated subset")
     p.add_argument("--refine-variants", default="autocast,bf16_weights",
                    help=f"comma-separated subset of {','.join(REFINE_VARIANTS)}, in that order")
+    p.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="full",
+                   help="bf16_weights_compiled: the full UNet or its transformer blocks only")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override")
     p.add_argument("--device", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, few steps")
@@ -224,7 +227,8 @@ def measure_refinement(comp: Components, args: argparse.Namespace, size: int, va
         amp = torch.autocast(device.type, dtype=torch.bfloat16)  # casts the fp32 inputs
     first_s = None
     if variant == "bf16_weights_compiled":
-        comp.denoiser.compile(mode="reduce-overhead" if device.type == "cuda" else "default")
+        compile_denoiser(comp.denoiser, args.compile_scope,
+                         mode="reduce-overhead" if device.type == "cuda" else "default")
     pipe = RefineByAlign(comp, refinement=RefinementConfig(num_steps=args.steps,
                                                            guidance_scale=args.guidance))
     image, mask, reference = inputs(1, size, comp.reference_encoder.image_size, device)

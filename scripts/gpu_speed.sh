@@ -20,16 +20,23 @@
 #  4-5. fit_ddp.json, fit_fsdp.json: train.py end to end, trainer=ddp / trainer=fsdp with
 #     trainer.devices=1 (NCCL, bf16-mixed), tiny model on synthetic pairs, 40 steps:
 #     ThroughputMonitor samples/s and DeviceStatsMonitor peak allocated memory.
-# BUDGET_S=240 should reach parts 1-2 (compile included, ~2 min); BUDGET_S=420 for all five;
+# Measured part times (H100/H200, 2026-11-27): infer ~65 s, train eager ~70 s plus the
+# compile, each fit ~55 s, start-up ~16 s. BUDGET_S=420 is meant for all five with regional
+# compilation (not yet measured); COMPILE_SCOPE=full needs several minutes more.
+# COMPILE_SCOPE=regional (the default) compiles only the UNet's repeated transformer blocks
+# (diffusers' compile_repeated_blocks); full compiles the whole UNet, which on the H100 of
+# 2026-11-27 had not finished compiling the training step after about 3 minutes.
 # COMPILE=0 leaves out both compiled measurements (for a short budget: infer, eager, ddp, fsdp).
 # PARTS (comma-separated, default all) runs a subset, e.g. PARTS=infer_compiled,fit_ddp,fit_fsdp
-# to finish in a second call what a first left out; speed_summary.py all merges the folders.
+# to finish in a second call what a first left out (put both calls' JSONs in one folder and
+# run `speed_summary.py all` on it for one summary).
 # Files in $OUT (<= 8): gpu_speed.log, infer.json, train.json, infer_compiled.json,
 # fit_ddp.json, fit_fsdp.json, summary.json.
 set -u -o pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 BUDGET_S=${BUDGET_S:-240}
+COMPILE_SCOPE=${COMPILE_SCOPE:-regional}
 PARTS=${PARTS:-infer,train,infer_compiled,fit_ddp,fit_fsdp}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
@@ -99,6 +106,7 @@ part infer 60 "$PY" scripts/benchmark_infer.py "${SMOKE_ARG[@]}" \
 # compiling needs about two minutes on an H100: the eager half (~45 s) is written first
 part train 70 "$PY" scripts/benchmark_train.py "${SMOKE_ARG[@]}" --batch-size "$BATCH" \
   --loader-workers "$WORKERS" --fused-adamw --anchor eager --steps 8 --warmup 3 \
+  --compile-scope "$COMPILE_SCOPE" \
   $( { [ "${SMOKE:-0}" = 1 ] && [ "${SMOKE_COMPILE:-0}" != 1 ]; } || [ "${COMPILE:-1}" = 0 ] \
      || echo --then-compile) \
   --out "$OUT/train.json"
@@ -111,7 +119,7 @@ elif [ "${SMOKE:-0}" = 1 ] && [ "${SMOKE_COMPILE:-0}" != 1 ]; then
   SKIPPED+=("infer_compiled: SMOKE mode")
 else
   part infer_compiled 90 "$PY" scripts/benchmark_infer.py "${SMOKE_ARG[@]}" --parts refine \
-    --refine-variants bf16_weights,bf16_weights_compiled --out "$OUT/infer_compiled.json"
+    --refine-variants bf16_weights,bf16_weights_compiled --compile-scope "$COMPILE_SCOPE" --out "$OUT/infer_compiled.json"
 fi
 
 # fit STRATEGY EXTRA...: train.py end to end, its metrics.csv summarised into fit_STRATEGY.json

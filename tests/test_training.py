@@ -190,22 +190,34 @@ def test_cls_token_ablation_trains_and_validates_without_a_map(tmp_path):
     assert "val/miou_mask" not in trainer.callback_metrics
 
 
-def test_compiled_denoiser_keeps_parameter_names():
-    """Compiling in place leaves state-dict keys alone: checkpoints, EMA and export load."""
-    module = instantiate(compose_config(FAST + ["model.compile_denoiser=true"]).model)
+@pytest.mark.parametrize("scope", ["true", "full", "regional"])
+def test_compiled_denoiser_keeps_parameter_names(scope):
+    """Compiling in place leaves state-dict keys alone: checkpoints, EMA and export load.
+    Regional compiles each transformer block and leaves the UNet's own forward eager."""
+    module = instantiate(compose_config(FAST + [f"model.compile_denoiser={scope}"]).model)
     keys = list(module.state_dict())
+    blocks = [m for m in module.denoiser.modules() if type(m).__name__ == "BasicTransformerBlock"]
     module.setup("validate")
     assert module.denoiser._compiled_call_impl is None
     module.setup("fit")
-    assert module.denoiser._compiled_call_impl is not None
+    assert (module.denoiser._compiled_call_impl is None) == (scope == "regional")
+    assert blocks and all((b._compiled_call_impl is not None) == (scope == "regional")
+                          for b in blocks)
     assert list(module.state_dict()) == keys
+
+
+def test_compile_scope_is_checked():
+    module = instantiate(compose_config(FAST + ["model.compile_denoiser=everything"]).model)
+    with pytest.raises(ValueError, match="compile scope 'everything'"):
+        module.setup("fit")
 
 
 @pytest.mark.slow
 def test_compiled_denoiser_gives_the_eager_losses_and_gradients(tiny_batch):
-    """torch.compile (inductor, CPU) of the denoiser, with attention captured for the loss."""
+    """torch.compile (inductor, CPU) of the denoiser, full and regional, with attention
+    captured for the loss."""
     results = []
-    for compiled in (False, True):
+    for compiled in (False, True, "regional"):
         torch.manual_seed(0)
         module = instantiate(compose_config(FAST + [f"model.compile_denoiser={compiled}"]).model)
         module.setup("fit")
@@ -215,9 +227,10 @@ def test_compiled_denoiser_gives_the_eager_losses_and_gradients(tiny_batch):
             out["attention"], tiny_batch, torch.ones(4, dtype=torch.bool))
         loss.backward()
         results.append((loss.detach(), module.denoiser.conv_in.weight.grad.clone()))
-    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-5)
+    (eager_loss, eager_grad), *compiled = results
+    for compiled_loss, compiled_grad in compiled:
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-5)
 
 
 def test_ema_shadow_weights_become_private_to_the_process():
