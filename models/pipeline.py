@@ -99,8 +99,8 @@ def load_alignment(path: str | Path | None = None, export_dir: str | Path | None
 
 @dataclass
 class RefinementConfig:
-    # Ancestral DDPM is the default: the tiny pixel-space model (cosine schedule, epsilon)
-    # sampled with deterministic DDIM or DPM-Solver gives far worse masked MSE (README).
+    # Ancestral DDPM is the default: the earlier epsilon tiny model (cosine schedule) sampled
+    # with deterministic DDIM or DPM-Solver gave far worse masked MSE (README).
     sampler: str = "ddpm"
     num_steps: int = 50
     guidance_scale: float = 2.0
