@@ -80,10 +80,12 @@ def check_checkpoint(path: str | Path) -> None:
 
 def intra_op_threads(cfg: DictConfig) -> int | None:
     """torch's CPU threads for this run: ``num_threads`` if set; on the CPU accelerator, the
-    cores left to each training process after its data workers (each worker runs one thread);
-    else None (torch's default). More runnable threads than cores makes every parallel op wait
-    for a descheduled thread: on 2 cores, 2 threads beside 1 busy data worker made the main
-    job's step about 2x slower than 1 thread."""
+    cores of each training process, less its data workers unless OpenMP's waiting threads
+    sleep (``OMP_WAIT_POLICY=PASSIVE``, which this script sets unless told otherwise); else
+    None (torch's default). Spinning waiters steal the time slices of the working thread: on
+    2 cores, 2 spinning threads beside 1 busy data worker made the main job's step about 2x
+    slower than 1. Passive ones do not: 2 threads ran the main job 1.1x faster than 1 beside
+    its data worker on an idle machine (README, "The CPU main job")."""
     if cfg.get("num_threads"):
         return int(cfg.num_threads)
     if cfg.trainer.get("accelerator") != "cpu":
@@ -91,7 +93,10 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
     devices = cfg.trainer.get("devices")
     processes = devices if isinstance(devices, int) and devices > 0 else 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // processes - int(cfg.data.get("num_workers") or 0))
+    per_process = (cores or 1) // processes
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return max(1, per_process)
+    return max(1, per_process - int(cfg.data.get("num_workers") or 0))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

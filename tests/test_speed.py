@@ -23,8 +23,23 @@ FAST = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.v
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.num_workers=0"], 1),
     (["trainer=gpu"], None),  # GPU runs keep torch's default
 ])
-def test_cpu_threads_are_the_cores_left_after_data_workers(monkeypatch, overrides, expected):
+def test_spinning_threads_get_the_cores_left_after_data_workers(monkeypatch, overrides,
+                                                                 expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert intra_op_threads(compose_config(overrides)) == expected
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ([], 2),  # the main job: passive waiters share the data worker's core
+    (["data.num_workers=4"], 2),
+    (["num_threads=1"], 1),
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], 1),
+    (["trainer=gpu"], None),
+])
+def test_passive_threads_get_every_core_of_their_process(monkeypatch, overrides, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     assert intra_op_threads(compose_config(overrides)) == expected
 
 
