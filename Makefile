@@ -4,7 +4,10 @@
 #   make demo    - the interactive demo (scripts/demo.py) on the shipped model, CPU
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
+# pip byte-compiles serially; compileall does the same files on every core (-78 s / +44 s of
+# a 195 s install on 2 cores, 2026-11-27). The excluded file is Python 3.12 syntax.
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
+BYTE_COMPILE := $(PY) -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics' $(VENV)/lib
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -14,11 +17,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt
+	$(BYTE_COMPILE)
 	touch $@
 
 # gradio and its pins, resolved together with the core lock (which they leave unchanged)
 $(VENV)/.demo-installed: $(VENV)/.installed requirements.txt requirements-demo.txt
 	$(PIP_INSTALL) -r requirements.txt -r requirements-demo.txt
+	$(BYTE_COMPILE)
 	touch $@
 
 setup: $(VENV)/.installed
