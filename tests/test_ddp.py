@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,20 @@ def test_fsdp_train_completes_on_two_cpu_processes(tmp_path, precision: str) -> 
         grids = [np.asarray(Image.open(path)) for path in
                  (samples / "step0000003.png", tmp_path / "eager" / "samples" / "step0000000.png")]
         assert np.array_equal(*grids)
+
+
+@pytest.mark.slow
+def test_cpu_ddp_main_job_runs_on_two_processes(tmp_path):
+    """``python train.py experiment=cpu_ddp`` end to end for 2 steps: Lightning's subprocess
+    launcher starts rank 1 from this job's command, both ranks train, rank 0 validates and
+    exports. (About 40 s on 2 cores: two processes, each importing the stack.)"""
+    cmd = [sys.executable, "train.py", "experiment=cpu_ddp", "data.image_size=32",
+           "data.num_workers=0", "data.val_length=4", "model.val_sample_steps=2",
+           "model.val_num_samples=2", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log and "Starting with 2 processes" in log
+    assert "baseline: whole_reference" in done.stdout
+    assert (tmp_path / "export" / "model.safetensors").is_file()

@@ -35,12 +35,24 @@ def test_spinning_threads_get_the_cores_left_after_data_workers(monkeypatch, ove
     (["data.num_workers=4"], 2),
     (["num_threads=1"], 1),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], 1),
+    (["experiment=cpu_ddp"], 1),  # 2 processes on 2 cores: 1 each
     (["trainer=gpu"], None),
 ])
 def test_passive_threads_get_every_core_of_their_process(monkeypatch, overrides, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     assert intra_op_threads(compose_config(overrides)) == expected
+
+
+def test_cpu_ddp_keeps_the_main_jobs_run():
+    """experiment=cpu_ddp changes how the main job's work is spread, not the work: the same
+    effective batch, steps and validation point, on 2 CPU processes."""
+    main, ddp = compose_config([]), compose_config(["experiment=cpu_ddp"])
+    assert ddp.trainer.accelerator == "cpu" and ddp.trainer.devices == 2
+    assert ddp.data.batch_size * ddp.trainer.devices == main.data.batch_size * main.trainer.devices
+    for key in ("max_steps", "val_check_interval", "precision", "accumulate_grad_batches"):
+        assert ddp.trainer[key] == main.trainer[key], key
+    assert {k: v for k, v in ddp.model.items()} == {k: v for k, v in main.model.items()}
 
 
 def test_module_ema_equals_a_per_parameter_ema():
