@@ -92,6 +92,25 @@ def test_only_requested_blocks_are_swapped_and_restored():
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 
 
+def test_capture_does_not_walk_the_unet_each_time(monkeypatch):
+    """Alignment enters the capture once per forward: after the first, no walk over the
+    UNet's modules (about a millisecond of Python for an SD UNet, the size of the capture's
+    whole budget on a GPU). The block list stays that of the first walk."""
+    unet = sd15_layout_unet()
+    mask = torch.ones(1, 1, 16, 16)
+    with capture_cross_attention(unet, mask, blocks=[9]):
+        pass
+    first = cross_attention_blocks(unet)
+    walks = []
+    original = type(unet).named_modules
+    monkeypatch.setattr(type(unet), "named_modules",
+                        lambda self, *a, **k: walks.append(1) or original(self, *a, **k))
+    with capture_cross_attention(unet, mask, blocks=[9]) as maps:
+        unet(torch.randn(1, 9, 16, 16), 3, encoder_hidden_states=torch.randn(1, 4, 768))
+    assert not walks and list(maps) == [9]
+    assert cross_attention_blocks(unet) == first
+
+
 def test_cfg_keeps_conditional_rows_only():
     unet = sd15_layout_unet().eval()
     x = torch.randn(1, 9, 16, 16)
