@@ -1,8 +1,10 @@
 """Cost of attention capture at SD-1.5 scale, batch 1: plain vs one block vs all 16 blocks.
 
-Times the three forwards in alternation (median of 6 x 10 calls) and prints a torch.profiler
-table for the plain and one-block forwards. Random weights; on CPU a narrow UNet stands in.
-    python scripts/profile_capture.py [--block 9]
+Times the three forwards in alternation (median of 6 x 10 calls), the capture's own set-up
+(entering and leaving the context, no forward: Python only, so the same on CPU and GPU hosts)
+and prints a torch.profiler table for the plain and one-block forwards. Random weights; on CPU
+a narrow UNet stands in (same modules, narrower).
+    python scripts/profile_capture.py [--block 9] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from models.attention_capture import capture_cross_attention
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", type=int, default=9)
+    parser.add_argument("--out", default=None, help="also write the timings as JSON here")
     args = parser.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     full = dev == "cuda"
@@ -74,7 +77,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         out = {k: round(statistics.median(v), 2) for k, v in samples.items()}
         out["ratio_one"] = round(out["one"] / out["plain"], 3)
         out["ratio_all"] = round(out["all"] / out["plain"], 3)
+        start = time.perf_counter()
+        for _ in range(200):
+            with capture_cross_attention(unet, mask, [args.block]):
+                pass
+        out["enter_exit_one_block_ms"] = round((time.perf_counter() - start) / 200 * 1e3, 3)
+        out["device"] = dev
         print(json.dumps(out))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if full else [])
         for name in ("plain", "one"):
             with profile(activities=activities) as prof:
