@@ -4,8 +4,8 @@
 #   make demo    - the interactive demo (scripts/demo.py) on the shipped model, CPU
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# pip byte-compiles serially; compileall does the same files on every core (-78 s / +44 s of
-# a 195 s install on 2 cores, 2026-11-27). The excluded file is Python 3.12 syntax.
+# pip byte-compiles serially; compileall does the same files on every core: 0.83x the install
+# time on 2 cores (scripts/benchmark_install.sh, 2026-11-27). The excluded file is 3.12 syntax.
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
 BYTE_COMPILE := $(PY) -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics' $(VENV)/lib
 export HF_HUB_OFFLINE := 1
