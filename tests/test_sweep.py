@@ -26,8 +26,9 @@ from evaluation.sweep import (
     sweep_timesteps,
     top_cells,
 )
+from models.alignment import align
 from models.attention_capture import cross_attention_blocks
-from models.correspondence import correspondence_scores
+from models.correspondence import correspondence_scores, mask_iou
 from models.export import load_export, save_export
 from tests.conftest import compose_config
 
@@ -88,6 +89,31 @@ def test_one_forward_per_batch_and_timestep_regardless_of_blocks(components) -> 
             assert torch.allclose(out.sum(-1), torch.ones(out.shape[:-1]), atol=1e-4)
     finally:
         handle.remove()
+
+
+def test_deployed_align_is_the_sweep_cell_under_the_same_noise(components) -> None:
+    """The deployed stage (``align`` at one (t, l), one case at a time) and the sweep (batched,
+    every cell at once) differ only in the noise they draw: given the sweep's per-case noise
+    seed, ``align`` returns the sweep's vector and the same region IoU. So a gap between the
+    deployed mIoU and the swept cell on the same cases is noise-draw variance, not a second
+    code path."""
+    cases = [make_case(i) for i in range(3)]
+    steps = sweep_timesteps(components, 5)
+    timestep, block, seed = steps[2], 3, 2
+    vectors = collect_vectors(components, cases, steps, [block], [seed], batch_size=2,
+                              progress=False)
+    encoder = components.reference_encoder
+    grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
+    for i, case in enumerate(cases):
+        image, mask, reference = case_tensors(case, components.image_size)
+        noise_seed = seed * 1_000_003 + i  # collect_vectors' noise seed for case i
+        found = align(components, image, mask, reference, timestep, block,
+                      generator=torch.Generator().manual_seed(noise_seed))
+        torch.testing.assert_close(found.vector, vectors[i, 0, 2, 0], rtol=1e-4, atol=1e-6)
+        gt = torch.from_numpy(case.reference_mask)
+        swept, _ = score_grids(grids[i, 0, 2], gt.float(), threshold=0.5)
+        assert float(mask_iou(found.region[None], gt[None])[0]) == pytest.approx(
+            float(swept[0]), abs=1e-6)
 
 
 def test_run_sweep_tables_curves_and_topk(components) -> None:
