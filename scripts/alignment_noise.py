@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -57,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if len(cases) != len(report_ids):
         raise SystemExit(f"{len(report_ids)} report cases in the eval, {len(cases)} found in "
                          f"{args.benchmark}: not the benchmark that eval scored")
-    torch.set_grad_enabled(False)
     pipeline = RefineByAlign(load_export(args.export), chosen)
     sweep_index = {c.id: k for k, c in enumerate(
         c for c in load_benchmark(args.benchmark)[0] if c.reference_mask is not None)}

@@ -38,6 +38,7 @@ def test_runs_reproduce_the_sweep_cell_and_the_deployed_row(tmp_path) -> None:
 
     result = main(["--export", str(export), "--eval-dir", str(eval_dir), "--benchmark",
                    str(bench), "--seeds", "2"])
+    assert torch.is_grad_enabled()  # in-process callers (these tests) keep autograd
 
     # per-case noise, seed 0: the sweep's own cell, computed here the sweep's way
     components = load_export(export)
