@@ -174,6 +174,12 @@ def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], li
 
 # ----------------------------------------------------------------------------- capture
 @torch.no_grad()
+def case_noise_seed(seed: int, index: int) -> int:
+    """The sweep's noise seed for case ``index`` of its case list under sweep seed ``seed``:
+    one draw per case, independent of how the cases are batched."""
+    return int(seed) * 1_000_003 + int(index)
+
+
 def collect_vectors(
     components: Components,
     cases: Sequence[BenchmarkCase],
@@ -204,7 +210,7 @@ def collect_vectors(
         refs = torch.cat([resize_reference(t[2], encoder.image_size) for t in tensors])
         context = encoder(refs.to(device))
         for s, seed in enumerate(seeds):
-            noise_seeds = [int(seed) * 1_000_003 + start + i for i in range(len(chunk))]
+            noise_seeds = [case_noise_seed(seed, start + i) for i in range(len(chunk))]
             vectors = attention_vectors(components, image, mask, context, timesteps, blocks,
                                         noise_seeds=noise_seeds, readout=readout,
                                         num_steps=len(timesteps))

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 from data.benchmark import load_benchmark
 from eval import alignment_scores
-from evaluation.sweep import case_tensors
+from evaluation.sweep import case_noise_seed, case_tensors
 from models.export import load_export
 from models.pipeline import AlignmentConfig, RefineByAlign
 
@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen = AlignmentConfig(**OmegaConf.to_container(OmegaConf.load(eval_dir / "alignment.yaml")))
     report = json.loads((eval_dir / "report.json").read_text())["correspondence"]
     report_ids = set(report["split"]["report_ids"])
-    cases = [c for c in load_benchmark(args.benchmark)[0] if c.id in report_ids]
+    sweepable = [c for c in load_benchmark(args.benchmark)[0] if c.reference_mask is not None]
+    sweep_index = {c.id: k for k, c in enumerate(sweepable)}  # the sweep's case list
+    cases = [c for c in sweepable if c.id in report_ids]
     if len(cases) != len(report_ids):
         raise SystemExit(f"{len(report_ids)} report cases in the eval, {len(cases)} found in "
                          f"{args.benchmark}: not the benchmark that eval scored")
     pipeline = RefineByAlign(load_export(args.export), chosen)
-    sweep_index = {c.id: k for k, c in enumerate(
-        c for c in load_benchmark(args.benchmark)[0] if c.reference_mask is not None)}
     tensors = {c.id: case_tensors(c, pipeline.image_size) for c in cases}
 
     def mean_iou(seed_of: dict[str, int]) -> float:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, list[float]] = {"shared": [], "per_case": []}
     for seed in tqdm(range(args.seeds), desc="noise seeds"):
         runs["shared"].append(mean_iou({c.id: seed for c in cases}))
-        runs["per_case"].append(mean_iou({c.id: seed * 1_000_003 + sweep_index[c.id]
+        runs["per_case"].append(mean_iou({c.id: case_noise_seed(seed, sweep_index[c.id])
                                           for c in cases}))
     swept, deployed = report["best"]["miou_mask"], report["deployed"]["miou_mask"]
     result = {
