@@ -1,10 +1,11 @@
 """Which sampler suits an export? Masked MSE to the ground truth on held-out refinement pairs.
 
     python scripts/compare_samplers.py [--ckpt EXPORT_DIR] [--cases 8] [--steps N] [--device cuda]
-        [--out results.json]
+        [--variants ddpm:50:1,ddpm:50:2] [--out results.json]
 
 Every sampler starts from the same noise and the same references (the ground-truth crops of
-synthetic refinement-mode pairs), so differences come from the sampler alone.
+synthetic refinement-mode pairs), so differences come from the sampler alone. The pairs are
+validation pairs: choose settings here, then report them on a benchmark (eval.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ VARIANTS: list[tuple[str, int, float, dict]] = [
 ]
 
 
+def parse_variants(text: str) -> list[tuple[str, int, float, dict]]:
+    """``sampler:steps:guidance,...`` -> variants (training-convention scheduler options)."""
+    variants = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(
+                f"variant {item!r} is not sampler:steps:guidance (e.g. ddpm:50:2)")
+        variants.append((parts[0], int(parts[1]), float(parts[2]), {}))
+    return variants
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_EXPORT)
@@ -40,6 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=1_000_003, help="the validation seed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="override every variant's steps")
+    parser.add_argument("--variants", type=parse_variants, default=VARIANTS,
+                        help="sampler:steps:guidance,... (default: the built-in list)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -54,17 +69,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mask = batch["mask"]
     rows = []
     print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}  {'options':<40}{'masked MSE':>11}{'s':>7}")
-    for name, steps, guidance, options in VARIANTS:
+    for name, steps, guidance, options in args.variants:
         steps = args.steps or steps
         scheduler = build_sampler(name, comp.noise_scheduler.config, comp.autoencoder, **options)
         start = time.perf_counter()
         out = sample_inpaint(comp.denoiser, comp.autoencoder, scheduler, batch["target"], mask,
                              context, null, steps, guidance, torch.Generator().manual_seed(0))
-        err = float((((out - batch["target"]) ** 2) * mask).sum() / mask.sum() / 3)
+        squared = ((out - batch["target"]) ** 2) * mask
+        err = float(squared.sum() / mask.sum() / 3)
+        per_case = (squared.flatten(1).sum(1) / mask.flatten(1).sum(1) / 3).tolist()
         if args.device != "cpu":
             torch.cuda.synchronize()
         rows.append({"sampler": name, "steps": steps, "guidance": guidance, "options": options,
-                     "masked_mse": err, "seconds": time.perf_counter() - start})
+                     "masked_mse": err, "masked_mse_per_case": per_case,
+                     "seconds": time.perf_counter() - start})
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "-"
         print(f"{name:<12}{steps:>6}{guidance:>10.1f}  {shown:<40}{err:>11.4f}"
               f"{rows[-1]['seconds']:>7.1f}")

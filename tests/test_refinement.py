@@ -241,3 +241,18 @@ def test_compare_samplers_applies_each_variants_scheduler_options(tiny_export, t
     unclipped = next(r for r in rows if r["options"] == {"clip_sample": False})
     assert unclipped["masked_mse"] != plain["masked_mse"]  # same noise: the option took effect
     assert all(r["steps"] == 2 and math.isfinite(r["masked_mse"]) for r in rows)
+
+
+def test_compare_samplers_runs_the_variants_asked_for_with_per_case_errors(tiny_export) -> None:
+    from scripts.compare_samplers import main as compare
+
+    rows = compare(["--ckpt", str(tiny_export), "--cases", "3", "--variants", "ddpm:2:1,ddim:3:2"])
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
+        ("ddpm", 2, 1.0), ("ddim", 3, 2.0)]
+    for row in rows:
+        per_case = row["masked_mse_per_case"]
+        assert len(per_case) == 3 and len(set(per_case)) == 3
+        # the pooled error is the mask-area-weighted mean of the cases' errors
+        assert min(per_case) <= row["masked_mse"] <= max(per_case)
+    with pytest.raises(SystemExit):
+        compare(["--ckpt", str(tiny_export), "--variants", "ddpm:50"])
