@@ -1,20 +1,27 @@
 """Paired comparison of two evaluations of one benchmark: B minus A, case by case.
 
-Reads ``refinement_per_case`` of two ``report.json`` files (two exports evaluated on the
-same benchmark) and prints, per metric, the mean difference over the cases both scored, a
-bootstrap 95% interval of that mean and how many cases B wins.
+Reads ``refinement_per_case`` of two ``report.json`` files (two exports or settings evaluated
+on the same benchmark) and prints, per metric, the mean difference over the cases both
+scored, a bootstrap 95% interval of that mean and how many cases B wins. ``--method-b``
+compares two methods, e.g. the aligned crop against the whole reference of one report.
 
     python scripts/compare_reports.py runs/eval/a/report.json runs/eval/b/report.json \
         --method aligned_crop --out results/x/paired.json
+    python scripts/compare_reports.py R/report.json R/report.json --method whole_reference \
+        --method-b aligned_crop
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
+if __package__ in (None, ""):  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.paired import paired_difference
 
 LOWER_IS_BETTER = {"l1", "fid"}
 
@@ -24,12 +31,8 @@ def paired(a: dict, b: dict, metric: str, resamples: int, seed: int) -> dict:
                  if isinstance(a[i].get(metric), float) and isinstance(b[i].get(metric), float))
     if not ids:
         raise SystemExit(f"compare_reports: no case has a numeric {metric!r} in both reports")
-    diff = np.array([b[i][metric] - a[i][metric] for i in ids])
-    means = np.random.default_rng(seed).choice(diff, (resamples, len(diff))).mean(1)
-    better = diff < 0 if metric in LOWER_IS_BETTER else diff > 0
-    return {"cases": len(ids), "mean_difference": float(diff.mean()),
-            "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
-            "b_better_cases": int(better.sum())}
+    return paired_difference([a[i][metric] for i in ids], [b[i][metric] for i in ids],
+                             metric in LOWER_IS_BETTER, resamples, seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,20 +40,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("report_a", type=Path)
     p.add_argument("report_b", type=Path)
     p.add_argument("--method", default="aligned_crop")
+    p.add_argument("--method-b", default=None, help="B's method (default: --method)")
     p.add_argument("--metrics", nargs="+", default=["psnr", "l1", "ssim", "gms"])
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    method_b = args.method_b or args.method
     cases = []
-    for path in (args.report_a, args.report_b):
+    for path, method in ((args.report_a, args.method), (args.report_b, method_b)):
         per_case = json.loads(path.read_text()).get("refinement_per_case", {})
-        if args.method not in per_case:
-            raise SystemExit(f"compare_reports: {path} has no per-case scores of {args.method!r} "
+        if method not in per_case:
+            raise SystemExit(f"compare_reports: {path} has no per-case scores of {method!r} "
                              f"(reports from before refinement_per_case have none)")
-        cases.append(per_case[args.method])
+        cases.append(per_case[method])
     result = {"a": str(args.report_a), "b": str(args.report_b), "method": args.method,
-              "difference": "b - a",
+              "method_b": method_b, "difference": "b - a",
               "metrics": {m: paired(*cases, m, args.resamples, args.seed) for m in args.metrics}}
     for metric, row in result["metrics"].items():
         print(f"{metric:>5}: b - a = {row['mean_difference']:+.3f} "

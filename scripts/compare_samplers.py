@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 from data.modes import REFINEMENT
 from data.synthetic import SyntheticPairs
+from evaluation.paired import paired_difference
 from models.export import DEFAULT_EXPORT, load_export
 from models.refinement import build_sampler, sample_inpaint
 
@@ -87,10 +88,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{name:<12}{steps:>6}{guidance:>10.1f}  {shown:<40}{err:>11.4f}"
               f"{rows[-1]['seconds']:>7.1f}")
     best = min(rows, key=lambda r: r["masked_mse"])
+    print(f"best: {best['sampler']} {best['steps']} steps, guidance {best['guidance']}, "
+          f"{best['options'] or 'training conventions'}; others, per case minus the best "
+          "(bootstrap 95% interval), cases where the best is better:")
     for row in rows:
         row["ratio_to_best"] = row["masked_mse"] / best["masked_mse"]
-    print(f"best: {best['sampler']} {best['steps']} steps, guidance {best['guidance']}, "
-          f"{best['options'] or 'training conventions'}")
+        row["vs_best"] = paired_difference(best["masked_mse_per_case"],
+                                           row["masked_mse_per_case"], lower_is_better=True)
+        if row is not best:
+            d = row["vs_best"]
+            print(f"{row['sampler']:<12}{row['steps']:>6}{row['guidance']:>10.1f}  "
+                  f"{d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], "
+                  f"{d['cases'] - d['b_better_cases']}/{d['cases']}")
     if args.out:
         args.out.write_text(json.dumps({"export": str(args.ckpt), "cases": args.cases,
                                         "rows": rows}, indent=1))

@@ -26,7 +26,7 @@ from scripts.convert_export import main as convert_main
 
 # not the defaults: a read-out that did not travel would show
 CALIBRATED = AlignmentConfig(timestep=200, block=2, threshold=0.3, margin=0.05)
-FAST = RefinementConfig(num_steps=2)
+FAST = RefinementConfig(num_steps=2, guidance_scale=2.0)  # guided: the null tokens travel too
 
 
 @pytest.fixture(scope="module")

@@ -254,5 +254,10 @@ def test_compare_samplers_runs_the_variants_asked_for_with_per_case_errors(tiny_
         assert len(per_case) == 3 and len(set(per_case)) == 3
         # the pooled error is the mask-area-weighted mean of the cases' errors
         assert min(per_case) <= row["masked_mse"] <= max(per_case)
+    best = min(rows, key=lambda r: r["masked_mse"])
+    other = next(r for r in rows if r is not best)
+    assert best["vs_best"]["mean_difference"] == 0
+    assert other["vs_best"]["mean_difference"] == pytest.approx(
+        np.mean(other["masked_mse_per_case"]) - np.mean(best["masked_mse_per_case"]))
     with pytest.raises(SystemExit):
         compare(["--ckpt", str(tiny_export), "--variants", "ddpm:50"])

@@ -143,10 +143,12 @@ def test_broken_reports_are_rejected(report: dict, expected: str) -> None:
 def test_compare_reports_pairs_cases_and_refuses_reports_without_per_case(tmp_path):
     from scripts.compare_reports import main as compare
 
-    def write(name, psnr):
-        per_case = {f"{i:05d}": {"psnr": p, "l1": 1.0 / p} for i, p in enumerate(psnr)}
+    def write(name, psnr, whole=(9.0, 9.0, 9.0)):
+        def scores(values):
+            return {f"{i:05d}": {"psnr": p, "l1": 1.0 / p} for i, p in enumerate(values)}
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"refinement_per_case": {"aligned_crop": per_case}}))
+        path.write_text(json.dumps({"refinement_per_case": {
+            "aligned_crop": scores(psnr), "whole_reference": scores(whole)}}))
         return path
 
     a, b = write("a", [10.0, 12.0, 14.0]), write("b", [11.0, 11.0, 16.0])
@@ -155,7 +157,25 @@ def test_compare_reports_pairs_cases_and_refuses_reports_without_per_case(tmp_pa
     assert result["psnr"]["b_better_cases"] == 2 and result["l1"]["b_better_cases"] == 2
     low, high = result["psnr"]["ci95"]
     assert -1.0 <= low <= 2.0 / 3 <= high <= 2.0
+    within = compare([str(b), str(b), "--method", "whole_reference", "--method-b",
+                      "aligned_crop", "--metrics", "psnr"])
+    assert within["metrics"]["psnr"]["mean_difference"] == pytest.approx(38.0 / 3 - 9.0)
+    assert within["method_b"] == "aligned_crop"
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"refinement": {}}))
     with pytest.raises(SystemExit, match="no per-case scores"):
         compare([str(old), str(b)])
+
+
+def test_paired_difference_counts_wins_by_direction_and_refuses_unpaired_scores() -> None:
+    from evaluation.paired import paired_difference
+
+    higher = paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 2.0, 5.0])
+    assert higher["mean_difference"] == pytest.approx(0.375)
+    assert higher["b_better_cases"] == 3 and higher["cases"] == 4
+    lower = paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 2.5, 2.0, 5.0], lower_is_better=True)
+    assert lower["b_better_cases"] == 1
+    low, high = higher["ci95"]
+    assert -1.0 <= low <= 0.375 <= high <= 1.0
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        paired_difference([1.0, 2.0], [1.0])

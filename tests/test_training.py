@@ -165,7 +165,7 @@ def test_train_diffusers_folder_loads_and_refines_like_the_export(entry_point_ru
 
     write_synthetic_benchmark(tmp_path, 1, seed=3)
     (case,), _ = load_benchmark(tmp_path)
-    fast = RefinementConfig(num_steps=2)
+    fast = RefinementConfig(num_steps=2, guidance_scale=2.0)  # guided: null tokens too
     components = load_export(export)
     today = RefineByAlign(components, load_alignment(export_dir=export, components=components),
                           fast)
