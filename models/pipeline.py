@@ -99,11 +99,11 @@ def load_alignment(path: str | Path | None = None, export_dir: str | Path | None
 
 @dataclass
 class RefinementConfig:
-    # Ancestral DDPM, no guidance: the best masked MSE on held-out validation pairs for the
-    # shipped tiny model, and +0.68 dB PSNR over guidance 2 on the benchmark (README,
-    # "Sampler and guidance"); models at other scales: scripts/compare_samplers.py
+    # Ancestral DDPM, 25 steps, no guidance: the best masked MSE on held-out validation pairs
+    # for the shipped tiny model (50 and 100 steps no better), and +0.68 dB PSNR over guidance
+    # 2 on the benchmark (README, "Sampler and guidance"); other models: compare_samplers.py
     sampler: str = "ddpm"
-    num_steps: int = 50
+    num_steps: int = 25
     guidance_scale: float = 1.0
     dilate: int = 0
     feather: int = 0
