@@ -58,9 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "default: the export's alignment.yaml (written by eval.py's calibration), "
                         "else configs/alignment/default.yaml")
     defaults = RefinementConfig()
-    p.add_argument("--steps", type=int, default=defaults.num_steps)
-    p.add_argument("--guidance", type=float, default=defaults.guidance_scale)
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler)
+    tuned = "chosen for the shipped model; another model: scripts/compare_samplers.py"
+    p.add_argument("--steps", type=int, default=defaults.num_steps,
+                   help=f"sampling steps (default {defaults.num_steps}, {tuned})")
+    p.add_argument("--guidance", type=float, default=defaults.guidance_scale,
+                   help=f"classifier-free guidance scale, 1 = none (default "
+                        f"{defaults.guidance_scale:g}, {tuned})")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=defaults.sampler,
+                   help=f"default {defaults.sampler}")
     p.add_argument("--dilate", type=int, default=defaults.dilate,
                    help="grow the mask by this many pixels (of the input image) before blending")
     p.add_argument("--feather", type=int, default=defaults.feather)
