@@ -214,7 +214,8 @@ def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
     if not cfg.run_refinement:
         return None, {"run": False, "reason": "run_refinement=false", "error": None}
     try:
-        result = evaluate_refinement(cases, components, alignments, cfg.refinement)
+        result = evaluate_refinement(cases, components, alignments, cfg.refinement,
+                                     bool(cfg.progress))
     except Exception as err:
         log.exception("refinement evaluation failed")
         return None, {"run": False, "reason": "failed",

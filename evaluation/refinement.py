@@ -124,6 +124,7 @@ def run_methods(
     components: Components,
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig,
+    progress: bool = True,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
     """Every method's output per case: ({method: {case_id: uint8}}, counts)."""
     methods = list(cfg.methods)
@@ -141,12 +142,13 @@ def run_methods(
 
     if "aligned_crop" in methods:
         missing = [c for c in cases if c.id not in alignments]
-        for case in tqdm(missing, desc="align (missing)", disable=not missing, leave=False):
+        for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
+                         leave=False):
             alignments[case.id] = pipeline.align(case.image, case.mask, case.reference,
                                                  int(cfg.seed))
         counts["aligned_on_the_fly"] = len(missing)
 
-    for case in tqdm(cases, desc="classical methods", leave=False):
+    for case in tqdm(cases, desc="classical methods", leave=False, disable=not progress):
         method = "input"
         try:
             if "input" in methods:
@@ -176,7 +178,8 @@ def run_methods(
 
     model_methods = [m for m in methods if m in MODEL_METHODS]
     batches = _batches(list(cases), int(cfg.batch_size))
-    bar = tqdm(total=len(model_methods) * len(cases), desc="refine", unit="case")
+    bar = tqdm(total=len(model_methods) * len(cases), desc="refine", unit="case",
+               disable=not progress)
     for method in model_methods:
         bar.set_postfix(method=method)
         for index, batch in enumerate(batches):
@@ -249,6 +252,7 @@ def evaluate_refinement(
     components: Components,
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run every method of ``cfg.methods`` on ``cases`` and score them.
 
@@ -265,7 +269,7 @@ def evaluate_refinement(
     and a method or metric failing on a case raises :class:`RefinementError` naming it.
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
-    outputs, counts = run_methods(cases, components, alignments, cfg)
+    outputs, counts = run_methods(cases, components, alignments, cfg, progress)
     categories: dict[str, list[str]] = defaultdict(list)
     for case in cases:
         categories[case.category].append(case.id)
@@ -278,7 +282,7 @@ def evaluate_refinement(
     by_category: dict[str, dict[str, dict[str, M.Value]]] = {cat: {} for cat in categories}
     scored: dict[str, int] = {}
     scores_by_method: dict[str, dict[str, dict[str, M.Value]]] = {}
-    for method in tqdm(list(cfg.methods), desc="metrics", leave=False):
+    for method in tqdm(list(cfg.methods), desc="metrics", leave=False, disable=not progress):
         out = outputs[method]
         per_case = scores_by_method[method] = score_outputs(cases, out, cfg, device)
         scored[method] = len(per_case)

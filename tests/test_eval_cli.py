@@ -50,6 +50,7 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last == f"report: {run_dir / 'report.json'}"
+    assert "%|" not in proc.stderr + proc.stdout  # progress=false: no bar of any stage
 
     report = json.loads((run_dir / "report.json").read_text())
     validate_report(report)
