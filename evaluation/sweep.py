@@ -173,13 +173,13 @@ def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], li
 
 
 # ----------------------------------------------------------------------------- capture
-@torch.no_grad()
 def case_noise_seed(seed: int, index: int) -> int:
     """The sweep's noise seed for case ``index`` of its case list under sweep seed ``seed``:
     one draw per case, independent of how the cases are batched."""
     return int(seed) * 1_000_003 + int(index)
 
 
+@torch.no_grad()
 def collect_vectors(
     components: Components,
     cases: Sequence[BenchmarkCase],

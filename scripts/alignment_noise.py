@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 from data.benchmark import load_benchmark
 from eval import alignment_scores
-from evaluation.sweep import case_noise_seed, case_tensors
+from evaluation.sweep import case_noise_seed, case_tensors, sweep_cases
 from models.export import load_export
 from models.pipeline import AlignmentConfig, RefineByAlign
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen = AlignmentConfig(**OmegaConf.to_container(OmegaConf.load(eval_dir / "alignment.yaml")))
     report = json.loads((eval_dir / "report.json").read_text())["correspondence"]
     report_ids = set(report["split"]["report_ids"])
-    sweepable = [c for c in load_benchmark(args.benchmark)[0] if c.reference_mask is not None]
+    sweepable, _ = sweep_cases(load_benchmark(args.benchmark)[0])
     sweep_index = {c.id: k for k, c in enumerate(sweepable)}  # the sweep's case list
     cases = [c for c in sweepable if c.id in report_ids]
     if len(cases) != len(report_ids):
