@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -89,14 +90,20 @@ def make_background(size: int, rng: np.random.Generator,
                     textured: bool | None = None) -> np.ndarray:
     """Plain studio background, optionally with a faint gradient and grain (uint8 [S,S,3])."""
     base = np.array(random_colour(rng, 150, 256), np.float32)
-    img = np.broadcast_to(base, (size, size, 3)).copy()
-    if textured if textured is not None else rng.random() < 0.5:
-        ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-        angle = rng.uniform(0, 2 * np.pi)
-        grad = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
-        img += grad[..., None] * rng.uniform(5, 20)
-        img += rng.standard_normal((size, size, 1), dtype=np.float32) * rng.uniform(1, 4)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    if not (textured if textured is not None else rng.random() < 0.5):
+        return np.broadcast_to(base.astype(np.uint8), (size, size, 3)).copy()
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    grad = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]  # float64
+    grad *= rng.uniform(5, 20)
+    grain = rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(1, 4)
+    # channel planes, the same float64 -> float32 roundings as adding to an [S,S,3] image
+    planes = np.empty((3, size, size), np.float32)
+    for c in range(3):
+        np.add(grad, float(base[c]), out=planes[c])
+    planes += grain
+    np.clip(planes, 0, 255, out=planes)
+    return cv2.merge(list(planes.astype(np.uint8)))
 
 
 def _draw_body(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill, rng) -> Box:
@@ -311,11 +318,17 @@ def render_object(size: int, rng: np.random.Generator) -> ObjectView:
 
     footprint = np.asarray(fp_img) > 127
     detail = (np.asarray(det_img) > 127) & footprint
-    body_np = np.asarray(body, dtype=np.float32)
-    # gentle shading across the body so it does not look like a flat sticker
+    # gentle shading across the body so it does not look like a flat sticker; only the body's
+    # box is shaded (float64, as the pixels outside the footprint are the background's)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     shade = 1.0 + rng.uniform(0.0, 0.12) * (ramp[None, :] * rng.choice([-1, 1]))
-    body_np = np.clip(body_np * shade[..., None], 0, 255)
-    rgb = np.where(footprint[..., None], body_np.astype(np.uint8), bg)
+    rgb = bg
+    fp8 = footprint.view(np.uint8)
+    x, y, w, h = cv2.boundingRect(fp8)
+    if w and h:
+        shaded = np.asarray(body)[y:y + h, x:x + w].astype(np.float64)
+        shaded *= shade[0, x:x + w, None]
+        np.clip(shaded, 0, 255, out=shaded)
+        cv2.copyTo(shaded.astype(np.uint8), fp8[y:y + h, x:x + w], rgb[y:y + h, x:x + w])
     meta = {"shape": shape, "body_colour": list(body_colour), "elements": elements}
     return ObjectView(rgb=rgb, footprint=footprint, detail=detail, meta=meta)
