@@ -47,17 +47,26 @@ class SmoothField:
 
     def on_grid(self, height: int, width: int) -> np.ndarray:
         """Field sampled at every pixel centre, float32 [H, W, 2] (separable, so it is cheap)."""
+        dx, dy = self.planes(height, width)
+        return cv2.merge([dx, dy])
+
+    def planes(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """`on_grid` as its x and y planes, float32 [H, W] each (the same values)."""
         xs = np.arange(width, dtype=np.float64)
         ys = np.arange(height, dtype=np.float64)
-        out = np.zeros((height, width, 2), np.float64)
+        out = np.zeros((2, height, width), np.float64)
+        term, other = np.empty((height, width)), np.empty((height, width))
         for k in range(self.amp.shape[0]):
             for c in range(2):
                 ax = self.freq[k, c, 0] * xs + self.phase[k, c]
                 by = self.freq[k, c, 1] * ys
                 # sin(a + b) = sin a cos b + cos a sin b
-                out[..., c] += self.amp[k, c] * (
-                    np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax)))
-        return out.astype(np.float32)
+                np.multiply.outer(np.cos(by), np.sin(ax), out=term)
+                np.multiply.outer(np.sin(by), np.cos(ax), out=other)
+                term += other
+                term *= self.amp[k, c]
+                out[c] += term
+        return out[0].astype(np.float32), out[1].astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"amp": self.amp.tolist(), "freq": self.freq.tolist(), "phase": self.phase.tolist()}
@@ -78,9 +87,12 @@ def _apply_h(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
                      (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w], axis=-1)
 
 
-def _grid(height: int, width: int) -> np.ndarray:
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    return np.stack([xs, ys], axis=-1)
+def _apply_h_planes(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`_apply_h` on float64 coordinate planes, float32 [..., 2] (the same roundings)."""
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    w[np.abs(w) < 1e-9] = 1e-9
+    return cv2.merge([((h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w).astype(np.float32),
+                      ((h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w).astype(np.float32)])
 
 
 def _pull(src: np.ndarray, coords: np.ndarray, interp: int = cv2.INTER_LINEAR,
@@ -112,9 +124,12 @@ class Warp:
     def from_params(homography: np.ndarray, smooth: SmoothField, target_shape: tuple[int, int],
                     reference_shape: tuple[int, int]) -> Warp:
         h = np.asarray(homography, np.float64)
-        grid = _grid(*target_shape)
-        disp = smooth.on_grid(*target_shape)
-        t2r = _apply_h(np.linalg.inv(h), (grid + disp).astype(np.float64)).astype(np.float32)
+        height, width = target_shape
+        dx, dy = smooth.planes(height, width)
+        # p + d(p) in float32, as the [H, W, 2] pixel grid plus the field
+        x = (np.arange(width, dtype=np.float32)[None, :] + dx).astype(np.float64)
+        y = (np.arange(height, dtype=np.float32)[:, None] + dy).astype(np.float64)
+        t2r = _apply_h_planes(np.linalg.inv(h), x, y)
         return Warp(t2r, tuple(reference_shape), h, smooth)
 
     @property
@@ -130,8 +145,11 @@ class Warp:
         if self.homography is None:
             raise ValueError("warp has no parameters; use map_mask_to_reference")
         x0, y0, x1, y1 = box
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
-        hq = _apply_h(self.homography, np.stack([xs, ys], axis=-1)).astype(np.float32)
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 2), np.float32)
+        xs = np.broadcast_to(np.arange(x0, x1, dtype=np.float64)[None, :], (y1 - y0, x1 - x0))
+        ys = np.broadcast_to(np.arange(y0, y1, dtype=np.float64)[:, None], (y1 - y0, x1 - x0))
+        hq = _apply_h_planes(self.homography, xs, ys)
         smooth = self.displacement
         if smooth is None or smooth.amp.shape[0] == 0:
             return hq
@@ -145,11 +163,14 @@ class Warp:
         # float32 rounding exceeds the tolerance
         near = ((hq[..., 0] > -pad) & (hq[..., 0] < wt + pad)
                 & (hq[..., 1] > -pad) & (hq[..., 1] < ht + pad))
+        far = ~np.repeat(near[..., None], 2, axis=-1)
         p = hq
         for _ in range(FIXED_POINT_ITERS):
             # replicating the border keeps the lookup a contraction far outside too
             p_next = hq - _pull(self._disp_grid, p + pad, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
-            step = float(np.abs(p_next - p)[near].max(initial=0.0))
+            moved = cv2.absdiff(p_next, p)
+            moved[far] = 0.0
+            step = float(moved.max(initial=0.0))
             p = p_next
             if step < FIXED_POINT_TOL:
                 break
@@ -225,8 +246,10 @@ def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) 
 
 
 def _bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
-    ys, xs = np.nonzero(mask)
-    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8, copy=False))
+    if not w:
+        raise ValueError("empty mask has no box")
+    return float(x), float(y), float(x + w - 1), float(y + h - 1)
 
 
 def random_homography(
@@ -258,7 +281,7 @@ def random_homography(
         for a in range(2):
             a_lo, a_hi = -lo[a], target_size - 1 - hi[a]
             shift[a] = rng.uniform(a_lo, a_hi) if a_hi > a_lo else (a_lo + a_hi) / 2
-        box = np.r_[lo + shift, hi + shift]
+        box = np.concatenate([lo + shift, hi + shift])
         iou = _box_iou(box, ref_box)
         if iou < best_iou:
             best, best_iou = shift, iou
