@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from data.objects import ObjectView, random_colour
+from data.objects import ObjectView, merge_planes, random_colour
 
 FIXED_POINT_ITERS = 20
 FIXED_POINT_TOL = 1e-2  # pixels; cv2.remap quantises lookups to 1/32 px anyway
@@ -246,7 +246,8 @@ def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) 
 
 
 def _bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
-    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8, copy=False))
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == bool
+                                  else (mask != 0).view(np.uint8))
     if not w:
         raise ValueError("empty mask has no box")
     return float(x), float(y), float(x + w - 1), float(y + h - 1)
@@ -310,17 +311,20 @@ def target_background(size: int, rng: np.random.Generator) -> np.ndarray:
     kind = rng.integers(0, 3)
     c0 = np.array(random_colour(rng), np.float32)
     c1 = np.array(random_colour(rng), np.float32)
+    dc = c1 - c0
+    # per channel plane (see objects.merge_planes), with the dtypes of the [S,S,3] arithmetic
     if kind == 0:  # low-frequency coloured noise
         small = rng.random((max(2, size // 16), max(2, size // 16), 3)).astype(np.float32)
-        t = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
-        img = c0 + (c1 - c0) * t
+        t = cv2.split(cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC))
+        planes = [c0[c] + dc[c] * t[c] for c in range(3)]  # float32
     elif kind == 1:  # gradient
         ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
         a = rng.uniform(0, 2 * np.pi)
-        t = np.clip(np.cos(a) * ramp[None, :] + np.sin(a) * ramp[:, None], 0, 1)
-        img = c0 + (c1 - c0) * t[..., None] / max(1e-6, float(t.max()))
+        t = np.clip(np.cos(a) * ramp[None, :] + np.sin(a) * ramp[:, None], 0, 1)  # float64
+        top = max(1e-6, float(t.max()))
+        planes = [c0[c] + dc[c] * t / top for c in range(3)]  # float64
     else:  # random shapes
-        img = np.broadcast_to(c0, (size, size, 3)).copy()
+        img = cv2.merge([np.full((size, size), v, np.float32) for v in c0])
         for _ in range(int(rng.integers(3, 9))):
             col = tuple(float(v) for v in rng.integers(0, 256, 3))
             cx, cy = rng.integers(0, size, 2)
@@ -330,8 +334,9 @@ def target_background(size: int, rng: np.random.Generator) -> np.ndarray:
             else:
                 cv2.rectangle(img, (int(cx - r), int(cy - r // 2)), (int(cx + r), int(cy + r)),
                               col, -1)
-    img = img + rng.standard_normal((size, size, 1), dtype=np.float32) * rng.uniform(0, 6)
-    return np.clip(img, 0, 255).astype(np.uint8)
+        planes = cv2.split(img)
+    grain = rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(0, 6)
+    return merge_planes(planes, grain)
 
 
 @dataclass
@@ -349,10 +354,12 @@ def render_target(reference: ObjectView, warp: Warp, background: np.ndarray) -> 
     """Warp the reference object into the target frame and composite over `background`."""
     alpha = warp.warp_image(reference.footprint.astype(np.float32))
     obj = warp.warp_image(reference.rgb).astype(np.float32)
-    out = background.astype(np.float32) * (1 - alpha[..., None]) + obj * alpha[..., None]
+    alpha3 = cv2.merge([alpha] * 3)  # same-shape operands: numpy's fast loops, same values
+    out = background.astype(np.float32) * (1 - alpha3) + obj * alpha3
     footprint = alpha >= 0.5
     detail = warp.map_mask_to_target(reference.detail) & footprint
-    rgb = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    out += 0.5
+    rgb = np.clip(out, 0, 255, out=out).astype(np.uint8)
     return TargetView(rgb=rgb, geometric_rgb=rgb, footprint=footprint, detail=detail)
 
 
@@ -362,13 +369,13 @@ def photometric_jitter(rgb: np.ndarray, rng: np.random.Generator, brightness: fl
     b = rng.uniform(-brightness, brightness) * 255
     c = rng.uniform(1 - contrast, 1 + contrast)
     dh = rng.uniform(-hue, hue)
-    x = rgb.astype(np.float32)
-    x = (x - 128.0) * c + 128.0 + b
-    x = np.clip(x, 0, 255).astype(np.uint8)
+    # per-value maps: the float32 arithmetic applied to the 256 possible values, not each pixel
+    v = np.arange(256, dtype=np.float32)
+    x = cv2.LUT(rgb, np.clip((v - 128.0) * c + 128.0 + b, 0, 255).astype(np.uint8))
     if abs(dh) >= 0.5:
-        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + int(round(dh))) % 180).astype(np.uint8)
-        x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        hue, sat, val = cv2.split(cv2.cvtColor(x, cv2.COLOR_RGB2HSV))
+        turn = ((np.arange(256, dtype=np.int16) + int(round(dh))) % 180).astype(np.uint8)
+        x = cv2.cvtColor(cv2.merge([cv2.LUT(hue, turn), sat, val]), cv2.COLOR_HSV2RGB)
     return x, {"brightness": b, "contrast": c, "hue": dh}
 
 

@@ -37,10 +37,13 @@ def batch_size(batch: dict[str, torch.Tensor]) -> int:
 
 def mask_bbox(mask: np.ndarray) -> Box | None:
     """Tight box of a bool mask, None when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    if mask.size == 0:
         return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == bool
+                                  else (mask != 0).view(np.uint8))
+    if not w:
+        return None
+    return x, y, x + w, y + h
 
 
 TRAINING_CROP_MARGIN = (0.1, 0.4)
@@ -110,7 +113,10 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
-    return np.clip(cv2.resize(img, (size, size), interpolation=interp), 0, 255).astype(img.dtype)
+    out = cv2.resize(img, (size, size), interpolation=interp)
+    if img.dtype == np.uint8:  # saturated by OpenCV already
+        return out
+    return np.clip(out, 0, 255).astype(img.dtype)
 
 
 def resize_mask(mask: np.ndarray, size: int, keep_nonempty: bool = True) -> np.ndarray:

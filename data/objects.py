@@ -91,19 +91,30 @@ def make_background(size: int, rng: np.random.Generator,
     """Plain studio background, optionally with a faint gradient and grain (uint8 [S,S,3])."""
     base = np.array(random_colour(rng, 150, 256), np.float32)
     if not (textured if textured is not None else rng.random() < 0.5):
-        return np.broadcast_to(base.astype(np.uint8), (size, size, 3)).copy()
+        return cv2.merge([np.full((size, size), v, np.uint8) for v in base.astype(np.uint8)])
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     angle = rng.uniform(0, 2 * np.pi)
     grad = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]  # float64
     grad *= rng.uniform(5, 20)
+    # float32 planes: the roundings of adding the float64 gradient to a float32 image
+    planes = [(grad + float(v)).astype(np.float32) for v in base]
     grain = rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(1, 4)
-    # channel planes, the same float64 -> float32 roundings as adding to an [S,S,3] image
-    planes = np.empty((3, size, size), np.float32)
-    for c in range(3):
-        np.add(grad, float(base[c]), out=planes[c])
-    planes += grain
-    np.clip(planes, 0, 255, out=planes)
-    return cv2.merge(list(planes.astype(np.uint8)))
+    return merge_planes(planes, grain)
+
+
+def merge_planes(planes: Sequence[np.ndarray], grain: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [S,S,3] from 3 float planes [S,S] (+ grain [S,S]), clipped and truncated.
+
+    Channel-last float images cost numpy several times more per pixel than planes (its
+    inner loops run over 3 values), and give the same values: every step is per pixel.
+    """
+    out = []
+    for plane in planes:
+        if grain is not None:
+            plane = plane + grain
+        out.append(np.clip(plane, 0, 255, out=plane if grain is not None else None)
+                   .astype(np.uint8))
+    return cv2.merge(out)
 
 
 def _draw_body(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill, rng) -> Box:
