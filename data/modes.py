@@ -11,6 +11,10 @@ Sample contract (what models/ and train.py rely on):
   reference       float32 [3,R,R] in [0,1] (the encoder normalises)
   reference_mask  float32 [1,R,R] in {0,1}, region of `reference` matching `mask`
   mode            int64 scalar, 0 = alignment, 1 = refinement
+Compact samples (`to_sample(..., compact=True)`, what the DataModule's synthetic loaders
+send through worker processes) hold the same pixels in a quarter of the bytes: `target` and
+`reference` uint8 [3,*,*], `mask` and `reference_mask` bool; `decode_pixels` turns them (or a
+batch of them, on any device) into exactly the float32 values above.
 Latent shards (data/latent_shards.py) carry `latents` and `masked_latents` [C,h,w] instead
 of `target`. Samples say where they came from, so a failing batch can be named: shard
 samples carry webdataset's `__key__` (str), synthetic pairs `index` (int64 scalar: the item
@@ -18,6 +22,8 @@ number, which with the dataset's seed regenerates the sample).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import cv2
 import numpy as np
@@ -164,17 +170,50 @@ def to_sample(
     image_size: int,
     reference_size: int,
     rng: np.random.Generator | None = None,
+    compact: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Build the tensor contract from working-resolution arrays (see module docstring)."""
+    """Build the tensor contract from working-resolution arrays (see module docstring);
+    `compact`: uint8 / bool pixels, for `decode_pixels` to turn into the contract later."""
     tgt = resize_image(target_rgb, image_size)
     msk = resize_mask(target_mask, image_size)
     ref, ref_mask, _ = make_reference(reference_rgb, reference_region, mode, reference_size, rng)
-    tgt = np.ascontiguousarray(tgt.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1.0
-    ref = np.ascontiguousarray(ref.transpose(2, 0, 1), dtype=np.float32) / 255.0
-    return {
-        "target": torch.from_numpy(tgt),
-        "mask": torch.from_numpy(msk[None].astype(np.float32)),
-        "reference": torch.from_numpy(ref),
-        "reference_mask": torch.from_numpy(ref_mask[None].astype(np.float32)),
+    sample = {
+        "target": torch.from_numpy(np.ascontiguousarray(tgt.transpose(2, 0, 1))),
+        "mask": torch.from_numpy(msk[None]),
+        "reference": torch.from_numpy(np.ascontiguousarray(ref.transpose(2, 0, 1))),
+        "reference_mask": torch.from_numpy(ref_mask[None]),
         "mode": torch.tensor(mode, dtype=torch.int64),
     }
+    return sample if compact else decode_pixels(sample)
+
+
+# uint8 value -> float32 model input, computed as the per-pixel float arithmetic would be;
+# a table lookup gives those exact values on any device (a GPU may divide by multiplying
+# with a reciprocal, one rounding away)
+PIXEL_VALUES = {
+    "target": np.arange(256, dtype=np.float32) / 127.5 - 1.0,  # [-1, 1]
+    "reference": np.arange(256, dtype=np.float32) / 255.0,  # [0, 1]
+}
+MASK_KEYS = ("mask", "reference_mask")
+_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def decode_pixels(batch: dict[str, Any]) -> dict[str, Any]:
+    """Compact pixels (uint8 images, bool masks) of a sample or batch -> the float32 contract.
+
+    Anything else, float pixels included, is passed through unchanged, so decoding twice is
+    harmless. Runs where the tensors are (the training process, after the device transfer).
+    """
+    out = dict(batch)
+    for key, values in PIXEL_VALUES.items():
+        x = out.get(key)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            table = _tables.get((key, x.device))
+            if table is None:
+                table = _tables[key, x.device] = torch.from_numpy(values).to(x.device)
+            out[key] = table[x.int()]
+    for key in MASK_KEYS:
+        x = out.get(key)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
+            out[key] = x.float()
+    return out
