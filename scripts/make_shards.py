@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.shards import image_folder_records, synthetic_records, write_shards  # noqa: E402
+from data.shards import image_folder_records, synthetic_records, write_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

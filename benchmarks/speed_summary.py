@@ -1,7 +1,7 @@
-"""Summaries for scripts/gpu_speed.sh: one ``train.py`` run's metrics.csv, and the whole run.
+"""Summaries for benchmarks/gpu_speed.sh: one ``train.py`` run's metrics.csv, and the whole run.
 
-    python scripts/speed_summary.py fit RUNS_DIR OUT_JSON STRATEGY RC
-    python scripts/speed_summary.py all OUT_DIR SKIPPED_TXT ELAPSED_S BUDGET_S
+    python benchmarks/speed_summary.py fit RUNS_DIR OUT_JSON STRATEGY RC
+    python benchmarks/speed_summary.py all OUT_DIR SKIPPED_TXT ELAPSED_S BUDGET_S
 """
 
 from __future__ import annotations
