@@ -207,11 +207,15 @@ def decode_pixels(batch: dict[str, Any]) -> dict[str, Any]:
     out = dict(batch)
     for key, values in PIXEL_VALUES.items():
         x = out.get(key)
-        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
-            table = _tables.get((key, x.device))
-            if table is None:
-                table = _tables[key, x.device] = torch.from_numpy(values).to(x.device)
-            out[key] = table[x.int()]
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
+            continue
+        if x.device.type == "cpu":  # numpy's gather is the fastest there
+            out[key] = torch.from_numpy(values[x.numpy()])
+            continue
+        table = _tables.get((key, x.device))
+        if table is None:
+            table = _tables[key, x.device] = torch.from_numpy(values).to(x.device)
+        out[key] = table[x.int()]
     for key in MASK_KEYS:
         x = out.get(key)
         if isinstance(x, torch.Tensor) and x.dtype == torch.bool:

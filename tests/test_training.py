@@ -61,6 +61,27 @@ class _CountBatches(pl.Callback):
         self.seen += 1
 
 
+class _KeepBatch(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.batch = batch
+
+
+def test_training_step_receives_the_float_contract_from_compact_batches(tmp_path):
+    """The synthetic loader sends uint8 / bool pixels; the step gets the float32 samples of
+    the dataset, exactly (decoded after the transfer by the DataModule's hook)."""
+    cfg = compose_config(FAST)
+    datamodule, kept = instantiate(cfg.data), _KeepBatch()
+    _trainer(tmp_path, 1, kept).fit(instantiate(cfg.model), datamodule=datamodule)
+    batch, size = kept.batch, cfg.data.image_size
+    items = [datamodule.train_set[int(i)] for i in batch["index"]]
+    assert batch["target"].shape == (4, 3, size, size)
+    assert batch["reference"].shape == (4, 3, cfg.data.reference_size, cfg.data.reference_size)
+    for k in ("target", "mask", "reference", "reference_mask", "mode", "index"):
+        expected = torch.stack([x[k] for x in items])
+        assert batch[k].dtype == expected.dtype and torch.equal(batch[k], expected), k
+    assert batch["target"].dtype == torch.float32 and batch["mode"].dtype == torch.int64
+
+
 def test_ema_steps_once_per_optimizer_step_under_accumulation(tmp_path):
     cfg = compose_config(FAST)
     module, batches = instantiate(cfg.model), _CountBatches()
