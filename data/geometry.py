@@ -17,6 +17,8 @@ import numpy as np
 
 from data.objects import ObjectView, merge_planes, random_colour
 
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
 FIXED_POINT_ITERS = 20
 FIXED_POINT_TOL = 1e-2  # pixels; cv2.remap quantises lookups to 1/32 px anyway
 
@@ -50,22 +52,22 @@ class SmoothField:
         dx, dy = self.planes(height, width)
         return cv2.merge([dx, dy])
 
-    def planes(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """`on_grid` as its x and y planes, float32 [H, W] each (the same values)."""
-        xs = np.arange(width, dtype=np.float64)
-        ys = np.arange(height, dtype=np.float64)
-        out = np.zeros((2, height, width), np.float64)
-        term, other = np.empty((height, width)), np.empty((height, width))
-        for k in range(self.amp.shape[0]):
-            for c in range(2):
-                ax = self.freq[k, c, 0] * xs + self.phase[k, c]
-                by = self.freq[k, c, 1] * ys
-                # sin(a + b) = sin a cos b + cos a sin b
-                np.multiply.outer(np.cos(by), np.sin(ax), out=term)
-                np.multiply.outer(np.sin(by), np.cos(ax), out=other)
-                term += other
-                term *= self.amp[k, c]
-                out[c] += term
+    def planes(self, height: int, width: int, window: Box | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """`on_grid` as its x and y planes, float32 [H, W] each (the same values); only the
+        pixels in `window` (x0, y0, x1, y1) when given, each computed as on the whole grid."""
+        x0, y0, x1, y1 = window or (0, 0, width, height)
+        xs = np.arange(x0, x1, dtype=np.float64)
+        ys = np.arange(y0, y1, dtype=np.float64)
+        # every (term, channel) at once; sin(a + b) = sin a cos b + cos a sin b
+        ax = self.freq[..., 0, None] * xs + self.phase[..., None]  # [K, 2, W]
+        by = self.freq[..., 1, None] * ys  # [K, 2, H]
+        terms = np.cos(by)[..., :, None] * np.sin(ax)[..., None, :]
+        terms += np.sin(by)[..., :, None] * np.cos(ax)[..., None, :]
+        terms *= self.amp[..., None, None]
+        out = np.zeros((2, y1 - y0, x1 - x0), np.float64)
+        for term in terms:  # summed in term order, as on_grid always has
+            out += term
         return out[0].astype(np.float32), out[1].astype(np.float32)
 
     def to_dict(self) -> dict:
@@ -157,8 +159,13 @@ class Warp:
         # the field is smooth, so bilinear lookup on a grid is exact to ~1e-2 px; the grid is
         # padded by more than |d| so points landing just outside the frame converge as well
         pad = int(np.ceil(np.abs(smooth.amp).sum(0).max())) + 4
-        if self._disp_grid is None:
-            self._disp_grid = _shifted_field(smooth, ht, wt, pad)
+        grid = self._disp_grid
+        if grid is None:
+            window = _lookup_window(hq, pad, float(np.abs(smooth.amp).sum(0).max()),
+                                    (ht + 2 * pad, wt + 2 * pad))
+            grid = _shifted_field(smooth, ht, wt, pad, window)
+            if window is None:
+                self._disp_grid = grid
         # convergence is judged near the frame: far-away points are large numbers whose
         # float32 rounding exceeds the tolerance
         near = ((hq[..., 0] > -pad) & (hq[..., 0] < wt + pad)
@@ -167,7 +174,7 @@ class Warp:
         p = hq
         for _ in range(FIXED_POINT_ITERS):
             # replicating the border keeps the lookup a contraction far outside too
-            p_next = hq - _pull(self._disp_grid, p + pad, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
+            p_next = hq - _pull(grid, p + pad, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
             moved = cv2.absdiff(p_next, p)
             moved[far] = 0.0
             step = float(moved.max(initial=0.0))
@@ -220,10 +227,42 @@ class Warp:
                                 tuple(d["target_shape"]), tuple(d["reference_shape"]))
 
 
-def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int) -> np.ndarray:
-    """Field on the grid of pixels (-pad .. W+pad-1, -pad .. H+pad-1), origin moved by phase."""
+def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int,
+                   window: Box | None = None) -> np.ndarray:
+    """Field on the grid of pixels (-pad .. W+pad-1, -pad .. H+pad-1), origin moved by phase;
+    with a `window` of that grid, zero outside it (for lookups known to stay inside)."""
     phase = smooth.phase - pad * (smooth.freq[..., 0] + smooth.freq[..., 1])
-    return SmoothField(smooth.amp, smooth.freq, phase).on_grid(ht + 2 * pad, wt + 2 * pad)
+    shifted = SmoothField(smooth.amp, smooth.freq, phase)
+    height, width = ht + 2 * pad, wt + 2 * pad
+    if window is None:
+        return shifted.on_grid(height, width)
+    x0, y0, x1, y1 = window
+    out = np.zeros((height, width, 2), np.float32)
+    out[y0:y1, x0:x1] = cv2.merge(shifted.planes(height, width, window))
+    return out
+
+
+def _lookup_window(hq: np.ndarray, pad: int, reach: float, shape: tuple[int, int]
+                   ) -> Box | None:
+    """The part of the padded field grid that the fixed point's lookups can read, or None
+    for all of it.
+
+    Lookups sit at p + pad with |p - H(q)| <= `reach` (the field's largest magnitude); a
+    bilinear read (OpenCV rounds coordinates to 1/32 px) touches the two pixels around,
+    replicated ones included when it falls outside. A pixel of margin covers rounding.
+    """
+    height, width = shape
+    flat = hq.reshape(-1, 2)
+    lo, hi = flat.min(0), flat.max(0)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None
+    x0, y0 = (np.floor(lo + pad - reach) - 2).astype(int)
+    x1, y1 = (np.ceil(hi + pad + reach) + 3).astype(int)
+    x0, x1 = min(max(x0, 0), width - 1), min(max(x1, 1), width)
+    y0, y1 = min(max(y0, 0), height - 1), min(max(y1, 1), height)
+    if (x0, y0, x1, y1) == (0, 0, width, height):
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) -> np.ndarray:

@@ -45,8 +45,9 @@ def mask_bbox(mask: np.ndarray) -> Box | None:
     """Tight box of a bool mask, None when empty."""
     if mask.size == 0:
         return None
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == bool
-                                  else (mask != 0).view(np.uint8))
+    x, y, w, h = cv2.boundingRect(
+        mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8)
+    )
     if not w:
         return None
     return x, y, x + w, y + h

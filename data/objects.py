@@ -190,13 +190,16 @@ def draw_text_fitted(
     font_idx = int(rng.integers(0, len(font_paths())))
     size = max(6, int(h * rng.uniform(0.55, 0.95)))
     font = load_font(font_idx, size)
+    measured = None  # the font whose box (l, t, r, b) is
     for _ in range(8):  # shrink until it fits the box width
         l, t, r, b = font.getbbox(text)
+        measured = font
         if r - l <= w and b - t <= h or size <= 6:
             break
         size = max(6, int(size * min(0.9, w / max(1, r - l))))
         font = load_font(font_idx, size)
-    l, t, r, b = font.getbbox(text)
+    if font is not measured:
+        l, t, r, b = font.getbbox(text)
     px = x0 + (w - (r - l)) // 2 - l
     py = y0 + (h - (b - t)) // 2 - t
     for d, f in zip(draws, fills, strict=True):
