@@ -190,12 +190,13 @@ class Warp:
         hr, wr = self.reference_shape
         out = np.zeros((hr, wr), bool)
         pts = self.target_to_reference[mask]
-        pts = pts[np.isfinite(pts).all(-1)]
+        pts = pts[np.isfinite(pts[:, 0]) & np.isfinite(pts[:, 1])]
         if len(pts) == 0:
             return out
         # the forward map bounds the region, so the inverse is only needed on that box
-        x0, y0 = np.floor(pts.min(0)).astype(int) - 2
-        x1, y1 = np.ceil(pts.max(0)).astype(int) + 3
+        lo, hi = _column_range(pts)
+        x0, y0 = np.floor(lo).astype(int) - 2
+        x1, y1 = np.ceil(hi).astype(int) + 3
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, wr), min(y1, hr)
         if x1 <= x0 or y1 <= y0:
             return out
@@ -242,6 +243,13 @@ def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int,
     return out
 
 
+def _column_range(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of each column of [N, 2] points (numpy reduces a column at a time many
+    times faster than along axis 0 of the two)."""
+    return (np.array([pts[:, 0].min(), pts[:, 1].min()]),
+            np.array([pts[:, 0].max(), pts[:, 1].max()]))
+
+
 def _lookup_window(hq: np.ndarray, pad: int, reach: float, shape: tuple[int, int]
                    ) -> Box | None:
     """The part of the padded field grid that the fixed point's lookups can read, or None
@@ -252,8 +260,7 @@ def _lookup_window(hq: np.ndarray, pad: int, reach: float, shape: tuple[int, int
     replicated ones included when it falls outside. A pixel of margin covers rounding.
     """
     height, width = shape
-    flat = hq.reshape(-1, 2)
-    lo, hi = flat.min(0), flat.max(0)
+    lo, hi = _column_range(hq.reshape(-1, 2))
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         return None
     x0, y0 = (np.floor(lo + pad - reach) - 2).astype(int)

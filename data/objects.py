@@ -8,6 +8,7 @@ placed there.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ def contrasting_colour(
     best, best_d = base, -1.0
     for _ in range(12):
         c = random_colour(rng)
-        d = float(np.linalg.norm(np.subtract(c, base)))
+        d = math.sqrt(sum((a - b) ** 2 for a, b in zip(c, base, strict=True)))  # exact
         if d >= min_dist:
             return c
         if d > best_d:
