@@ -196,7 +196,28 @@ PIXEL_VALUES = {
     "reference": np.arange(256, dtype=np.float32) / 255.0,  # [0, 1]
 }
 MASK_KEYS = ("mask", "reference_mask")
+_MASK_VALUES = (np.arange(256) > 0).astype(np.float32)  # a bool viewed as uint8 is 0 or 1
 _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _lookup_on_cpu(values: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """OpenCV's table lookup: one single-threaded pass, faster than a gather or float
+    arithmetic in numpy or torch (whose threads cost more than the work on small tensors)."""
+    a = np.ascontiguousarray(x.numpy()).view(np.uint8)
+    if a.size == 0:
+        return torch.zeros(x.shape, dtype=torch.float32)
+    return torch.from_numpy(
+        cv2.LUT(a.reshape(-1, a.shape[-1] if a.ndim else 1), values).reshape(a.shape)
+    )
+
+
+def _lookup(key: str, values: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return _lookup_on_cpu(values, x)
+    table = _tables.get((key, x.device))
+    if table is None:
+        table = _tables[key, x.device] = torch.from_numpy(values).to(x.device)
+    return table[x.int()]
 
 
 def decode_pixels(batch: dict[str, Any]) -> dict[str, Any]:
@@ -208,17 +229,10 @@ def decode_pixels(batch: dict[str, Any]) -> dict[str, Any]:
     out = dict(batch)
     for key, values in PIXEL_VALUES.items():
         x = out.get(key)
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8):
-            continue
-        if x.device.type == "cpu":  # numpy's gather is the fastest there
-            out[key] = torch.from_numpy(values[x.numpy()])
-            continue
-        table = _tables.get((key, x.device))
-        if table is None:
-            table = _tables[key, x.device] = torch.from_numpy(values).to(x.device)
-        out[key] = table[x.int()]
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            out[key] = _lookup(key, values, x)
     for key in MASK_KEYS:
         x = out.get(key)
         if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
-            out[key] = x.float()
+            out[key] = _lookup_on_cpu(_MASK_VALUES, x) if x.device.type == "cpu" else x.float()
     return out
