@@ -88,7 +88,7 @@ class Correspondence:
     target_to_reference: np.ndarray  # float32 [Ht, Wt, 2] reference (x, y); NaN where invalid
     valid: np.ndarray  # bool [Ht, Wt]
     outside: np.ndarray  # bool: no target depth, behind the reference camera or off its frame
-    occluded: np.ndarray  # bool: in the frame, but the reference sees another depth there
+    occluded: np.ndarray  # bool: in the frame, but the reference depth there differs or is unknown
 
 
 def backproject(depth: np.ndarray, K: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from data.multiview import (
     load_cameras,
     multiview_records,
 )
-from data.shards import SampleDecoder, decode_npy, decode_png
+from data.shards import SampleDecoder, decode_npy, decode_png, sample_flow
 from data.synthetic import working_sizes
 
 
@@ -151,6 +151,7 @@ def test_plane_correspondence_matches_homography():
     assert seen.sum() > 3000 and (~inside & (ids_t == 0)).sum() > 200  # both cases occur
     assert corr.valid[seen & sure].all()
     assert not corr.valid[~seen].any()  # off the plane or off the reference frame
+    assert corr.outside[(ids_t == 0) & ~inside].all() and not corr.occluded[sure].any()
     err = np.abs(corr.target_to_reference - truth)[corr.valid]
     assert err.max() < 1e-3
     assert np.isnan(corr.target_to_reference[~corr.valid]).all()
@@ -180,6 +181,23 @@ def test_occluded_pixels_are_invalid():
     # the depth test is what rejects them: with any depth accepted they would pass
     lax = correspondence(depth_t, Camera(K_t, pose_t), depth_r, Camera(K_r, pose_r), 1e9)
     assert lax.valid[occluded & sure].all()
+
+
+def test_flow_resampling_interpolates_smooth_flow_but_not_across_edges():
+    ys, xs = np.mgrid[0:20, 0:20].astype(float)
+    affine = np.stack([1.3 * xs + 0.2 * ys + 5, -0.4 * xs + 0.9 * ys + 2], -1)
+    pts = np.random.default_rng(0).uniform(1, 18, (200, 2))
+    exact = np.stack([1.3 * pts[:, 0] + 0.2 * pts[:, 1] + 5,
+                      -0.4 * pts[:, 0] + 0.9 * pts[:, 1] + 2], -1)
+    assert np.abs(sample_flow(affine, pts) - exact).max() < 1e-4
+    step = affine.copy()
+    step[:, 10:] += 30.0  # a depth edge between columns 9 and 10
+    step[15:, :] = np.nan  # unknown rows
+    out = sample_flow(step, np.array([[9.4, 5.0], [9.6, 5.0], [4.5, 5.5], [4.0, 16.0]]))
+    assert np.allclose(out[0], step[5, 9]) and np.allclose(out[1], step[5, 10])
+    assert np.allclose(out[2], [1.3 * 4.5 + 0.2 * 5.5 + 5, -0.4 * 4.5 + 0.9 * 5.5 + 2],
+                       atol=1e-4)
+    assert np.isnan(out[3]).all()
 
 
 # ----------------------------------------------------------------------------- folder format
