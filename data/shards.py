@@ -262,36 +262,42 @@ def sample_nearest_and_linear(img: np.ndarray, coords: np.ndarray
     fx, fy = (x - x0)[..., None], (y - y0)[..., None]
     corners = np.stack([gather(x0, y0), gather(x0 + 1, y0), gather(x0, y0 + 1),
                         gather(x0 + 1, y0 + 1)])
-    linear = ((1 - fx) * (1 - fy) * corners[0] + fx * (1 - fy) * corners[1]
-              + (1 - fx) * fy * corners[2] + fx * fy * corners[3])
+    with np.errstate(invalid="ignore"):  # inf corners: NaN, i.e. not interpolable
+        linear = ((1 - fx) * (1 - fy) * corners[0] + fx * (1 - fy) * corners[1]
+                  + (1 - fx) * fy * corners[2] + fx * fy * corners[3])
     shape = coords.shape[:-1] + chans
     return (nearest.reshape(shape), linear.reshape(shape),
             corners.reshape((4, *shape)))
 
 
-def flow_kink(flow: np.ndarray) -> np.ndarray:
-    """Largest second difference (x or y, either component) of a flow at each pixel, inf
-    where a neighbour is unknown: ~0 on a smooth surface, the jump size at a depth edge."""
+def flow_kinks(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Second differences |f(x-1) - 2 f(x) + f(x+1)| of a flow along x and along y (the larger
+    of its two components), NaN where a neighbour is unknown, border pixels taking their inner
+    neighbour's: ~0 on a smooth surface, the size of the jump beside a depth edge."""
     f = flow.astype(np.float64)
-    kink = np.zeros(f.shape[:2])
-    for axis in (0, 1):
-        d2 = np.full(f.shape, np.inf)
-        inner = [slice(None), slice(None)]
-        inner[axis] = slice(1, -1)
-        lo, hi = list(inner), list(inner)
-        lo[axis], hi[axis] = slice(None, -2), slice(2, None)
-        d2[tuple(inner)] = f[tuple(lo)] - 2 * f[tuple(inner)] + f[tuple(hi)]
-        kink = np.maximum(kink, np.abs(d2).max(-1))
-    return np.where(np.isnan(kink), np.inf, kink)
+    out = []
+    for axis in (1, 0):
+        g = np.moveaxis(f, axis, 0)
+        d2 = np.full(g.shape[:2], np.nan)
+        if len(g) >= 3:
+            d2[1:-1] = np.abs(g[:-2] - 2 * g[1:-1] + g[2:]).max(-1)
+            d2[0], d2[-1] = d2[1], d2[-2]
+        out.append(np.moveaxis(d2, 0, axis))
+    return out[0], out[1]
 
 
 def sample_flow(flow: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """A target->reference flow at target (x, y) `coords`: bilinear where the four neighbours
-    lie on one smooth piece (`flow_kink` <= FLOW_KINK_PX), else the nearest pixel's value, so
+    lie on one smooth piece (no second difference over FLOW_KINK_PX along either axis, with
+    at least one known per row and column of the cell), else the nearest pixel's value, so
     values are never blended across a depth edge; NaN outside or where unknown."""
     nearest, linear, _ = sample_nearest_and_linear(flow, coords)
-    _, _, kinks = sample_nearest_and_linear(flow_kink(flow), coords)
-    smooth = np.isfinite(linear).all(-1) & (kinks.max(0) <= FLOW_KINK_PX)
+    kx, ky = flow_kinks(flow)
+    _, _, cx = sample_nearest_and_linear(kx, coords)  # corners (x0,y0) (x1,y0) (x0,y1) (x1,y1)
+    _, _, cy = sample_nearest_and_linear(ky, coords)
+    smooth = (np.isfinite(linear).all(-1)
+              & (np.fmax(cx[0], cx[1]) <= FLOW_KINK_PX) & (np.fmax(cx[2], cx[3]) <= FLOW_KINK_PX)
+              & (np.fmax(cy[0], cy[2]) <= FLOW_KINK_PX) & (np.fmax(cy[1], cy[3]) <= FLOW_KINK_PX))
     return np.where(smooth[..., None], linear, nearest).astype(np.float32)
 
 

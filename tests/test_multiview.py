@@ -27,7 +27,13 @@ from data.multiview import (
     load_cameras,
     multiview_records,
 )
-from data.shards import SampleDecoder, decode_npy, decode_png, sample_flow
+from data.shards import (
+    SampleDecoder,
+    decode_npy,
+    decode_png,
+    image_folder_records,
+    sample_flow,
+)
 from data.synthetic import working_sizes
 
 
@@ -324,6 +330,33 @@ def test_ingestion_keeps_geometry(tmp_path, fit):
     ry, rx = np.nonzero(region)
     expected = truth[picked[ok, 1], picked[ok, 0]].mean(0)
     assert ok.sum() > 10 and np.linalg.norm(np.array([rx.mean(), ry.mean()]) - expected) < 4
+
+
+def test_flow_pairs_can_be_padded_too(tmp_path):
+    """`--images` `_flow.npy` pairs take the same path: padded, a shift stays a shift."""
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 255, (60, 100, 3)).astype(np.uint8)
+    tgt = np.zeros_like(ref)
+    tgt[5:, 10:] = ref[:-5, :-10]
+    ys, xs = np.mgrid[0:60, 0:100].astype(np.float32)
+    flow = np.stack([xs - 10, ys - 5], -1)
+    Image.fromarray(ref).save(tmp_path / "shoe_ref.png")
+    Image.fromarray(tgt).save(tmp_path / "shoe_tgt.png")
+    np.save(tmp_path / "shoe_flow.npy", flow)
+    (rec,) = image_folder_records(tmp_path, seed=0, fit="pad")
+    ref_res, tgt_res = working_sizes(64, 224)
+    t2r = decode_npy(rec["t2r.npy"]).astype(np.float64)
+    oy, ox = np.mgrid[0:tgt_res, 0:tgt_res].astype(float)
+    src = (np.stack([ox, oy], -1) + 0.5) * 100 / tgt_res - 0.5 - np.array([0, 20])
+    truth = (src - np.array([10, 5]) + np.array([0, 20]) + 0.5) * ref_res / 100 - 0.5
+    inside = (src[..., 1] > -0.5) & (src[..., 1] < 59.5) & (src[..., 0] - 10 > 0.5) \
+        & (src[..., 1] - 5 > 0.5)
+    valid = np.isfinite(t2r).all(-1)
+    assert valid[inside].all() and not valid[(src[..., 1] < -1) | (src[..., 1] > 60)].any()
+    err = np.abs(t2r - truth).max(-1)
+    interior = (src >= 0).all(-1) & (src[..., 0] <= 99) & (src[..., 1] <= 59)
+    assert err[valid & interior].max() < 0.1  # bilinear
+    assert err[valid].max() < 0.5 * ref_res / 100 + 0.1  # nearest in the outer half pixel
 
 
 def test_make_shards_multiview_feeds_datamodule(tmp_path):
