@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from data.shards import (
     SampleDecoder,
     decode_npy,
     decode_png,
+    fit_window,
     image_folder_records,
     sample_flow,
 )
@@ -271,6 +273,17 @@ def expected_window(h: int, w: int) -> tuple[int, int, int]:
     return (s - w) // 2, (s - h) // 2, s
 
 
+def test_square_windows():
+    focus = np.zeros((40, 100), bool)
+    focus[10:20, 80:95] = True
+    assert fit_window((40, 100), "crop", focus).to_list() == [60, 0, 40, 40]  # inside, on it
+    focus[:] = False
+    focus[5:30, 30:50] = True
+    assert fit_window((40, 100), "crop", focus).to_list() == [20, 0, 40, 40]
+    assert fit_window((40, 100), "pad").to_list() == [0, -30, 100, 100]
+    assert fit_window((41, 100), "squash").to_list() == [0, 0, 100, 41]
+
+
 @pytest.mark.parametrize("fit", ["pad", "crop"])
 def test_ingestion_keeps_geometry(tmp_path, fit):
     """A non-square target and reference: each target pixel of the record must land where
@@ -388,3 +401,12 @@ def test_make_shards_multiview_feeds_datamodule(tmp_path):
         assert (b["reference_mask"].flatten(1).sum(1) > 0).all()
     keys = sorted(k for b in batches for k in b["__key__"])
     assert sum("lamp" in k for k in keys) == 3 and sum("vase" in k for k in keys) == 3
+
+    # padded by default, not squashed: the bands beyond the image have no correspondence
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".t2r.npy"):
+                    t2r = decode_npy(tar.extractfile(member).read())
+                    band = t2r[:17] if "lamp" in member.name else t2r[:, :17]
+                    assert np.isnan(band).all() and np.isfinite(t2r).any()
