@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run (about 9 minutes on one H100): train the shipped tiny model
 # (experiment=tiny_gpu, TRAIN_TIME of wall time), then the scale benchmarks (gpu_check.sh).
-#   OUT=DIR bash benchmarks/gpu_session.sh   (CUDA machine; wheels of missing packages in .whl/)
-#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_session.sh
+#   OUT=DIR bash benchmarks/gpu_train_and_check.sh   (CUDA machine; wheels of missing packages in .whl/)
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_train_and_check.sh
 # Files in $OUT: model.safetensors.part00/01, model.yaml, train.tar.gz (log, metrics,
 # sample grids), bench.tar.gz (benchmark JSON and logs). The lettering fonts come from matplotlib
 # (its wheel must be in .whl), so the GPU sees the same data as the CPU machines.
