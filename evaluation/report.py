@@ -460,3 +460,27 @@ def write_report_md(report: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.write_text(render_markdown(report))
     return path
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Human-readable end-of-run summary: where things are, final loss, the mIoU table."""
+    metrics, table = result["metrics"], result["val_table"]
+    lines = [
+        "", "=" * 64, "Training finished",
+        f"  steps            : {result['global_step']}",
+        f"  logs             : {result['log_dir']}",
+        f"  checkpoints      : {result['checkpoint_dir']}",
+        f"  exported weights : {result['export_dir']}",
+        f"  diffusers folder : {result.get('diffusers_dir')}",
+        f"  final train loss : {metrics.get('train/loss', float('nan')):.4f}",
+        f"  final val loss   : {metrics.get('val/loss', float('nan')):.4f}",
+    ]
+    if table:
+        lines += ["", f"Correspondence mIoU on held-out alignment pairs (t={table['timestep']})",
+                  f"  {'block':<30}{'mask':>8}{'box':>8}"]
+        for index, scores in table["blocks"].items():
+            mark = "  <- best" if index == table["best_block"] else ""
+            lines.append(f"  {index:<30}{scores['mask']:>8.3f}{scores['box']:>8.3f}{mark}")
+        for name, scores in table["baselines"].items():
+            lines.append(f"  {'baseline: ' + name:<30}{scores['mask']:>8.3f}{scores['box']:>8.3f}")
+    lines.append("=" * 64)
+    return "\n".join(lines)

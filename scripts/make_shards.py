@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.multiview import DEPTH_TOLERANCE, PairSelection, multiview_records  # noqa: E402
-from data.shards import FITS, image_folder_records, synthetic_records, write_shards  # noqa: E402
+from data.multiview import DEPTH_TOLERANCE, PairSelection, multiview_records
+from data.shards import FITS, image_folder_records, synthetic_records, write_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
