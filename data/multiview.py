@@ -44,7 +44,7 @@ OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 DEPTH_TOLERANCE = 0.02  # relative: 2 cm at 1 m still counts as the same surface
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Camera:
     """Pinhole camera: intrinsics K (3x3) and an OpenCV camera-to-world pose (4x4)."""
 
