@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import cv2
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -142,8 +141,7 @@ class PairDataModule(pl.LightningDataModule):
         return DataLoader(
             ds, batch_size=hp.batch_size, shuffle=shuffle and not iterable,
             num_workers=hp.num_workers, pin_memory=hp.pin_memory,
-            persistent_workers=hp.num_workers > 0, drop_last=shuffle,
-            worker_init_fn=one_opencv_thread if hp.num_workers > 0 else None)
+            persistent_workers=hp.num_workers > 0, drop_last=shuffle)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Compact pixels -> the float32 contract, on the device; then the precision's input
@@ -159,9 +157,3 @@ class PairDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
-
-
-def one_opencv_thread(worker_id: int) -> None:
-    """A DataLoader worker is one core (torch sets its threads to 1 there); OpenCV's own
-    pool would otherwise start a thread per machine core in every worker."""
-    cv2.setNumThreads(1)

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from data.objects import ObjectView, merge_planes, random_colour
-
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+from data.objects import Box, ObjectView, merge_planes, random_colour
 
 FIXED_POINT_ITERS = 20
 FIXED_POINT_TOL = 1e-2  # pixels; cv2.remap quantises lookups to 1/32 px anyway

@@ -191,7 +191,7 @@ def draw_text_fitted(
     font_idx = int(rng.integers(0, len(font_paths())))
     size = max(6, int(h * rng.uniform(0.55, 0.95)))
     font = load_font(font_idx, size)
-    measured = None  # the font whose box (l, t, r, b) is
+    measured = None  # the font that (l, t, r, b) measure
     for _ in range(8):  # shrink until it fits the box width
         l, t, r, b = font.getbbox(text)
         measured = font
