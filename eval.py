@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # waiting OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads made a
 # 2-thread step 1.5-7x slower than 1 thread (benchmarks/cpu-2026-11-27)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -63,7 +62,7 @@ from tqdm.auto import tqdm
 from data.benchmark import BenchmarkCase, load_benchmark, write_synthetic_benchmark
 from data.provenance import check_overlap, read_training_data
 from evaluation import figures
-from evaluation.baselines import BASELINES, MatchConfig, run_baselines
+from evaluation.baselines import BASELINES, match_config, run_baselines
 from evaluation.refinement import evaluate_refinement
 from evaluation.report import SCHEMA_VERSION, write_report_json, write_report_md
 from evaluation.sweep import (
@@ -215,7 +214,7 @@ def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
         return None, {"run": False, "reason": "run_refinement=false", "error": None}
     try:
         result = evaluate_refinement(cases, components, alignments, cfg.refinement,
-                                     bool(cfg.progress))
+                                     bool(cfg.progress), cfg.baselines.get("paint_by_example"))
     except Exception as err:
         log.exception("refinement evaluation failed")
         return None, {"run": False, "reason": "failed",
@@ -462,7 +461,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         try:
             sweep = run_sweep(components, sweepable, sweep_cfg, progress=cfg.progress,
                               calibration_ids=calibration_ids)
-            baselines = run_baselines(sweepable, MatchConfig(**cfg.baselines), cfg.progress)
+            baselines = run_baselines(sweepable, match_config(cfg.baselines), cfg.progress)
         except Exception as err:
             raise EvalError("sweep", f"{len(sweepable)} case(s): {err.__class__.__name__}: "
                             f"{err}") from err
@@ -548,6 +547,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         if result else {},
         "refinement_counts": _jsonable_metrics(result.get("counts", {})) if result else {},
         "refinement_per_case": _jsonable_metrics(result.get("per_case", {})) if result else {},
+        "refinement_paired": result.get("paired", {}) if result else {},
         "refinement_status": status,
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},

@@ -10,7 +10,10 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
   ``reference_mask`` with the alignment stage's margin, ``cfg.alignment.margin``); cases
   without ``reference_mask`` are not scored for it (counted);
 - ``copy_from_reference``: the feature-matching homography warp of the reference pasted into
-  the mask; where matching fails the input is kept (counted).
+  the mask; where matching fails the input is kept (counted);
+- ``paint_by_example_oracle_crop`` / ``paint_by_example_aligned_crop``: diffusers'
+  Paint-by-Example given the ground-truth crop / our aligned crop, when eval.py's
+  ``baselines.paint_by_example.model`` is set (evaluation/paint_by_example.py).
 
 Images of any size go through the model at its own resolution and the generated content is
 upsampled and blended at the image's resolution, so pixels outside the (dilated) mask are the
@@ -37,6 +40,8 @@ from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
 from evaluation import metrics as M
+from evaluation import paint_by_example as pbe
+from evaluation.paired import paired_methods
 from models.alignment import Alignment, crop, reference_crop_box
 from models.export import Components
 from models.pipeline import (
@@ -125,12 +130,18 @@ def run_methods(
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig,
     progress: bool = True,
+    paint_by_example: DictConfig | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
-    """Every method's output per case: ({method: {case_id: uint8}}, counts)."""
+    """Every method's output per case: ({method: {case_id: uint8}}, counts); the
+    Paint-by-Example rows follow when ``paint_by_example.model`` is set."""
     methods = list(cfg.methods)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    pbe_methods = pbe.method_names(paint_by_example) if pbe.enabled(paint_by_example) else []
+    device = str(next(components.denoiser.parameters()).device)
+    pbe_pipe = (pbe.load_pipeline(str(paint_by_example.model), device,
+                                  paint_by_example.get("dtype", "auto")) if pbe_methods else None)
     pipeline = RefineByAlign(
         components, _alignment_config(cfg),
         RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
@@ -140,7 +151,7 @@ def run_methods(
     counts: dict[str, int] = defaultdict(int)
     alignments = dict(alignments or {})
 
-    if "aligned_crop" in methods:
+    if "aligned_crop" in methods or pbe.PREFIX + "aligned_crop" in pbe_methods:
         missing = [c for c in cases if c.id not in alignments]
         for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
                          leave=False):
@@ -200,6 +211,15 @@ def run_methods(
                     outputs[method][case.id] = out
             bar.update(len(batch))
     bar.close()
+    if pbe_pipe is not None:
+        try:
+            found, found_counts = pbe.run(pbe_pipe, list(cases), paint_by_example,
+                                          reference_for, int(cfg.seed), int(cfg.dilate),
+                                          int(cfg.feather), progress)
+        except RuntimeError as err:
+            raise RefinementError(str(err)) from err
+        outputs.update(found)
+        counts.update(found_counts)
     return outputs, dict(counts)
 
 
@@ -208,9 +228,15 @@ def score_outputs(
     outputs: Mapping[str, np.ndarray],
     cfg: DictConfig,
     device: str = "cpu",
+    loaded: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, M.Value]]:
-    """Per-case metrics of one method: {case_id: {metric: value}} (FID is per set, not here)."""
-    mcfg = cfg.metrics
+    """Per-case metrics of one method: {case_id: {metric: value}} (FID is per set, not here).
+
+    ``loaded``: :func:`evaluation.metrics.load_metrics` of ``cfg.metrics`` (loaded here when
+    None); a metric switched off there has no entry.
+    """
+    if loaded is None:
+        loaded = M.load_metrics(cfg.metrics, device)
     scored = [c for c in cases if c.id in outputs]
     per_case: dict[str, dict[str, M.Value]] = {c.id: {} for c in scored}
     for case in scored:
@@ -220,15 +246,16 @@ def score_outputs(
                                                                 case.mask))
             except Exception as err:
                 raise _failed("ground-truth metrics", [case.id], err) from err
-    scorers = {
-        "clip": M.load_clip_scorer(str(mcfg.clip.model), mcfg.clip.pretrained, device),
-        "dino": M.load_dino_scorer(mcfg.dino.path, device),
-    }
-    for name, scorer in scorers.items():
-        values = M.identity_scores(
-            scorer, [outputs[c.id] for c in scored], [c.mask for c in scored],
-            [c.reference for c in scored], [c.reference_mask for c in scored],
-            int(mcfg.batch_size))
+    for name in ("clip", "dino"):
+        if name not in loaded:
+            continue
+        try:
+            values = M.identity_scores(
+                loaded[name], [outputs[c.id] for c in scored], [c.mask for c in scored],
+                [c.reference for c in scored], [c.reference_mask for c in scored],
+                int(cfg.metrics.batch_size))
+        except Exception as err:
+            raise _failed(f"{name} score", [c.id for c in scored], err) from err
         for case, value in zip(scored, values, strict=True):
             per_case[case.id][name] = value
     return per_case
@@ -253,6 +280,7 @@ def evaluate_refinement(
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig | None = None,
     progress: bool = True,
+    paint_by_example: DictConfig | None = None,
 ) -> dict[str, Any]:
     """Run every method of ``cfg.methods`` on ``cases`` and score them.
 
@@ -264,37 +292,45 @@ def evaluate_refinement(
     compared case by case (paired) on the same benchmark.
     Everything but "outputs" is JSON-able (PSNR can be inf, written as Infinity by json);
     "outputs" holds the images for qualitative figures and must be popped before dumping.
-    A metric whose network weights are missing has the value ``"not available (no weights)"``;
-    weights that are present but fail to load raise :class:`evaluation.metrics.MetricLoadError`,
-    and a method or metric failing on a case raises :class:`RefinementError` naming it.
+    With Paint-by-Example on (``paint_by_example.model``, eval.py's
+    ``baselines.paint_by_example``) its rows join every table and "paired" holds
+    {"B vs A": {metric: paired difference}} for :data:`evaluation.paint_by_example.PAIRS`.
+    The pretrained metrics load first (before any sampling); one whose weights cannot be had
+    (offline and not cached, or the download failed) has a note for value, e.g. ``"not
+    available (offline, not cached)"``; weights that are present but fail to load raise
+    :class:`evaluation.metrics.MetricLoadError`, and a method or metric failing on a case
+    raises :class:`RefinementError` naming it.
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
-    outputs, counts = run_methods(cases, components, alignments, cfg, progress)
+    device = str(next(components.denoiser.parameters()).device)
+    loaded = M.load_metrics(cfg.metrics, device)
+    outputs, counts = run_methods(cases, components, alignments, cfg, progress, paint_by_example)
     categories: dict[str, list[str]] = defaultdict(list)
     for case in cases:
         categories[case.category].append(case.id)
 
-    device = str(next(components.denoiser.parameters()).device)
-    fid = M.load_fid(cfg.metrics.fid.feature_extractor_weights_path,
-                     int(cfg.metrics.fid.feature), device)
     by_id = {c.id: c for c in cases}
     methods: dict[str, dict[str, M.Value]] = {}
     by_category: dict[str, dict[str, dict[str, M.Value]]] = {cat: {} for cat in categories}
     scored: dict[str, int] = {}
     scores_by_method: dict[str, dict[str, dict[str, M.Value]]] = {}
-    for method in tqdm(list(cfg.methods), desc="metrics", leave=False, disable=not progress):
+    for method in tqdm(list(outputs), desc="metrics", leave=False, disable=not progress):
         out = outputs[method]
-        per_case = scores_by_method[method] = score_outputs(cases, out, cfg, device)
+        per_case = scores_by_method[method] = score_outputs(cases, out, cfg, device, loaded)
         scored[method] = len(per_case)
 
-        def fid_of(ids: Sequence[str], out: Mapping[str, np.ndarray] = out) -> M.Value:
+        def with_fid(values: dict[str, M.Value], ids: Sequence[str],
+                     out: Mapping[str, np.ndarray] = out) -> dict[str, M.Value]:
+            if "fid" not in loaded:
+                return values
             pairs = [(out[i], by_id[i].target) for i in ids
                      if i in out and by_id[i].target is not None]
-            return M.fid_score(fid, [o for o, _ in pairs], [t for _, t in pairs])
+            return {**values, "fid": M.fid_score(loaded["fid"], [o for o, _ in pairs],
+                                                 [t for _, t in pairs])}
 
-        methods[method] = {**aggregate(per_case, list(by_id)), "fid": fid_of(list(by_id))}
+        methods[method] = with_fid(aggregate(per_case, list(by_id)), list(by_id))
         for cat, ids in categories.items():
-            by_category[cat][method] = {**aggregate(per_case, ids), "fid": fid_of(ids)}
+            by_category[cat][method] = with_fid(aggregate(per_case, ids), ids)
 
     counts.update({
         "cases": len(cases),
@@ -303,7 +339,11 @@ def evaluate_refinement(
         "by_category": {cat: len(ids) for cat, ids in categories.items()},
         "scored": scored,
     })
-    per_image = {c.id: {m: outputs[m][c.id] for m in cfg.methods if c.id in outputs[m]}
+    per_image = {c.id: {m: out[c.id] for m, out in outputs.items() if c.id in out}
                  for c in cases}
-    return {"methods": methods, "by_category": by_category, "per_case": scores_by_method,
-            "counts": counts, "outputs": per_image}
+    result = {"methods": methods, "by_category": by_category, "per_case": scores_by_method,
+              "counts": counts, "outputs": per_image}
+    pairs = [(a, b) for a, b in pbe.PAIRS if a in outputs and b in outputs]
+    if pairs:
+        result["paired"] = paired_methods(scores_by_method, pairs)
+    return result

@@ -40,11 +40,14 @@ report.json schema (version 2; also in docs/report_schema.md)::
                  best cell on the calibration cases, scored on the report cases
       by_category: {category: {num_cases, ours: {..}, <baseline>: {miou_mask, miou_box}}}
     refinement:  {method: {metric: number | note}}   on the report cases; empty when the
-                 refinement evaluation did not run; a note string (e.g. "not available (no
-                 weights)") replaces a value that could not be computed; PSNR may be Infinity
+                 refinement evaluation did not run; a note string (e.g. "not available
+                 (offline, not cached)") replaces a value that could not be computed; PSNR may
+                 be Infinity
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
     refinement_status: {run: bool, reason: str | null, error: str | null}
+    refinement_paired: {"B vs A": {metric: {cases, mean_difference, ci95, b_better_cases}}}
+                 methods compared case by case (Paint-by-Example rows vs ours); may be empty
     alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
 
@@ -58,6 +61,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from evaluation.paired import paired_table
 
 SCHEMA_VERSION = 2
 BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
@@ -442,6 +447,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += _table(*metric_table(report["refinement"]))
     for cat, methods in report.get("refinement_by_category", {}).items():
         out += [f"### {cat}", ""] + _table(*metric_table(methods))
+    if report.get("refinement_paired"):
+        out += ["### Paired differences (same cases; 95% bootstrap interval)", ""]
+        out += _table(*paired_table(report["refinement_paired"]))
     align = report["alignment"]
     out += ["## Chosen alignment (alignment.yaml)", "",
             f"timestep {align['timestep']}, block {align['block']}, threshold "

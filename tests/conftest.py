@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never download and never read the user's caches: offline mode, and empty Hugging Face
+# and torch.hub caches (pretrained weights load by hub id otherwise; models/hub.py). Set before
+# huggingface_hub is imported, which reads them once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+_CACHES = tempfile.mkdtemp(prefix="rba-test-caches-")
+os.environ["HF_HOME"] = os.path.join(_CACHES, "huggingface")
+os.environ["TORCH_HOME"] = os.path.join(_CACHES, "torch")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 os.environ.setdefault("WANDB_MODE", "offline")
 
