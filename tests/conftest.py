@@ -12,10 +12,8 @@ from pathlib import Path
 # and torch.hub caches (pretrained weights load by hub id otherwise; models/hub.py). Set before
 # huggingface_hub is imported, which reads them once.
 os.environ["HF_HUB_OFFLINE"] = "1"
-_CACHES = tempfile.mkdtemp(prefix="rba-test-caches-")
-os.environ["HF_HOME"] = os.path.join(_CACHES, "huggingface")
-os.environ["TORCH_HOME"] = os.path.join(_CACHES, "torch")
-atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rba-test-hf-home-")
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="rba-test-torch-home-")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -26,6 +24,8 @@ from diffusers import UNet2DConditionModel
 import models.config
 from tests import public_configs
 
+for _cache in ("HF_HOME", "TORCH_HOME"):
+    atexit.register(shutil.rmtree, os.environ[_cache], ignore_errors=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
