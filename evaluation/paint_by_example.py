@@ -82,21 +82,27 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str | None = "auto"):
                    filename="model_index.json")
     kw = {"local_files_only": offline_reason() is not None}
     torch_dtype = _dtype(dtype, device)
-    index = PaintByExamplePipeline.load_config(model, **kw)
-    scheduler_cls = getattr(diffusers, index["scheduler"][1])
-    pipe = PaintByExamplePipeline(
-        vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch_dtype, **kw),
-        image_encoder=PaintByExampleImageEncoder.from_pretrained(
-            model, subfolder="image_encoder", torch_dtype=torch_dtype,
-            config=CLIPVisionConfig.from_pretrained(model, subfolder="image_encoder", **kw), **kw),
-        unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet",
-                                                  torch_dtype=torch_dtype, **kw),
-        scheduler=scheduler_cls.from_pretrained(model, subfolder="scheduler", **kw),
-        safety_checker=None,
-        feature_extractor=CLIPImageProcessor.from_pretrained(model, subfolder="feature_extractor",
-                                                             **kw),
-        requires_safety_checker=False,
-    )
+    try:
+        index = PaintByExamplePipeline.load_config(model, **kw)
+        scheduler_cls = getattr(diffusers, index["scheduler"][1])
+        pipe = PaintByExamplePipeline(
+            vae=AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch_dtype,
+                                              **kw),
+            image_encoder=PaintByExampleImageEncoder.from_pretrained(
+                model, subfolder="image_encoder", torch_dtype=torch_dtype,
+                config=CLIPVisionConfig.from_pretrained(model, subfolder="image_encoder", **kw),
+                **kw),
+            unet=UNet2DConditionModel.from_pretrained(model, subfolder="unet",
+                                                      torch_dtype=torch_dtype, **kw),
+            scheduler=scheduler_cls.from_pretrained(model, subfolder="scheduler", **kw),
+            safety_checker=None,
+            feature_extractor=CLIPImageProcessor.from_pretrained(
+                model, subfolder="feature_extractor", **kw),
+            requires_safety_checker=False,
+        )
+    except Exception as err:
+        raise RuntimeError(f"Paint-by-Example {model} failed to load: "
+                           f"{err.__class__.__name__}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

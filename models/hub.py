@@ -67,10 +67,14 @@ def require_cached(what: str, name: str, override: str, filename: str = "config.
     """Raise :class:`NotCachedError` (one line) when offline and ``name`` cannot be had.
 
     ``name`` is a local path or a hub id; ``filename`` (in ``subfolder``) a file of that repo
-    every load needs. Online nothing is checked here: the library downloads or fails itself.
+    every load needs. A path that does not exist raises FileNotFoundError naming it. Online
+    nothing else is checked here: the library downloads or fails itself.
     """
     if subfolder:
         filename = f"{subfolder}/{filename}"
+    if not is_local(name) and looks_like_path(name):
+        raise FileNotFoundError(f"{what}: no such file or folder {name!r} (a local path; a hub "
+                                f"id is org/name)")
     reason = offline_reason()
     if reason is None or is_local(name) or in_hub_cache(name, filename):
         return

@@ -63,6 +63,8 @@ def test_ssim_small_boxes(side: int) -> None:
 def test_offline_uncached_metrics_say_what_to_fetch_in_one_line(caplog) -> None:
     from evaluation.refinement import default_config
 
+    for loader in (M.load_clip_scorer, M.load_dino_scorer, M.load_fid):
+        loader.cache_clear()  # each loads (and warns) once per process
     with caplog.at_level("WARNING", logger="evaluation.metrics"):
         loaded = M.load_metrics(default_config().metrics)
     assert loaded == {"clip": M.NOT_CACHED, "dino": M.NOT_CACHED, "fid": M.NOT_CACHED}
@@ -99,6 +101,8 @@ def test_offline_uncached_model_weights_say_what_to_fetch() -> None:
             build(repo)
         line = str(info.value)
         assert "\n" not in line and f"snapshot_download('{repo}')" in line and override in line
+        with pytest.raises(FileNotFoundError, match="no such file or folder '/no/such/folder'"):
+            build("/no/such/folder")
 
 
 def test_failed_downloads_are_told_apart_from_broken_weights(tmp_path, caplog) -> None:

@@ -96,6 +96,16 @@ def test_offline_uncached_hub_id_names_what_to_fetch() -> None:
         pbe.load_pipeline("Fantasy-Studio/Paint-by-Example")
 
 
+def test_a_folder_that_fails_to_load_is_named(tiny_pbe: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pbe, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(RuntimeError, match=f"Paint-by-Example {broken} failed to load"):
+        pbe.load_pipeline(str(broken))
+
+
 def test_rows_on_two_cases_pasted_with_the_right_references(tiny_pbe, components, cases,
                                                             monkeypatch) -> None:
     """Both rows run next to ours with the same metrics: image size kept, every pixel outside
