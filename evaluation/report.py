@@ -6,7 +6,8 @@ report.json schema (version 2; also in docs/report_schema.md)::
     warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
                            provenance, no held-out split, a failed stage); report.md starts here
     meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version},
-                  run_dir, tracker: null | {id, project, entity, name, mode, run_dir, url}}
+                  run_dir, tracker: null | {id, project, entity, name, mode, run_dir, url},
+                  cache: null | {dir, resumed, reused: {stage: int}, computed: {stage: int}}}
     data_provenance: {status: disjoint | overlap | unknown | not_generated, message,
                       training: null | {train: {...}, validation: {...}},
                       benchmark: {generators: [{namespace, seed, cases}], not_generated},
@@ -408,6 +409,18 @@ def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _cache_lines(cache: Mapping[str, Any] | None) -> list[str]:
+    """Whether the run resumed from its cache, and how many case results it reused."""
+    if not cache:
+        return []
+    reused, computed = sum(cache["reused"].values()), sum(cache["computed"].values())
+    if not cache["resumed"]:
+        return [f"- per-case cache: `{cache['dir']}` ({computed} case result(s) computed)"]
+    stages = ", ".join(f"{n} {k}" for n, k in cache["reused"].items() if k) or "none"
+    return [f"- **resumed** from `{cache['dir']}`: {reused} case result(s) reused ({stages}), "
+            f"{computed} computed"]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """report.md: warnings first, then counts, correspondence (held-out headline, in-sample
     secondary, stability), refinement, figures."""
@@ -419,8 +432,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += [f"- checkpoint: `{meta['checkpoint']}`", f"- benchmark: `{meta['bench_dir']}`",
             f"- benchmark vs training data: **{provenance['status']}**: "
             f"{provenance['message']}",
-            f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`",
-            "", "## Cases", ""]
+            f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`"]
+    out += _cache_lines(meta.get("cache"))
+    out += ["", "## Cases", ""]
     out += _table(["count", "value"], [[k, v] for k, v in counts.items()])
     corr = report.get("correspondence")
     out += ["## Correspondence (alignment stage)", ""]
