@@ -4,7 +4,9 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
 
 - ``input``: the image unchanged;
 - ``telea``: OpenCV TELEA inpainting of the (dilated) mask, no reference;
-- ``whole_reference``: our model given the whole reference (Paint-by-Example style);
+- ``ours_whole_reference``: our model given the whole reference (Paint-by-Example style;
+  ``whole_reference`` before report schema 3, renamed apart from the correspondence
+  baseline of that name);
 - ``aligned_crop``: Refine-by-Align, the crop the alignment stage found;
 - ``oracle_crop``: our model given the ground-truth crop (training's square crop around
   ``reference_mask`` with the alignment stage's margin, ``cfg.alignment.margin``); cases
@@ -63,9 +65,9 @@ def _failed(what: str, ids: Sequence[str], err: Exception) -> RefinementError:
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "refinement" / "default.yaml"
-METHODS = ("input", "telea", "whole_reference", "aligned_crop", "oracle_crop",
+METHODS = ("input", "telea", "ours_whole_reference", "aligned_crop", "oracle_crop",
            "copy_from_reference")
-MODEL_METHODS = ("whole_reference", "aligned_crop", "oracle_crop")
+MODEL_METHODS = ("ours_whole_reference", "aligned_crop", "oracle_crop")
 
 
 def default_config() -> DictConfig:
@@ -131,7 +133,7 @@ def reference_for(method: str, case: BenchmarkCase, alignments: Mapping[str, Ali
                   margin: float) -> torch.Tensor | None:
     """What a model method conditions on; None when the case has none (oracle_crop without a
     reference_mask)."""
-    if method == "whole_reference":
+    if method == "ours_whole_reference":
         return reference_tensor(case.reference)
     if method == "aligned_crop":
         return alignments[case.id].crop.detach().float().cpu()

@@ -1,8 +1,10 @@
 """report.json / report.md of an eval.py run, and the schema check the tests (and you) can use.
 
-report.json schema (version 2; also in docs/report_schema.md)::
+report.json schema (version 3; also in docs/report_schema.md)::
 
-    schema_version: 2
+    schema_version: 3          (2: the refinement method ours_whole_reference was whole_reference,
+                                the name of a correspondence baseline; :func:`upgrade_report`
+                                reads older reports with today's names)
     warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
                            provenance, no held-out split, a failed stage); report.md starts here
     meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version},
@@ -54,13 +56,16 @@ All mIoU values are in [0, 1] (NaN is allowed only where no case could be scored
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# refinement methods renamed at a schema version: {version: {old name: new name}}
+RENAMED_METHODS = {3: {"whole_reference": "ours_whole_reference"}}
 BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
 COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
               "without_reference_mask", "with_target", "sweep_cases", "calibration_cases",
@@ -72,6 +77,40 @@ TableRows = tuple[list[str], list[list[Any]]]  # (header, rows): report.md and t
 
 class ReportError(ValueError):
     """A report that does not follow the schema; the message lists every problem."""
+
+
+def upgrade_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """``report`` (any schema version) with today's refinement method names, for readers of
+    reports written before a rename (``RENAMED_METHODS``); ``upgraded_from`` records the
+    version it was written with. A current report is returned as it is."""
+    version = report.get("schema_version", 1)
+    renames = {old: new for since, names in RENAMED_METHODS.items() if version < since
+               for old, new in names.items()}
+    if not renames:
+        return dict(report)
+
+    def renamed(methods: Any) -> Any:
+        if not isinstance(methods, Mapping):
+            return methods
+        return {renames.get(k, k): v for k, v in methods.items()}
+
+    out = copy.deepcopy(dict(report))
+    for key in ("refinement", "refinement_per_case"):
+        if key in out:
+            out[key] = renamed(out[key])
+    if isinstance(out.get("refinement_by_category"), Mapping):
+        out["refinement_by_category"] = {cat: renamed(methods) for cat, methods in
+                                         out["refinement_by_category"].items()}
+    counts = out.get("refinement_counts")
+    if isinstance(counts, Mapping) and isinstance(counts.get("scored"), Mapping):
+        counts["scored"] = renamed(counts["scored"])
+    out["schema_version"], out["upgraded_from"] = SCHEMA_VERSION, version
+    return out
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """report.json at ``path``, upgraded to today's method names (:func:`upgrade_report`)."""
+    return upgrade_report(json.loads(Path(path).read_text()))
 
 
 def _is_number(value: Any) -> bool:

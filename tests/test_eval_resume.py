@@ -33,9 +33,9 @@ from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ["sweep.num_timesteps=3", "sweep.batch_size=1", "sweep.topk=[1]",
-            "sweep.bootstrap=20", "refinement.methods=[input,telea,whole_reference,aligned_crop]",
-            "refinement.num_steps=2", "refinement.batch_size=1", "qualitative.num_cases=1",
-            "num_threads=1", "progress=false"]
+            "sweep.bootstrap=20", "refinement.num_steps=2", "refinement.batch_size=1",
+            "refinement.methods=[input,telea,ours_whole_reference,aligned_crop]",
+            "qualitative.num_cases=1", "num_threads=1", "progress=false"]
 
 
 @pytest.fixture(scope="module")
