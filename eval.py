@@ -79,7 +79,13 @@ from evaluation.cache import (
     open_cache,
     stage,
 )
-from evaluation.refinement import evaluate_refinement
+from evaluation.external import (
+    ExternalError,
+    ExternalOutputs,
+    load_external_methods,
+    paired_with_ours,
+)
+from evaluation.refinement import METHODS, evaluate_refinement
 from evaluation.report import SCHEMA_VERSION, write_report_json, write_report_md
 from evaluation.sweep import (
     SweepConfig,
@@ -99,6 +105,7 @@ from evaluation.tracker import (
 )
 from models.alignment import Alignment, from_vector, region_mask
 from models.checkpoint import as_export
+from models.config import register_configs
 from models.correspondence import mask_boxes, mask_iou, mask_iou_box_target
 from models.export import (
     DEFAULT_EXPORT,
@@ -111,6 +118,7 @@ from models.export import (
 from models.pipeline import ALIGNMENT_FILE, AlignmentConfig, RefineByAlign
 
 log = logging.getLogger(__name__)
+register_configs()  # configs/eval.yaml's external_methods node
 # configs/eval.yaml's hydra.run.dir: ``run_dir=DIR`` names the run folder (and resumes it)
 OmegaConf.register_new_resolver("run_dir_or", lambda given, default: given or default,
                                 replace=True)
@@ -235,7 +243,8 @@ def baseline_means(baselines: dict[str, Any], ids: Sequence[str]) -> dict[str, d
 
 def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
                    alignments: dict[str, Alignment], cfg: DictConfig,
-                   cache: RunCache | None = None
+                   cache: RunCache | None = None,
+                   external: dict[str, ExternalOutputs] | None = None
                    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The refinement evaluation (evaluation/refinement.py) on ``cases``.
 
@@ -243,10 +252,14 @@ def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
     ``error`` (the caller writes the report, then fails the run).
     """
     if not cfg.run_refinement:
+        if external:
+            log.warning("run_refinement=false: external methods %s are not scored",
+                        sorted(external))
         return None, {"run": False, "reason": "run_refinement=false", "error": None}
     try:
         result = evaluate_refinement(cases, components, alignments, cfg.refinement,
-                                     bool(cfg.progress), cache)
+                                     bool(cfg.progress), cache,
+                                     {n: e.outputs for n, e in (external or {}).items()})
     except Exception as err:
         log.exception("refinement evaluation failed")
         return None, {"run": False, "reason": "failed",
@@ -489,6 +502,12 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         raise EvalError("cache", str(err)) from err
     sweepable, calibration_ids, report_cases, held_out = split_cases(cases, cfg)
     report_ids = [c.id for c in report_cases]
+    try:
+        external = load_external_methods(
+            OmegaConf.to_container(cfg.external_methods, resolve=True)
+            if cfg.get("external_methods") else None, report_cases, METHODS)
+    except ExternalError as err:
+        raise EvalError("external", str(err)) from err
 
     chosen = AlignmentConfig(**OmegaConf.to_container(cfg.alignment, resolve=True))
     correspondence = sweep = baselines = None
@@ -544,7 +563,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
 
     refine_cfg = cfg.copy()
     OmegaConf.update(refine_cfg, "refinement.alignment", asdict(chosen), merge=True)
-    result, status = run_refinement(report_cases, components, alignments, refine_cfg, cache)
+    result, status = run_refinement(report_cases, components, alignments, refine_cfg, cache,
+                                    external)
     outputs = result.pop("outputs", {}) if result else {}
     rows = qualitative_rows(report_cases, alignments, outputs, int(cfg.qualitative.num_cases))
     if rows:
@@ -563,7 +583,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
                 log.info("calibrated read-out written to %s", path)
     report = {
         "schema_version": SCHEMA_VERSION,
-        "warnings": report_warnings(verdict, held_out, sweep, status),
+        "warnings": report_warnings(verdict, held_out, sweep, status)
+        + [w for e in external.values() if (w := e.warning(len(report_cases)))],
         "meta": {"checkpoint": str(ckpt), "bench_dir": str(bench_dir),
                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                  "device": str(device),
@@ -590,6 +611,10 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         "refinement_counts": _jsonable_metrics(result.get("counts", {})) if result else {},
         "refinement_per_case": _jsonable_metrics(result.get("per_case", {})) if result else {},
         "refinement_status": status,
+        "external_methods": {name: e.summary() for name, e in external.items()},
+        "refinement_paired": paired_with_ours(result["per_case"], external,
+                                              list(cfg.refinement.methods))
+        if result and external else {},
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},
     }

@@ -237,8 +237,11 @@ def evaluate_refinement(
     cfg: DictConfig | None = None,
     progress: bool = True,
     cache: RunCache | None = None,
+    external: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Run every method of ``cfg.methods`` on ``cases`` and score them.
+    """Run every method of ``cfg.methods`` on ``cases`` and score them, and score the
+    ``external`` methods' outputs ({name: {case_id: uint8 image}}, see evaluation/external.py)
+    the same way, in the same tables.
 
     ``alignments`` maps case id -> the alignment stage's answer (calibrated t*, l*); cases
     missing from it are aligned here with ``cfg.alignment`` (counted as aligned_on_the_fly).
@@ -306,6 +309,11 @@ def evaluate_refinement(
                         flags.get("skipped", False))
             bar.update(len(batch))
     bar.close()
+    for name, images in (external or {}).items():
+        outputs[name] = dict(images)
+        per_case[name] = {}
+        for batch in batches:
+            per_case[name] |= score_outputs(batch, images, cfg, device)
     return summarise(cases, per_case, outputs, cfg, device, dict(counts), progress)
 
 

@@ -48,6 +48,11 @@ report.json schema (version 3; also in docs/report_schema.md)::
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
     refinement_status: {run: bool, reason: str | null, error: str | null}
+    external_methods: {name: {dir, cases_scored, missing: [case id], resized: [case id],
+                       unused_files}}     other systems' outputs (external_methods.NAME=DIR),
+                       scored as refinement methods under their name
+    refinement_paired: {name: {difference: "ours - <name>", vs: {our method: {metric:
+                        {cases, mean_difference, ci95: [low, high], ours_better_cases}}}}}
     alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
 
@@ -275,6 +280,14 @@ def validate_report(report: Mapping[str, Any]) -> None:
             if not isinstance(metrics, Mapping) or not all(
                     _is_number(v) or isinstance(v, str) for v in metrics.values()):
                 problems.append(f"refinement.{method}: expected {{metric: number | note}}")
+    for key in ("external_methods", "refinement_paired"):
+        if key in report and not isinstance(report[key], Mapping):
+            problems.append(f"{key}: expected an object")
+    external = report.get("external_methods")
+    for name, ext in (external.items() if isinstance(external, Mapping) else ()):
+        if not isinstance(ext, Mapping) or not isinstance(ext.get("missing"), list):
+            problems.append(f"external_methods.{name}: expected {{dir, cases_scored, "
+                            "missing: [...], ...}")
     status = report.get("refinement_status")
     if not isinstance(status, Mapping) or not isinstance(status.get("run"), bool) or \
             not {"reason", "error"} <= set(status):
@@ -448,6 +461,46 @@ def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def paired_table(node: Mapping[str, Any]) -> TableRows:
+    """One external method paired with each of ours: per metric, mean of ours minus it
+    [95% interval], and cases ours wins / cases paired."""
+    metrics: list[str] = []
+    for row in node["vs"].values():
+        metrics += [m for m in row if m not in metrics]
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    metrics.sort(key=lambda m: rank.get(m, len(rank)))
+
+    def cell(r: Mapping[str, Any] | None) -> str:
+        if r is None:
+            return "--"
+        low, high = r["ci95"]
+        return (f"{r['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+                f"{r['ours_better_cases']}/{r['cases']}")
+
+    return (["ours", *metrics],
+            [[method, *(cell(row.get(m)) for m in metrics)] for method, row in node["vs"].items()])
+
+
+def _external_lines(report: Mapping[str, Any]) -> list[str]:
+    """Each external method's source, missing cases and paired comparison with ours."""
+    out: list[str] = []
+    paired = report.get("refinement_paired") or {}
+    for name, ext in (report.get("external_methods") or {}).items():
+        missing = ext["missing"]
+        out += [f"### External method `{name}` vs ours (paired)", "",
+                f"Outputs from `{ext['dir']}`: {ext['cases_scored']} case(s) scored"
+                + (f", {len(ext['resized'])} resized to the case's size" if ext["resized"]
+                   else "")
+                + (f"; **missing {len(missing)}**: {', '.join(missing)}" if missing else "")
+                + ".", ""]
+        if name in paired:
+            out += [f"Ours minus {name} per case, over the cases both scored (lower is better "
+                    "for l1: a negative difference is ours better there); mean [95% bootstrap "
+                    "interval], then cases ours wins / cases paired.", ""]
+            out += _table(*paired_table(paired[name]))
+    return out
+
+
 def _cache_lines(cache: Mapping[str, Any] | None) -> list[str]:
     """Whether the run resumed from its cache, and how many case results it reused."""
     if not cache:
@@ -495,6 +548,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += _table(*metric_table(report["refinement"]))
     for cat, methods in report.get("refinement_by_category", {}).items():
         out += [f"### {cat}", ""] + _table(*metric_table(methods))
+    out += _external_lines(report)
     align = report["alignment"]
     out += ["## Chosen alignment (alignment.yaml)", "",
             f"timestep {align['timestep']}, block {align['block']}, threshold "

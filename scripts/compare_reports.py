@@ -20,19 +20,15 @@ import argparse
 import json
 from pathlib import Path
 
-from evaluation.paired import paired_difference
+from evaluation.paired import paired_metrics
 from evaluation.report import read_report
-
-LOWER_IS_BETTER = {"l1", "fid"}
 
 
 def paired(a: dict, b: dict, metric: str, resamples: int, seed: int) -> dict:
-    ids = sorted(i for i in set(a) & set(b)
-                 if isinstance(a[i].get(metric), float) and isinstance(b[i].get(metric), float))
-    if not ids:
+    found = paired_metrics(a, b, [metric], resamples, seed)
+    if metric not in found:
         raise SystemExit(f"compare_reports: no case has a numeric {metric!r} in both reports")
-    return paired_difference([a[i][metric] for i in ids], [b[i][metric] for i in ids],
-                             metric in LOWER_IS_BETTER, resamples, seed)
+    return found[metric]
 
 
 def main(argv: list[str] | None = None) -> dict:
