@@ -348,6 +348,8 @@ def summarise(cases: Sequence[BenchmarkCase],
         "with_reference_mask": sum(c.reference_mask is not None for c in cases),
         "by_category": {cat: len(ids) for cat, ids in categories.items()},
         "scored": {m: len(v) for m, v in per_case.items()},
+        "scored_by_category": {cat: {m: sum(i in v for i in ids) for m, v in per_case.items()}
+                               for cat, ids in categories.items()},
     })
     per_image = {c.id: {m: outputs[m][c.id] for m in per_case if c.id in outputs[m]}
                  for c in cases}
