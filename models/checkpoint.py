@@ -46,6 +46,24 @@ class ModelConfigInCheckpoint(pl.Callback):
         checkpoint[MODEL_CONFIG_KEY] = self.model_cfg
 
 
+def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
+    """Load an export's denoiser and reference-encoder weights into ``module`` (strict), and
+    restart its EMA from them: a warm start needs no optimizer state."""
+    from models.export import load_export
+
+    components = load_export(export_dir)
+    for name in ("denoiser", "reference_encoder"):
+        try:
+            getattr(module, name).load_state_dict(getattr(components, name).state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"init_from {export_dir}: its {name} does not fit this model "
+                             f"config ({str(err).splitlines()[0]})") from err
+    if getattr(module, "ema", None) is not None:
+        module.ema.shadow_params = [p.detach().clone() for p in module.trainable_parameters()]
+        module.ema.optimization_step = 0
+    log.info("warm start from %s", export_dir)
+
+
 def is_export(path: Path) -> bool:
     return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
