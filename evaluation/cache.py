@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,16 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def result_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved settings a cached result depends on, flat (``sweep.num_timesteps``)."""
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items()
-            if not any(k == u or k.startswith(f"{u}.") for u in UNFINGERPRINTED)}
+    """The resolved settings a cached result depends on, flat (``sweep.num_timesteps``); only
+    those are resolved (a run folder's ``${hydra:...}`` path need not be)."""
+    out = {}
+    for key in _flatten(OmegaConf.to_container(cfg, resolve=False)):
+        if any(key == u or key.startswith(f"{u}.") for u in UNFINGERPRINTED):
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        out[key] = (OmegaConf.to_container(value, resolve=True)
+                    if isinstance(value, DictConfig | ListConfig) else value)
+    return out
 
 
 def fingerprint(cfg: DictConfig, export_dir: Path, bench_dir: Path, device: str

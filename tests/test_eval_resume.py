@@ -27,6 +27,7 @@ from evaluation.cache import (
     benchmark_listing,
     differences,
     export_digests,
+    result_settings,
 )
 from models.export import WEIGHTS, save_export
 from tests.conftest import compose_config
@@ -162,6 +163,18 @@ def test_changed_weights_and_cases_are_named(tmp_path: Path, export_dir: Path) -
     assert f"export file {WEIGHTS}" in message
     assert "benchmark cases removed: 00002" in message
     assert "benchmark cases changed: 00001" in message and "00000" not in message
+
+
+def test_the_fingerprint_holds_what_changes_results_and_resolves_only_that() -> None:
+    from models.config import compose_config as plain_compose
+
+    cfg = plain_compose(["sweep.num_timesteps=7", "progress=false"], "eval")
+    settings = result_settings(cfg)  # paths.output_dir (${hydra:...}) is never resolved
+    assert settings["sweep.num_timesteps"] == 7 and settings["sweep.seeds"] == [0]
+    assert settings["refinement.num_steps"] == 25 and "refinement.metrics.clip.model" in settings
+    for key in ("progress", "paths.output_dir", "refinement.methods", "bench_dir",
+                "sweep.compare_readouts", "qualitative.num_cases", "run_dir"):
+        assert key not in settings
 
 
 def test_store_writes_whole_files_and_reads_them_back(tmp_path: Path) -> None:
