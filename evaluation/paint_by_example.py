@@ -22,17 +22,19 @@ would change the scores.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
+from evaluation.sweep import case_noise_seed
+from models.alignment import Alignment
 from models.hub import offline_reason, require_cached
 from models.pipeline import paste, to_model_inputs
 
@@ -46,7 +48,8 @@ PAIRS = (
     ("paint_by_example_aligned_crop", "aligned_crop"),
     ("paint_by_example_oracle_crop", "paint_by_example_aligned_crop"),
 )
-ReferenceFor = Callable[[str, BenchmarkCase], "torch.Tensor | None"]
+ReferenceFor = Callable[[str, BenchmarkCase, Mapping[str, Alignment], float],
+                        "torch.Tensor | None"]
 
 
 def enabled(cfg: Mapping[str, Any] | None) -> bool:
@@ -119,9 +122,10 @@ def _to_pil(crop: torch.Tensor) -> Image.Image:
 
 
 def refine(pipe, cases: Sequence[BenchmarkCase], references: Sequence[torch.Tensor],
-           size: int, steps: int, guidance_scale: float, seed: int, dilate: int = 0,
+           seeds: Sequence[int], size: int, steps: int, guidance_scale: float, dilate: int = 0,
            feather: int = 0) -> list[np.ndarray]:
-    """One batch: each case's image with its mask refined from its reference, pasted back."""
+    """Each case's image with its mask refined from its reference, pasted back; case ``i``'s
+    noise comes from its own generator seeded ``seeds[i]``."""
     inputs = [to_model_inputs(c.image, c.mask, size) for c in cases]
     dtype = pipe.unet.dtype
     images = pipe(
@@ -129,46 +133,47 @@ def refine(pipe, cases: Sequence[BenchmarkCase], references: Sequence[torch.Tens
         image=torch.cat([i for i, _ in inputs]).to(dtype),
         mask_image=torch.cat([m for _, m in inputs]).to(dtype),
         height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed), output_type="np",
+        generator=[torch.Generator().manual_seed(int(s)) for s in seeds], output_type="np",
     ).images
     generated = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     return [paste(c.image, g, c.mask, dilate, feather) for c, g in zip(cases, generated,
                                                                        strict=True)]
 
 
-def run(pipe, cases: Sequence[BenchmarkCase], cfg: Mapping[str, Any], reference_for: ReferenceFor,
-        seed: int, dilate: int = 0, feather: int = 0, progress: bool = True
-        ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
-    """Every row of ``cfg`` on ``cases``: ({method: {case_id: uint8}}, counts).
+def run_batch(pipe, method: str, batch: Sequence[BenchmarkCase],
+              alignments: Mapping[str, Alignment], cfg: Mapping[str, Any],
+              pbe_cfg: Mapping[str, Any], reference_for: ReferenceFor
+              ) -> dict[str, tuple[np.ndarray | None, dict[str, bool]]]:
+    """One row on a batch, in evaluation/refinement.py's ``run_batch`` format: {case_id:
+    (uint8 output or None, flags)}, ``skipped`` where the case has no such reference.
 
-    ``reference_for(crop, case)`` is the refinement evaluation's reference for our method of
-    that name (None: not available for the case, e.g. no ``reference_mask``; skipped and
-    counted). Batch ``i`` is seeded ``seed + i``, as our model methods are.
+    ``reference_for(crop, case, alignments, margin)`` is the reference our method of that name
+    gets; ``cfg`` is the refinement config (seed, dilate, feather, alignment margin): each
+    case's noise seed is :func:`evaluation.sweep.case_noise_seed`, as for our methods.
     """
-    size, steps = resolution(pipe, cfg), int(cfg.get("num_steps", 50))
-    guidance, batch_size = float(cfg.get("guidance_scale", 5.0)), int(cfg.get("batch_size", 4))
-    outputs: dict[str, dict[str, np.ndarray]] = {}
-    counts: dict[str, int] = defaultdict(int)
-    names = method_names(cfg)
-    batches = [cases[i:i + batch_size] for i in range(0, len(cases), max(1, batch_size))]
-    bar = tqdm(total=len(names) * len(cases), desc="paint-by-example", unit="case",
-               disable=not progress)
-    for method in names:
-        outputs[method] = {}
-        for index, batch in enumerate(batches):
-            todo = [(c, r) for c in batch if (r := reference_for(method[len(PREFIX):], c))
-                    is not None]
-            counts[f"{method}_skipped_no_reference"] += len(batch) - len(todo)
-            if todo:
-                try:
-                    results = refine(pipe, [c for c, _ in todo], [r for _, r in todo], size,
-                                     steps, guidance, seed + index, dilate, feather)
-                except Exception as err:
-                    raise RuntimeError(f"method {method} failed on case(s) "
-                                       f"{', '.join(c.id for c, _ in todo)}: "
-                                       f"{err.__class__.__name__}: {err}") from err
-                outputs[method].update({c.id: out for (c, _), out in zip(todo, results,
-                                                                         strict=True)})
-            bar.update(len(batch))
-    bar.close()
-    return outputs, {k: v for k, v in counts.items() if v}
+    refs = [(c, reference_for(method[len(PREFIX):], c, alignments,
+                              float(cfg["alignment"]["margin"]))) for c in batch]
+    todo = [(c, r) for c, r in refs if r is not None]
+    done: dict[str, np.ndarray] = {}
+    if todo:
+        try:
+            results = refine(pipe, [c for c, _ in todo], [r for _, r in todo],
+                             [case_noise_seed(int(cfg["seed"]), c.id) for c, _ in todo],
+                             resolution(pipe, pbe_cfg), int(pbe_cfg.get("num_steps", 50)),
+                             float(pbe_cfg.get("guidance_scale", 5.0)), int(cfg["dilate"]),
+                             int(cfg["feather"]))
+        except Exception as err:
+            raise RuntimeError(f"method {method} failed on case(s) "
+                               f"{', '.join(c.id for c, _ in todo)}: "
+                               f"{err.__class__.__name__}: {err}") from err
+        done = {c.id: out for (c, _), out in zip(todo, results, strict=True)}
+    return {c.id: (done[c.id], {}) if c.id in done else (None, {"skipped": True})
+            for c, _ in refs}
+
+
+def stage_name(method: str, pbe_cfg: Mapping[str, Any]) -> str:
+    """The run cache's stage of a row: its settings' digest in the name, so turning the rows
+    on (or changing them) in a resumed run adds stages instead of invalidating the cache."""
+    settings = {k: v for k, v in dict(pbe_cfg).items() if k != "crops"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    return f"refinement/{method}-{digest.hexdigest()[:12]}"

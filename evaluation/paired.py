@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 
+# the direction of each metric (every other one: higher is better)
+LOWER_IS_BETTER = frozenset({"l1", "fid", "lpips"})
+
 
 def paired_difference(a: Sequence[float], b: Sequence[float], lower_is_better: bool = False,
                       resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -24,41 +27,28 @@ def paired_difference(a: Sequence[float], b: Sequence[float], lower_is_better: b
             "b_better_cases": int(better.sum())}
 
 
-LOWER_IS_BETTER = frozenset({"l1"})
-PAIRED_METRICS = ("psnr", "ssim", "l1", "gms", "clip", "dino")
-
-
-def paired_methods(per_case: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                   pairs: Sequence[tuple[str, str]], metrics: Sequence[str] = PAIRED_METRICS,
-                   resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Methods of one report compared case by case: {"B vs A": {metric: difference}}.
-
-    ``per_case`` is ``{method: {case_id: {metric: value}}}``; each metric uses the cases where
-    both methods have a finite number (notes such as "not available" and PSNR's inf are left
-    out), and a metric with no such case is absent.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for a, b in pairs:
-        rows: dict[str, Any] = {}
-        for metric in metrics:
-            ids = [i for i in per_case[a] if i in per_case[b]
-                   and all(_finite(per_case[m][i].get(metric)) for m in (a, b))]
-            if ids:
-                rows[metric] = paired_difference(
-                    [per_case[a][i][metric] for i in ids], [per_case[b][i][metric] for i in ids],
-                    metric in LOWER_IS_BETTER, resamples, seed)
-        out[f"{b} vs {a}"] = rows
-    return out
-
-
 def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def paired_table(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]
-                 ) -> tuple[list[str], list[list[Any]]]:
-    """Rows of :func:`paired_methods`'s result for a report table."""
-    rows = [[pair, metric, d["mean_difference"], f"[{d['ci95'][0]:.4g}, {d['ci95'][1]:.4g}]",
-             f"{d['b_better_cases']}/{d['cases']}"]
-            for pair, metrics in paired.items() for metric, d in metrics.items()]
-    return ["B vs A", "metric", "mean B - A", "95% interval", "B better (cases)"], rows
+def paired_cases(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]],
+                 metric: str) -> list[str]:
+    """The cases both per-case tables score with a finite ``metric`` (an identical region's
+    infinite PSNR or a note has no difference), sorted."""
+    return sorted(i for i in set(a) & set(b)
+                  if _finite(a[i].get(metric)) and _finite(b[i].get(metric)))
+
+
+def paired_metrics(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]],
+                   metrics: Sequence[str], resamples: int = 2000, seed: int = 0
+                   ) -> dict[str, dict[str, Any]]:
+    """:func:`paired_difference` of B minus A per metric over :func:`paired_cases`, with each
+    metric's direction; a metric no case has in both is left out."""
+    out = {}
+    for metric in metrics:
+        ids = paired_cases(a, b, metric)
+        if ids:
+            out[metric] = paired_difference([a[i][metric] for i in ids],
+                                            [b[i][metric] for i in ids],
+                                            metric in LOWER_IS_BETTER, resamples, seed)
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +310,51 @@ def test_gms_probe_ranks_sharp_copy_above_blur_where_psnr_does_not():
     assert scores["target (exact)"]["gms"] == 1.0
     assert shifted["gms"] > blurred["gms"] > scores["OpenCV Telea"]["gms"]
     assert blurred["psnr"] > shifted["psnr"]  # why PSNR alone cannot judge detail
+
+
+def test_hub_id_cached_later_rescores_a_resumed_run(tmp_path) -> None:
+    """Offline, a DINOv2 hub id not in the cache gives its note; once the id is in the local
+    cache (here a TINY RANDOM DINOv2 written in huggingface_hub's cache layout), the same run
+    folder resumed scores the cached outputs instead of keeping the note."""
+    import hydra
+    from huggingface_hub import constants
+    from transformers import Dinov2Config, Dinov2Model
+
+    from data.benchmark import load_benchmark, write_synthetic_benchmark
+    from evaluation.cache import RunCache
+    from evaluation.refinement import default_config, evaluate_refinement
+    from models.export import load_export, save_export
+    from tests.conftest import compose_config
+
+    repo = "rba-test/tiny-dinov2"
+    model_cfg = compose_config([])
+    components = load_export(save_export(
+        hydra.utils.instantiate(model_cfg.model).inference_state_dict(), model_cfg.model,
+        tmp_path / "export"))
+    write_synthetic_benchmark(tmp_path / "bench", 2, seed=0)
+    cases, _ = load_benchmark(tmp_path / "bench")
+    cfg = default_config()
+    cfg.methods = ["input"]
+    cfg.metrics = {"batch_size": 4, "clip": None, "fid": None, "dino": {"model": repo}}
+
+    def run() -> dict:
+        M.load_dino_scorer.cache_clear()
+        cache = RunCache(tmp_path / "run", {"settings": {"same": 1}})
+        return evaluate_refinement(cases, components, None, cfg, progress=False, cache=cache)
+
+    first = run()
+    assert first["methods"]["input"]["dino"] == M.NOT_CACHED
+    snapshot = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=224, patch_size=14, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64)).save_pretrained(
+        snapshot / "snapshots" / ("0" * 40))
+    try:
+        second = run()
+    finally:
+        shutil.rmtree(snapshot)
+        M.load_dino_scorer.cache_clear()
+    assert all(isinstance(v["dino"], float) for v in second["per_case"]["input"].values())
+    assert second["per_case"]["input"].keys() == first["per_case"]["input"].keys()

@@ -138,7 +138,8 @@ def test_rows_on_two_cases_pasted_with_the_right_references(tiny_pbe, components
     for row in ROWS:
         assert isinstance(result["methods"][row]["psnr"], float)
         assert result["methods"][row]["clip"] == result["methods"]["input"]["clip"]
-    assert result["counts"]["paint_by_example_oracle_crop_skipped_no_reference"] == 1
+    assert result["baseline_methods"] == ROWS
+    assert result["counts"]["paint_by_example_oracle_crop_skipped_no_reference_mask"] == 1
     assert result["counts"]["scored"] == {"input": 2, "aligned_crop": 2, ROWS[0]: 1, ROWS[1]: 2}
     for case in cases:
         for row in ROWS:
@@ -156,17 +157,11 @@ def test_rows_on_two_cases_pasted_with_the_right_references(tiny_pbe, components
         assert torch.equal(seen[case.id][-1], alignments[case.id].crop.float())
     assert len(seen[second.id]) == 1  # no reference_mask: only the aligned row
 
-    paired = result["paired"]
-    assert set(paired) == {"aligned_crop vs paint_by_example_oracle_crop",
-                           "aligned_crop vs paint_by_example_aligned_crop",
-                           "paint_by_example_aligned_crop vs paint_by_example_oracle_crop"}
-    assert paired["aligned_crop vs paint_by_example_aligned_crop"]["l1"]["cases"] == 2
-    assert paired["aligned_crop vs paint_by_example_oracle_crop"]["l1"]["cases"] == 1
-
 
 def test_eval_report_has_both_rows(tiny_pbe: Path, tmp_path: Path) -> None:
-    """eval.py with baselines.paint_by_example.model=<tiny folder> on a 4-case benchmark
-    (2 report cases): both rows in report.json and report.md, with paired differences."""
+    """eval.py on a 4-case benchmark (2 report cases), then again in the same run folder with
+    baselines.paint_by_example.model=<tiny folder>: the run resumes (our rows reused) and
+    report.json / report.md have both rows, each paired with ours."""
     import eval as eval_script
     from evaluation.report import validate_report
 
@@ -175,22 +170,33 @@ def test_eval_report_has_both_rows(tiny_pbe: Path, tmp_path: Path) -> None:
     model_cfg = compose_config([])
     save_export(hydra.utils.instantiate(model_cfg.model).inference_state_dict(), model_cfg.model,
                 export)
-    cfg = compose_config([
-        f"ckpt_path={export}", "bench_cases=4", "sweep.num_timesteps=2", "sweep.topk=[1]",
-        "sweep.bootstrap=0", "sweep.compare_readouts=[]", "progress=false", "num_threads=1",
-        "qualitative.num_cases=1", "refinement.num_steps=2",
-        "refinement.methods=[input,aligned_crop]", f"baselines.paint_by_example.model={tiny_pbe}",
-        "baselines.paint_by_example.num_steps=2"], config_name="eval")
+    base = [f"ckpt_path={export}", "bench_cases=4", "sweep.num_timesteps=2", "sweep.topk=[1]",
+            "sweep.bootstrap=0", "sweep.compare_readouts=[]", "progress=false", "num_threads=1",
+            "qualitative.num_cases=1", "refinement.num_steps=2",
+            "refinement.methods=[input,aligned_crop]"]
     previous = torch.get_num_threads()
     try:
-        path = eval_script.evaluate(cfg, tmp_path / "run")
+        first = json.loads(eval_script.evaluate(compose_config(base, config_name="eval"),
+                                                tmp_path / "run").read_text())
+        path = eval_script.evaluate(compose_config(
+            [*base, f"baselines.paint_by_example.model={tiny_pbe}",
+             "baselines.paint_by_example.num_steps=2"], config_name="eval"), tmp_path / "run")
     finally:
         torch.set_num_threads(previous)
+    assert not set(ROWS) & set(first["refinement"]) and not first["refinement_paired"]
     report = json.loads(path.read_text())
     validate_report(report)
+    cache = report["meta"]["cache"]
+    assert cache["resumed"] and cache["reused"]["refinement/aligned_crop"] == 2
+    assert report["refinement_per_case"]["aligned_crop"] == \
+        first["refinement_per_case"]["aligned_crop"]
     assert set(ROWS) <= set(report["refinement"])
     assert report["refinement_per_case"][ROWS[1]].keys() == \
         report["refinement_per_case"]["aligned_crop"].keys()
-    assert "aligned_crop vs paint_by_example_aligned_crop" in report["refinement_paired"]
+    paired = report["refinement_paired"]
+    assert set(paired) == set(ROWS)
+    assert paired[ROWS[1]]["vs"]["aligned_crop"]["l1"]["cases"] == 2
+    assert paired[ROWS[0]]["vs"]["aligned_crop"]["l1"]["cases"] == \
+        report["refinement_counts"]["scored"][ROWS[0]]
     md = (tmp_path / "run" / "report.md").read_text()
-    assert all(f"| {row} |" in md for row in ROWS) and "Paired differences" in md
+    assert all(f"| {row} |" in md and f"### `{row}` vs ours (paired)" in md for row in ROWS)
