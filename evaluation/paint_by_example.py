@@ -4,8 +4,10 @@ diffusers' ``PaintByExamplePipeline`` (weights by hub id, ``Fantasy-Studio/Paint
 or a local folder in diffusers' layout) refines every benchmark case with two references: the
 ground-truth region crop, as the paper gave its baselines (``paint_by_example_oracle_crop``,
 the very crop our ``oracle_crop`` gets), and the crop our alignment stage found
-(``paint_by_example_aligned_crop``). Both rows are scored with the same metrics, in the same
-tables, as the other refinement methods (evaluation/refinement.py runs them).
+(``paint_by_example_aligned_crop``). Both rows run in evaluation/refinement.py's loop (batched,
+cached, each case with its own noise seed), are scored with the same metrics in the same
+tables as the other refinement methods, and eval.py pairs each with ours case by case, as it
+does external methods.
 
 The pipeline sees the image and mask at its own square resolution (512 for the published
 weights; the same resizing as our model's inputs) and returns the whole decoded image. As for
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,16 +39,8 @@ from models.alignment import Alignment
 from models.hub import offline_reason, require_cached
 from models.pipeline import paste, to_model_inputs
 
-log = logging.getLogger(__name__)
-
 PREFIX = "paint_by_example_"
 CROPS = ("oracle_crop", "aligned_crop")  # the reference each row gets, named as our methods
-# paired comparisons the report adds when these rows run: (A, B) reads "B vs A"
-PAIRS = (
-    ("paint_by_example_oracle_crop", "aligned_crop"),
-    ("paint_by_example_aligned_crop", "aligned_crop"),
-    ("paint_by_example_oracle_crop", "paint_by_example_aligned_crop"),
-)
 ReferenceFor = Callable[[str, BenchmarkCase, Mapping[str, Alignment], float],
                         "torch.Tensor | None"]
 
