@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 REPO = Path(__file__).resolve().parents[1]
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from evaluation.report import read_report
 from models.config import compose_config
 
 # --- what the table reads from eval.py's report.json (docs/report_schema.md): one place ----
@@ -205,7 +205,7 @@ def run_logged(command: list[str], log: Path, what: str) -> None:
     """Run ``command`` in the repo with its output in ``log``; a failure names ``what``."""
     with log.open("w") as out:
         done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+                              check=False)
     if done.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise AblationError(f"{what} failed (exit {done.returncode}); log: {log}\n{tail}")
@@ -445,7 +445,7 @@ def run(cfg: DictConfig, command: str) -> Path:
         _train(job, tag)
         report = _evaluate(job, bench, [*cfg.preset.eval, *cfg.extra_eval], tag)
         key = (job.training, job.seed)
-        reports[key], parsed[key] = report, json.loads(report.read_text())
+        reports[key], parsed[key] = report, read_report(report)  # today's method names
         values[key] = run_values(parsed[key], job.methods, f"{job.label} ({report})")
     table = summarize(cfg, values)
     meta = {"preset": cfg.preset.name, "command": command, "bench_seed": int(cfg.bench_seed),
