@@ -50,6 +50,7 @@ from models.distributed import (
 )
 from models.export import DIFFUSERS_SUBDIR, save_export
 from models.lightning_module import val_table_from_metrics
+from models.resolution import check_data_fits_model
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the module described by ``cfg``; export EMA weights; return the final metrics."""
     check_config(cfg)
+    check_data_fits_model(cfg.model, cfg.data)  # before anything is built or loaded
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
@@ -191,6 +193,10 @@ def optimized_metric_value(metrics: Mapping[str, float], name: str | None) -> fl
 def main(cfg: DictConfig) -> float | None:
     """Train, print the summary, return ``cfg.optimized_metric``'s value (for sweepers)."""
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        check_data_fits_model(cfg.model, cfg.data)
+    except ValueError as err:  # a refusal, not a crash: one line, no traceback
+        raise SystemExit(f"train.py: {err}") from None
     use_job_command_for_ddp_children()  # DDP children run this job, not the whole sweep
     result = train(cfg)
     print(format_summary(result))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from transformers import Dinov2Model
 
-from models.autoencoder import VAE, PixelSpace
+from models.autoencoder import VAE, PixelSpace, build_vae
 from models.denoiser import build_denoiser
 from models.export import load_export, save_export
 from models.reference_encoder import ReferenceEncoder, build_dinov2
@@ -61,6 +61,20 @@ def test_dinov2_and_vae_load_from_their_layouts(fake_checkpoints, tmp_path):
     assert vae.decode(vae.encode(images)).shape == images.shape
     with pytest.raises(ValueError):
         build_dinov2()
+
+
+def test_loaders_refuse_weights_of_other_sizes_than_the_config_states(fake_checkpoints):
+    """What models/resolution.py checks data against before loading, loading then enforces."""
+    sd15, dino = str(fake_checkpoints["sd15_inpainting"]), str(fake_checkpoints["dinov2"])
+    assert build_denoiser(sd15, sample_size=64).config.sample_size == 64
+    with pytest.raises(ValueError, match="sample_size 64 != the config's sample_size 96"):
+        build_denoiser(sd15, sample_size=96)
+    assert build_vae(sd15, downsample=8).downsample == 8
+    with pytest.raises(ValueError, match="downsamples by 8, the config's downsample is 4"):
+        build_vae(sd15, downsample=4)
+    assert build_dinov2(dino, patch_size=14).config.patch_size == 14
+    with pytest.raises(ValueError, match="patch size 14 != the config's patch_size 16"):
+        build_dinov2(dino, patch_size=16)
 
 
 def test_reference_encoder_tokens_and_null():
