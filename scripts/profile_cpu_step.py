@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.ema import EMA
 from scripts.bench_common import compose, environment, interleaved_times, write_json
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_s = (time.perf_counter() - start) / len(batches)
     params = module.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    decay = module.hparams.ema_decay
+    ema = EMA(decay).track(module) if decay else None  # what the EMA callback steps
     cursor = iter(range(10**9))
 
     def step() -> None:
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if module.ema is not None:
-            module.ema.step(params)
+        if ema is not None:
+            ema.step(params)
 
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         step()
