@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # pip byte-compiles serially; compileall does the same files on every core: 0.83x the install
-# time on 2 cores (scripts/benchmark_install.sh, 2026-11-27). The excluded file is 3.12 syntax.
+# time on 2 cores (benchmarks/benchmark_install.sh, 2026-11-27). The excluded file is 3.12 syntax.
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
 BYTE_COMPILE := $(PY) -m compileall -q -j 0 -x 'torch/testing/_internal/py312_intrinsics' $(VENV)/lib
 export HF_HUB_OFFLINE := 1
@@ -14,9 +14,10 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup setup-demo train test test-all eval lint demo
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	$(BYTE_COMPILE)
 	touch $@
 

@@ -39,9 +39,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data.provenance import write_training_data
+from data.provenance import UNKNOWN, read_training_data, write_training_data
+from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
-from models.checkpoint import ExportAtTrainEnd, ModelConfigInCheckpoint
+from models.checkpoint import ExportAtTrainEnd, ModelConfigInCheckpoint, warm_start
 from models.diffusers_pipeline import convert_export
 from models.distributed import (
     ValidateAtLastStep,
@@ -88,7 +89,7 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
     None (torch's default). Spinning waiters steal the time slices of the working thread: on
     2 cores, 2 spinning threads beside 1 busy data worker made the main job's step about 2x
     slower than 1. Passive ones do not: 2 threads ran the main job 1.1x faster than 1 beside
-    its data worker on an idle machine (README, "The CPU main job")."""
+    its data worker on an idle machine (benchmarks/README.md, "The CPU main job")."""
     if cfg.get("num_threads"):
         return int(cfg.num_threads)
     if cfg.trainer.get("accelerator") != "cpu":
@@ -102,11 +103,13 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
     return max(1, per_process - int(cfg.data.get("num_workers") or 0))
 
 
-def write_export(cfg: DictConfig, export_dir: Path, weights: dict[str, torch.Tensor],
-                 trainer: pl.Trainer) -> tuple[Path, Path | None]:
-    """Write the run's export (see the module docstring); returns (export, diffusers folder)."""
+def write_export(cfg: DictConfig, export_dir: Path, inherited: dict[str, Any] | None,
+                 weights: dict[str, torch.Tensor], trainer: pl.Trainer
+                 ) -> tuple[Path, Path | None]:
+    """Write the run's export (see the module docstring); returns (export, diffusers folder).
+    ``inherited``: the training-data record of the export a warm start began from."""
     export_dir = save_export(weights, cfg.model, export_dir)
-    write_training_data(cfg.data, export_dir)
+    write_training_data(cfg.data, export_dir, inherited)
     write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
     diffusers_dir = None
     if cfg.get("export_diffusers", True):
@@ -128,8 +131,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("torch CPU threads: %d", threads)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    inherited = None
+    if cfg.get("init_from"):
+        warm_start(module, cfg.init_from)
+        inherited = read_training_data(cfg.init_from) or {"unknown": {"source": UNKNOWN}}
     # export_dir resolved here: a ddp_spawn child, which exports, has no Hydra config
-    exporter = ExportAtTrainEnd(functools.partial(write_export, cfg, Path(cfg.export_dir)))
+    exporter = ExportAtTrainEnd(
+        functools.partial(write_export, cfg, Path(cfg.export_dir), inherited))
     callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model),
                  exporter]
     if uses_fsdp(cfg.trainer):
@@ -158,29 +166,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}
 
 
-def format_summary(result: dict[str, Any]) -> str:
-    """Human-readable end-of-run summary: where things are, final loss, the mIoU table."""
-    metrics, table = result["metrics"], result["val_table"]
-    lines = [
-        "", "=" * 64, "Training finished",
-        f"  steps            : {result['global_step']}",
-        f"  logs             : {result['log_dir']}",
-        f"  checkpoints      : {result['checkpoint_dir']}",
-        f"  exported weights : {result['export_dir']}",
-        f"  diffusers folder : {result.get('diffusers_dir')}",
-        f"  final train loss : {metrics.get('train/loss', float('nan')):.4f}",
-        f"  final val loss   : {metrics.get('val/loss', float('nan')):.4f}",
-    ]
-    if table:
-        lines += ["", f"Correspondence mIoU on held-out alignment pairs (t={table['timestep']})",
-                  f"  {'block':<30}{'mask':>8}{'box':>8}"]
-        for index, scores in table["blocks"].items():
-            mark = "  <- best" if index == table["best_block"] else ""
-            lines.append(f"  {index:<30}{scores['mask']:>8.3f}{scores['box']:>8.3f}{mark}")
-        for name, scores in table["baselines"].items():
-            lines.append(f"  {'baseline: ' + name:<30}{scores['mask']:>8.3f}{scores['box']:>8.3f}")
-    lines.append("=" * 64)
-    return "\n".join(lines)
 
 
 def optimized_metric_value(metrics: Mapping[str, float], name: str | None) -> float | None:

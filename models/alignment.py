@@ -181,10 +181,19 @@ def align(
     context = encoder(resize_reference(reference, encoder.image_size))
     vector = attention_vectors(components, image, mask, context, [timestep], [block],
                                generator, readout=readout, num_steps=num_steps)[timestep][block]
-    heat, region, boxes = postprocess(vector, encoder.grid, encoder.num_prefix_tokens,
+    return from_vector(vector[0], reference, encoder.grid, encoder.num_prefix_tokens,
+                       threshold, margin)
+
+
+def from_vector(vector: torch.Tensor, reference: torch.Tensor, grid: tuple[int, int],
+                num_prefix_tokens: int, threshold: float = 0.5,
+                margin: float = INFERENCE_CROP_MARGIN) -> Alignment:
+    """The alignment of one case from its attention ``vector`` [tokens] and ``reference``
+    [1,3,h,w]: what :func:`align` returns, rebuilt from a stored vector."""
+    heat, region, boxes = postprocess(vector[None], grid, num_prefix_tokens,
                                       tuple(reference.shape[-2:]), threshold, margin)
     box = tuple(int(v) for v in boxes[0])
-    return Alignment(vector[0], heat[0], region[0], box, crop(reference[0], box))
+    return Alignment(vector, heat[0], region[0], box, crop(reference[0], box))
 
 
 def region_mask(box: Sequence[int], size: tuple[int, int]) -> torch.Tensor:

@@ -75,6 +75,24 @@ class ExportAtTrainEnd(pl.Callback):
             self.written = self.write(weights, trainer)
 
 
+def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
+    """Load an export's denoiser and reference-encoder weights into ``module`` (strict), and
+    restart its EMA from them: a warm start needs no optimizer state."""
+    from models.export import load_export
+
+    components = load_export(export_dir)
+    for name in ("denoiser", "reference_encoder"):
+        try:
+            getattr(module, name).load_state_dict(getattr(components, name).state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"init_from {export_dir}: its {name} does not fit this model "
+                             f"config ({str(err).splitlines()[0]})") from err
+    for callback in module.configure_callbacks() or []:
+        if isinstance(callback, EMA):
+            callback.restart(module)
+    log.info("warm start from %s", export_dir)
+
+
 def is_export(path: Path) -> bool:
     return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 

@@ -45,6 +45,11 @@ class EMA(pl.Callback):
                                 use_ema_warmup=True, foreach=True)
         return self.ema
 
+    def restart(self, pl_module: pl.LightningModule) -> EMAModel:
+        """Average afresh from ``pl_module``'s weights as they are now (a warm start)."""
+        self.ema = None
+        return self.track(pl_module)
+
     @contextmanager
     def swapped_in(self, pl_module: pl.LightningModule) -> Iterator[None]:
         """The EMA weights in ``pl_module`` inside the block, the trained ones back after it,

@@ -41,7 +41,6 @@ warnings.filterwarnings("ignore", module="tqdm")
 ROOT = Path.cwd()
 while not (ROOT / "configs").is_dir() and ROOT != ROOT.parent:
     ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
 import numpy as np

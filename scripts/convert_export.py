@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.diffusers_pipeline import convert_export  # noqa: E402
+from models.diffusers_pipeline import convert_export
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,9 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data.benchmark import load_case, write_synthetic_benchmark
 from evaluation.figures import correspondence_image
 from models.alignment import READOUTS

@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.checkpoint import export_checkpoint  # noqa: E402
+from models.checkpoint import export_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

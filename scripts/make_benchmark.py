@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.artifacts import ARTIFACTS  # noqa: E402
-from data.benchmark import write_synthetic_benchmark  # noqa: E402
+from data.artifacts import ARTIFACTS
+from data.benchmark import write_synthetic_benchmark
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

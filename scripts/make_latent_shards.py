@@ -22,22 +22,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.latent_shards import (  # noqa: E402
+from benchmarks.bench_common import compose
+from data.latent_shards import (
     LATENT_DTYPES,
     shard_samples,
     synthetic_samples,
     write_latent_shards,
 )
-from scripts.bench_common import compose  # noqa: E402
 
 log = logging.getLogger("make_latent_shards")
 

@@ -23,19 +23,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.benchmark import load_benchmark  # noqa: E402
-from evaluation.figures import correspondence_image  # noqa: E402
-from models.export import load_export  # noqa: E402
-from models.pipeline import (  # noqa: E402
+from data.benchmark import load_benchmark
+from evaluation.figures import correspondence_image
+from models.export import load_export
+from models.pipeline import (
     RefineByAlign,
     RefinementConfig,
     check_case,
     load_alignment,
 )
-from models.refinement import SAMPLERS  # noqa: E402
+from models.refinement import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

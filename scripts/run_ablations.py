@@ -36,11 +36,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(REPO))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.report import read_report
+from models.config import compose_config
 
 # --- what the table reads from eval.py's report.json (docs/report_schema.md): one place ----
 # correspondence columns, filled for rows whose method deploys the map (MAP_METHOD)
@@ -70,7 +71,6 @@ COLUMN_NOTES = {
 }
 
 CONFIG_DIR = REPO / "configs" / "ablations"
-TRAIN_CONFIG_DIR = REPO / "configs"
 STAMP = "ablation.json"  # in every folder this script makes: the command that made it
 
 
@@ -129,8 +129,7 @@ def load_config(overrides: Sequence[str]) -> DictConfig:
 
 
 def compose_train(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(TRAIN_CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def rows_of(cfg: DictConfig) -> list[DictConfig]:
@@ -447,7 +446,7 @@ def run(cfg: DictConfig, command: str) -> Path:
         _train(job, tag)
         report = _evaluate(job, bench, [*cfg.preset.eval, *cfg.extra_eval], tag)
         key = (job.training, job.seed)
-        reports[key], parsed[key] = report, json.loads(report.read_text())
+        reports[key], parsed[key] = report, read_report(report)  # today's method names
         values[key] = run_values(parsed[key], job.methods, f"{job.label} ({report})")
     table = summarize(cfg, values)
     meta = {"preset": cfg.preset.name, "command": command, "bench_seed": int(cfg.bench_seed),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,12 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data.datamodule import PairDataModule
+from evaluation.report import format_summary
 from models.export import CONFIG, DEFAULT_EXPORT, WEIGHTS
-from train import format_summary
 
 
 def main(argv: list[str] | None = None) -> dict:

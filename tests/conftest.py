@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+import models.config
 from tests import public_configs
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -20,10 +21,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train"):
     """Compose a Hydra config outside @hydra.main, with an output dir that needs no run."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides or [])
+    cfg = models.config.compose_config(overrides or [], config_name)
     cfg.paths.output_dir = str(Path(os.environ.get("PYTEST_TMP", "/tmp")) / "rba-test-run")
     return cfg
 

@@ -14,7 +14,7 @@ def _run(module: str, tmp_path, *extra: str) -> dict:
     import importlib
 
     out = tmp_path / f"{module}.json"
-    result = importlib.import_module(f"scripts.{module}").main(
+    result = importlib.import_module(f"benchmarks.{module}").main(
         ["--smoke", "--out", str(out), *extra])
     on_disk = json.loads(out.read_text())
     assert on_disk["benchmark"] == result["benchmark"]

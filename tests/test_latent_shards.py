@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import default_collate
 
+from benchmarks.bench_common import SMOKE_MODEL_OVERRIDES
 from data.latent_shards import (
     MANIFEST,
     latent_shard_dataset,
@@ -18,7 +19,6 @@ from data.latent_shards import (
 )
 from data.shards import SampleDecoder, split_webdataset, synthetic_records, write_shards
 from models.autoencoder import autoencoder_fingerprint, check_autoencoder
-from scripts.bench_common import SMOKE_MODEL_OVERRIDES
 from tests.conftest import compose_config
 
 SEEDS = (5, 6)

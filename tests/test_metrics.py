@@ -155,7 +155,7 @@ def test_mean_value() -> None:
 
 
 def test_gms_probe_ranks_sharp_copy_above_blur_where_psnr_does_not():
-    from scripts.probe_gms import main as probe
+    from benchmarks.probe_gms import main as probe
 
     scores = probe(["--num", "8"])["scores"]
     shifted, blurred = scores["target shifted 1 px"], scores["target blurred (sigma 1.5)"]

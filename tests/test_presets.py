@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from scripts.bench_common import FULL_MODEL_OVERRIDES, SMOKE_MODEL_OVERRIDES
+from benchmarks.bench_common import FULL_MODEL_OVERRIDES, SMOKE_MODEL_OVERRIDES
 from tests.conftest import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Device run (about 6 minutes on one H100): the latent-shard training path at SD-1.5 scale,
+# GPU run (about 6 minutes on one H100): the latent-shard training path at SD-1.5 scale,
 # random weights, 512 px, measured two ways.
-#   device: run(command="bash scripts/gpu_latents.sh", carry=[".whl"], timeout_s=560)
-#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_latents.sh
+#   OUT=DIR bash benchmarks/gpu_latents.sh   (on a CUDA machine; wheels of missing packages in .whl/)
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_latents.sh
 # 1. benchmark_train.py --precomputed-latents --fused-adamw: the module's step fed a latent
 #    batch, against the raw UNet anchor in the same process (ratio).
 # 2. make_latent_shards.py: procedural 512 px pairs, encoded by the (random) SD VAE on the GPU.
@@ -24,7 +24,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
 WORK=$(mktemp -d)
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  mapfile -t MODEL < <("$PY" -c "from scripts.bench_common import SMOKE_MODEL_OVERRIDES as o
+  mapfile -t MODEL < <("$PY" -c "from benchmarks.bench_common import SMOKE_MODEL_OVERRIDES as o
 print('\n'.join(o))")
   NUM=16 BATCH=2 STEPS=25 DEVICE=cpu WORKERS=2 BENCH=(--smoke) FIT=(trainer.accelerator=cpu)
 else
@@ -35,7 +35,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 
 echo "=== [$(elapsed)s] 1. module step on a latent batch vs anchor"
-timeout 150 "$PY" scripts/benchmark_train.py "${BENCH[@]}" --precomputed-latents --fused-adamw \
+timeout 150 "$PY" benchmarks/benchmark_train.py "${BENCH[@]}" --precomputed-latents --fused-adamw \
   --out "$OUT/train_latents_fused.json" || echo "=== step 1 FAILED (rc $?)"
 
 echo "=== [$(elapsed)s] 2. write $NUM latent samples"

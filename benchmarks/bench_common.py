@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from models.config import compose_config
+
 log = logging.getLogger(__name__)
 
 # SD-1.5 / DINOv2-L layouts shrunk to CPU size, same structure (4 UNet levels with
@@ -47,7 +49,6 @@ SMOKE_MODEL_OVERRIDES = [
     "model.autoencoder.config.layers_per_block=1",
 ]
 FULL_MODEL_OVERRIDES = ["model=sd15_dinov2_random", "data.image_size=512"]
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def pick_device(requested: str | None, smoke: bool) -> torch.device:
@@ -73,12 +74,8 @@ def autocast(device: torch.device) -> AbstractContextManager:
 
 
 def compose(overrides: list[str]) -> Any:
-    """The train config with ``overrides``, composed outside @hydra.main."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+    """The train config with ``overrides``."""
+    return compose_config(overrides)
 
 
 def build_on(device: torch.device, factory: Callable[[], Any]) -> Any:

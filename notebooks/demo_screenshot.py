@@ -1,6 +1,6 @@
 """Screenshot of the demo after one click on its first example: docs/demo.png.
 
-  python scripts/demo_screenshot.py [--out docs/demo.png] [--export EXPORT_DIR]
+  python notebooks/demo_screenshot.py [--out docs/demo.png] [--export EXPORT_DIR]
 
 Serves scripts/demo.py in-process, opens it in headless Chromium through Playwright, clicks
 the first example (which loads it and runs both stages with the default controls), waits for
@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from playwright.sync_api import sync_playwright
 

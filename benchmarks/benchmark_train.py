@@ -14,10 +14,10 @@ pairs with random latents of the VAE's shape (reading costs the same whatever th
 so data loading is inside the timed step. The anchor is measured first and the JSON is
 rewritten after each part, so a run cut short by a timeout keeps what it measured.
 
-    PYTHONPATH=. python scripts/benchmark_train.py --batch-size 32 --out runs/bench/train.json
-    PYTHONPATH=. python scripts/benchmark_train.py --batch-size 32 --precomputed-latents \
+    PYTHONPATH=. python benchmarks/benchmark_train.py --batch-size 32 --out runs/bench/train.json
+    PYTHONPATH=. python benchmarks/benchmark_train.py --batch-size 32 --precomputed-latents \
         --loader-workers 8 --fused-adamw --compile --anchor eager --out runs/bench/c.json
-    PYTHONPATH=. python scripts/benchmark_train.py --smoke     # CPU, tiny, < 60 s
+    PYTHONPATH=. python benchmarks/benchmark_train.py --smoke     # CPU, tiny, < 60 s
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ import argparse
 import gc
 import logging
 import math
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,12 +38,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.denoiser import COMPILE_SCOPES, compile_denoiser
-from models.ema import EMA
-from scripts.bench_common import (
+from benchmarks.bench_common import (
     FULL_MODEL_OVERRIDES,
     SMOKE_MODEL_OVERRIDES,
     autocast,
@@ -61,6 +54,8 @@ from scripts.bench_common import (
     time_it,
     write_json,
 )
+from models.denoiser import COMPILE_SCOPES, compile_denoiser
+from models.ema import EMA
 
 log = logging.getLogger(__name__)
 

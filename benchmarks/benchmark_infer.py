@@ -13,32 +13,21 @@ layouts), run under bf16 autocast on the GPU. Measured:
     with CUDA graphs (``mode="reduce-overhead"``; compiling takes about a minute).
 ``--parts`` picks which of align, sweep, refine run; the JSON is rewritten after each part.
 
-    PYTHONPATH=. python scripts/benchmark_infer.py --out runs/bench/infer.json
-    PYTHONPATH=. python scripts/benchmark_infer.py --smoke
+    PYTHONPATH=. python benchmarks/benchmark_infer.py --out runs/bench/infer.json
+    PYTHONPATH=. python benchmarks/benchmark_infer.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.alignment import align, attention_vectors
-from models.attention_capture import capture_cross_attention, cross_attention_blocks
-from models.denoiser import COMPILE_SCOPES, compile_denoiser
-from models.export import Components
-from models.pipeline import RefineByAlign, RefinementConfig, to_uint8
-from models.refinement import denoiser_input, latent_mask
-from scripts.bench_common import (
+from benchmarks.bench_common import (
     FULL_MODEL_OVERRIDES,
     SMOKE_MODEL_OVERRIDES,
     autocast,
@@ -55,6 +44,12 @@ from scripts.bench_common import (
     time_it,
     write_json,
 )
+from models.alignment import align, attention_vectors
+from models.attention_capture import capture_cross_attention, cross_attention_blocks
+from models.denoiser import COMPILE_SCOPES, compile_denoiser
+from models.export import Components
+from models.pipeline import RefineByAlign, RefinementConfig, to_uint8
+from models.refinement import denoiser_input, latent_mask
 
 log = logging.getLogger(__name__)
 PARTS = ("denoiser", "reference_encoder", "autoencoder", "noise_scheduler", "sampling_scheduler")

@@ -2,7 +2,7 @@
 # The venv install of `make setup`, two ways, alternated (A B B A ...): pip byte-compiling as it
 # installs (its default, serial) against `pip --no-compile` then `compileall -j 0` (the Makefile's).
 # Same lock, fresh venv each time; prints seconds per way and the ratio, writes JSON.
-#   bash scripts/benchmark_install.sh benchmarks/cpu-<date>/install.json [rounds]
+#   bash benchmarks/benchmark_install.sh benchmarks/cpu-<date>/install.json [rounds]
 set -euo pipefail
 out=${1:?usage: benchmark_install.sh OUT.json [rounds]}
 rounds=${2:-2}

@@ -6,7 +6,7 @@ inside the mask (right colours, no detail), the artifact left in place, and Open
 smooth fill). A detail-sensitive metric must rank the sharp shifted copy above the blur; PSNR
 does not. No model, no weights: seconds on a CPU.
 
-    PYTHONPATH=. python scripts/probe_gms.py --out results/gms_probe.json
+    PYTHONPATH=. python benchmarks/probe_gms.py --out results/gms_probe.json
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation.metrics import ground_truth_metrics

@@ -13,8 +13,8 @@ and runs the module's own ``training_step`` + AdamW + EMA on pre-drawn batches. 
 ``OMP_WAIT_POLICY`` is read when torch loads, so compare policies across processes, e.g.
 ``OMP_WAIT_POLICY=PASSIVE python ...`` against ``env -u OMP_WAIT_POLICY python ...``, alternated.
 
-    PYTHONPATH=. python scripts/profile_cpu_step.py --out benchmarks/cpu-<date>/step.json
-    PYTHONPATH=. python scripts/profile_cpu_step.py --smoke        # seconds, for the tests
+    PYTHONPATH=. python benchmarks/profile_cpu_step.py --out benchmarks/cpu-<date>/step.json
+    PYTHONPATH=. python benchmarks/profile_cpu_step.py --smoke        # seconds, for the tests
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,11 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.bench_common import compose, environment, interleaved_times, write_json
 from models.ema import EMA
-from scripts.bench_common import compose, environment, interleaved_times, write_json
 
 log = logging.getLogger(__name__)
 SMOKE_OVERRIDES = ["data.batch_size=2", "data.reference_size=56",

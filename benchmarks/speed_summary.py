@@ -1,7 +1,7 @@
-"""Summaries for scripts/gpu_speed.sh: one ``train.py`` run's metrics.csv, and the whole run.
+"""Summaries for benchmarks/gpu_speed.sh: one ``train.py`` run's metrics.csv, and the whole run.
 
-    python scripts/speed_summary.py fit RUNS_DIR OUT_JSON STRATEGY RC
-    python scripts/speed_summary.py all OUT_DIR SKIPPED_TXT ELAPSED_S BUDGET_S
+    python benchmarks/speed_summary.py fit RUNS_DIR OUT_JSON STRATEGY RC
+    python benchmarks/speed_summary.py all OUT_DIR SKIPPED_TXT ELAPSED_S BUDGET_S
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _get(data: dict[str, Any], *keys: str) -> Any:
 
 
 def run_summary(out: Path, skipped: list[str], elapsed: int, budget: int) -> dict[str, Any]:
-    """The rows README's "Scale and speed" table takes, from the JSON files of this run."""
+    """The rows of benchmarks/README.md's GPU tables, from the JSON files of this run."""
     files = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")
              if p.stem != "summary"}
     train, infer, infer_c = (files.get(k, {}) for k in ("train", "infer", "infer_compiled"))

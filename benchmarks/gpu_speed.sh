@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Issue 10's device run: the speed rows of README "Scale and speed", inside BUDGET_S (240 s).
-#   device: run(command="python3 -m pip install -q --no-index --no-deps --no-compile \
-#             --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export \
-#             PYTHONPATH=/tmp/site && bash scripts/gpu_speed.sh", carry=[".whl"],
-#             timeout_s=300)
-#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_speed.sh
+# The GPU speed rows of benchmarks/README.md, inside BUDGET_S (240 s), on any CUDA machine:
+#   OUT=DIR bash benchmarks/gpu_speed.sh
+#   (where diffusers, hydra-core, webdataset... are missing: put their wheels in .whl/, then
+#    pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site)
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_speed.sh
 # Order = priority; each part starts only if its minimum fits in the time left, runs under a
 # timeout of the time left, and writes its JSON as it goes (a part cut short keeps what it
 # measured). Skipped parts are logged with the reason and listed in summary.json.
@@ -100,11 +99,11 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "diffusers"
       diffusers.__version__)
 EOF
 
-part infer 60 "$PY" scripts/benchmark_infer.py "${SMOKE_ARG[@]}" \
+part infer 60 "$PY" benchmarks/benchmark_infer.py "${SMOKE_ARG[@]}" \
   --refine-variants autocast,bf16_weights --out "$OUT/infer.json"
 
 # the eager half (~70 s) is written before compiling starts (a cut-short compile keeps it)
-part train 70 "$PY" scripts/benchmark_train.py "${SMOKE_ARG[@]}" --batch-size "$BATCH" \
+part train 70 "$PY" benchmarks/benchmark_train.py "${SMOKE_ARG[@]}" --batch-size "$BATCH" \
   --loader-workers "$WORKERS" --fused-adamw --anchor eager --steps 8 --warmup 3 \
   --compile-scope "$COMPILE_SCOPE" \
   $( { [ "${SMOKE:-0}" = 1 ] && [ "${SMOKE_COMPILE:-0}" != 1 ]; } || [ "${COMPILE:-1}" = 0 ] \
@@ -118,7 +117,7 @@ elif [ "${SMOKE:-0}" = 1 ] && [ "${SMOKE_COMPILE:-0}" != 1 ]; then
   echo "=== infer_compiled skipped in SMOKE mode (SMOKE_COMPILE=1 runs it; CPU compile is slow)"
   SKIPPED+=("infer_compiled: SMOKE mode")
 else
-  part infer_compiled 90 "$PY" scripts/benchmark_infer.py "${SMOKE_ARG[@]}" --parts refine \
+  part infer_compiled 90 "$PY" benchmarks/benchmark_infer.py "${SMOKE_ARG[@]}" --parts refine \
     --refine-variants bf16_weights,bf16_weights_compiled --compile-scope "$COMPILE_SCOPE" \
     --out "$OUT/infer_compiled.json"
 fi
@@ -136,7 +135,7 @@ fit() {
   local rc=$?
   [ "$RAN" = 1 ] || { cat "$WORK/$strategy.log"; return; }
   tr '\r' '\n' < "$WORK/$strategy.log" | grep -v "it/s\]$" | tail -8
-  "$PY" scripts/speed_summary.py fit "$WORK/$strategy" "$OUT/fit_$strategy.json" "$strategy" "$rc" \
+  "$PY" benchmarks/speed_summary.py fit "$WORK/$strategy" "$OUT/fit_$strategy.json" "$strategy" "$rc" \
     || true
 }
 fit ddp
@@ -148,6 +147,6 @@ else
 fi
 
 printf '%s\n' "${SKIPPED[@]}" > "$WORK/skipped.txt"
-"$PY" scripts/speed_summary.py all "$OUT" "$WORK/skipped.txt" "$(elapsed)" "$BUDGET_S"
+"$PY" benchmarks/speed_summary.py all "$OUT" "$WORK/skipped.txt" "$(elapsed)" "$BUDGET_S"
 echo "=== done in $(elapsed)s of ${BUDGET_S}s; files in $OUT:"
 ls -la "$OUT"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The refinement-recipe device run (about 8 minutes on one H100 or H200): train the recipe
+# The refinement-recipe GPU run (about 8 minutes on one H100 or H200): train the recipe
 # variants side by side on one GPU (they share the 16 CPU cores' data workers), then evaluate
 # every new export and every export named in COMPARE (e.g. the previously shipped model) on
 # one benchmark (eval.py: calibration and report halves), and compare samplers and guidance
 # on held-out refinement pairs.
-#   device: run(command="BENCH=results/<bench> bash scripts/gpu_recipe.sh", carry=[".whl"],
-#               timeout_s=590)
-#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash scripts/gpu_recipe.sh
+#   BENCH=results/<bench> OUT=DIR bash benchmarks/gpu_recipe.sh   (CUDA machine; wheels of
+#   packages the machine lacks in .whl/)
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_recipe.sh
 # EVAL=0 stops after training (evaluate the exports here, on the CPU machine, instead).
 # Files back in $OUT: <variant>.safetensors.partNN (cat them), <variant>.yaml, runs.tar.gz
 # (train logs, metrics, sample grids, eval reports and figures, sampler comparisons).
@@ -53,7 +53,7 @@ wait
 for variant in $VARIANTS; do
   name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
   stamp "$name trained: $(grep -E 'best block|steps' "$RUNS/$name.train.log" | tail -3 | tr '\n' ' ')"
-  # files come back at most 16 MiB each: the weights travel in parts (cat them to reassemble)
+  # output files stay under 16 MiB each: the weights are split into parts (cat them to reassemble)
   split -b 15M -d "$run/export/model.safetensors" "$OUT/$name.safetensors.part"
   cp "$run/export/model.yaml" "$OUT/$name.yaml"
 done

@@ -9,8 +9,8 @@ float16) by a shape-only stand-in encoder: reading costs the same whatever the l
 and the real encode is a one-off GPU job (``benchmark_train.py`` times it).
 ``--loader-workers N`` also measures a real DataLoader with N workers, to check the scaling.
 
-    PYTHONPATH=. python scripts/benchmark_data.py --image-size 512 --gpu-rate 70
-    PYTHONPATH=. python scripts/benchmark_data.py --smoke
+    PYTHONPATH=. python benchmarks/benchmark_data.py --image-size 512 --gpu-rate 70
+    PYTHONPATH=. python benchmarks/benchmark_data.py --smoke
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -28,13 +27,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.bench_common import environment, format_table, write_json
 from data.latent_shards import latent_shard_dataset, shard_samples, write_latent_shards
 from data.shards import shard_dataset, synthetic_records, write_shards
 from data.synthetic import SyntheticPairs
-from scripts.bench_common import environment, format_table, write_json
 
 log = logging.getLogger(__name__)
 

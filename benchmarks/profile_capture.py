@@ -4,7 +4,7 @@ Times the three forwards in alternation (median of 6 x 10 calls), the capture's 
 (entering and leaving the context, no forward: Python only, so the same on CPU and GPU hosts)
 and prints a torch.profiler table for the plain and one-block forwards. Random weights; on CPU
 a narrow UNet stands in (same modules, narrower).
-    python scripts/profile_capture.py [--block 9] [--out FILE.json]
+    python benchmarks/profile_capture.py [--block 9] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 from torch.profiler import ProfilerActivity, profile
-
-if __package__ in (None, ""):  # run as a file: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.attention_capture import capture_cross_attention
 
