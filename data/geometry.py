@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from data.masks import mask_bbox
 from data.objects import Box, ObjectView, merge_planes, random_colour
 
 FIXED_POINT_ITERS = 20
@@ -289,12 +290,13 @@ def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) 
     return out.astype(bool)
 
 
-def _bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == bool
-                                  else (mask != 0).view(np.uint8))
-    if not w:
+def _pixel_centre_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the first and last covered pixel centres."""
+    box = mask_bbox(mask)
+    if box is None:
         raise ValueError("empty mask has no box")
-    return float(x), float(y), float(x + w - 1), float(y + h - 1)
+    x0, y0, x1, y1 = box
+    return float(x0), float(y0), float(x1 - 1), float(y1 - 1)
 
 
 def random_homography(
@@ -308,7 +310,7 @@ def random_homography(
     placements the one whose box overlaps the reference box least is kept, so the position
     of a region in the target says little about its position in the reference.
     """
-    x0, y0, x1, y1 = _bbox(reference_footprint)
+    x0, y0, x1, y1 = _pixel_centre_box(reference_footprint)
     rs = reference_footprint.shape[0]
     corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
     centre = corners.mean(0)

@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 import torch
 
+from data.masks import mask_bbox
+
 ALIGNMENT = 0
 REFINEMENT = 1
 MODE_NAMES = {ALIGNMENT: "alignment", REFINEMENT: "refinement"}
@@ -39,18 +41,6 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
     """Samples in a collated batch, whichever source (pixels or latents) it came from."""
     return len(batch["mode"])
-
-
-def mask_bbox(mask: np.ndarray) -> Box | None:
-    """Tight box of a bool mask, None when empty."""
-    if mask.size == 0:
-        return None
-    x, y, w, h = cv2.boundingRect(
-        mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8)
-    )
-    if not w:
-        return None
-    return x, y, x + w, y + h
 
 
 TRAINING_CROP_MARGIN = (0.1, 0.4)

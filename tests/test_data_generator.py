@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from data.geometry import SmoothField, Warp, _apply_h, make_target
-from data.masks import MaskConfig, make_mask
-from data.modes import ALIGNMENT, REFINEMENT, mask_bbox
+from data.masks import MaskConfig, make_mask, mask_bbox
+from data.modes import ALIGNMENT, REFINEMENT
 from data.objects import render_object
 from data.synthetic import SyntheticPairs, item_generators, make_pair
 

@@ -11,13 +11,13 @@ from pytorch_lightning.plugins.precision import HalfPrecision
 from torch.utils.data import default_collate
 
 from data.datamodule import PairDataModule
+from data.masks import mask_bbox
 from data.modes import (
     ALIGNMENT,
     REFINEMENT,
     crop_box,
     decode_pixels,
     make_reference,
-    mask_bbox,
 )
 from data.synthetic import SyntheticPairs, draw_mode, item_generators, make_pair
 
