@@ -64,6 +64,7 @@ from data.benchmark import BenchmarkCase, load_benchmark, write_synthetic_benchm
 from data.provenance import check_overlap, read_training_data
 from evaluation import figures
 from evaluation.baselines import BASELINES, MatchConfig, run_baselines
+from evaluation.denoising_gain import run_section as run_denoising_gain
 from evaluation.refinement import evaluate_refinement
 from evaluation.report import SCHEMA_VERSION, write_report_json, write_report_md
 from evaluation.sweep import (
@@ -506,6 +507,14 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
     OmegaConf.update(refine_cfg, "refinement.alignment", asdict(chosen), merge=True)
     result, status = run_refinement(report_cases, components, alignments, refine_cfg)
     outputs = result.pop("outputs", {}) if result else {}
+    try:
+        gain = run_denoising_gain(components, report_cases, cfg.get("denoising_gain"),
+                                  cfg.progress)
+    except Exception as err:
+        raise EvalError("denoising_gain", f"{err.__class__.__name__}: {err}") from err
+    if gain is not None:
+        figure_paths["denoising_gain"] = figures.denoising_gain_curve(
+            gain, run_dir / "figures" / "denoising_gain.png")
     rows = qualitative_rows(report_cases, alignments, outputs, int(cfg.qualitative.num_cases))
     if rows:
         figure_paths["qualitative"] = figures.qualitative_grid(rows, run_dir / "qualitative.png")
@@ -549,6 +558,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         "refinement_counts": _jsonable_metrics(result.get("counts", {})) if result else {},
         "refinement_per_case": _jsonable_metrics(result.get("per_case", {})) if result else {},
         "refinement_status": status,
+        "denoising_gain": gain,
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},
     }

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
-from models.alignment import attention_vectors, resize_reference
+from models.alignment import attention_vectors, case_noise_seed, resize_reference
 from models.attention_capture import cross_attention_blocks
 from models.correspondence import (
     boxes_to_masks,
@@ -173,12 +173,6 @@ def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], li
 
 
 # ----------------------------------------------------------------------------- capture
-def case_noise_seed(seed: int, index: int) -> int:
-    """The sweep's noise seed for case ``index`` of its case list under sweep seed ``seed``:
-    one draw per case, independent of how the cases are batched."""
-    return int(seed) * 1_000_003 + int(index)
-
-
 @torch.no_grad()
 def collect_vectors(
     components: Components,

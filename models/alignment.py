@@ -29,6 +29,12 @@ from models.refinement import build_sampler, denoiser_input, latent_mask
 READOUTS = ("forward_noise", "trajectory")
 
 
+def case_noise_seed(seed: int, index: int) -> int:
+    """The noise seed of case ``index`` of a case list under seed ``seed`` (the sweep, the
+    denoising gain): one draw per case, independent of how the cases are batched."""
+    return int(seed) * 1_000_003 + int(index)
+
+
 def case_noise(
     shape: torch.Size, generator: torch.Generator | None = None,
     noise_seeds: Sequence[int] | None = None,
