@@ -86,7 +86,7 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
     None (torch's default). Spinning waiters steal the time slices of the working thread: on
     2 cores, 2 spinning threads beside 1 busy data worker made the main job's step about 2x
     slower than 1. Passive ones do not: 2 threads ran the main job 1.1x faster than 1 beside
-    its data worker on an idle machine (README, "The CPU main job")."""
+    its data worker on an idle machine (benchmarks/README.md, "The CPU main job")."""
     if cfg.get("num_threads"):
         return int(cfg.num_threads)
     if cfg.trainer.get("accelerator") != "cpu":

@@ -53,7 +53,7 @@ wait
 for variant in $VARIANTS; do
   name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
   stamp "$name trained: $(grep -E 'best block|steps' "$RUNS/$name.train.log" | tail -3 | tr '\n' ' ')"
-  # files come back at most 16 MiB each: the weights travel in parts (cat them to reassemble)
+  # output files stay under 16 MiB each: the weights are split into parts (cat them to reassemble)
   split -b 15M -d "$run/export/model.safetensors" "$OUT/$name.safetensors.part"
   cp "$run/export/model.yaml" "$OUT/$name.yaml"
 done

@@ -101,7 +101,8 @@ def load_alignment(path: str | Path | None = None, export_dir: str | Path | None
 class RefinementConfig:
     # Ancestral DDPM, 25 steps, no guidance: the best masked MSE on held-out validation pairs
     # for the shipped tiny model (50 and 100 steps no better), and +0.68 dB PSNR over guidance
-    # 2 on the benchmark (README, "Sampler and guidance"); other models: compare_samplers.py
+    # 2 on the benchmark (results/README.md, "Sampler and guidance"); other models:
+    # compare_samplers.py
     sampler: str = "ddpm"
     num_steps: int = 25
     guidance_scale: float = 1.0
