@@ -134,8 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cases is not None and args.cases < 1:
         parser.error("--cases must be >= 1")
 
-    result: dict = {
-        "export": str(args.ckpt),
+    export = args.ckpt.resolve()
+    result: dict = {  # the export relative to the working directory when it lies inside it
+        "export": str(export.relative_to(Path.cwd()) if export.is_relative_to(Path.cwd())
+                      else export),
         "command": " ".join(["validate_export.py", *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
