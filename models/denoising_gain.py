@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
+from pytorch_lightning.strategies import FSDPStrategy
 
 from models.alignment import case_noise, case_noise_seed
 from models.autoencoder import Autoencoder
@@ -186,7 +187,7 @@ class LogDenoisingGain(pl.Callback):
     def _active(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        if type(trainer.strategy).__name__.startswith("FSDP"):
+        if isinstance(trainer.strategy, FSDPStrategy):
             if not self._warned:
                 log.warning("denoising gain is not measured under FSDP")
                 self._warned = True

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -31,12 +32,14 @@ from models.losses import (
     reference_token_target,
     sample_timesteps,
 )
+from models.pipeline import RefinementConfig
 from models.reference_encoder import ReferenceEncoder
-from models.refinement import denoiser_input, latent_mask, sample_inpaint
+from models.refinement import blend, build_sampler, denoiser_input, latent_mask, sample_inpaint
 
 log = logging.getLogger(__name__)
 MODES = ("alignment", "refinement")
 BASELINES = ("whole_reference", "same_position_box")
+GRID_COLUMNS = ("target", "mask", "reference", "prediction", "result")
 
 
 class RefineByAlignModule(pl.LightningModule):
@@ -62,9 +65,10 @@ class RefineByAlignModule(pl.LightningModule):
         val_timestep: int = 300,
         val_block: int = 0,
         val_threshold: float = 0.5,
-        val_sample_steps: int = 20,
+        val_sample_steps: int | None = None,
         val_num_samples: int = 4,
-        val_guidance_scale: float = 2.0,
+        val_guidance_scale: float | None = None,
+        val_sampler: str | None = None,
         compile_denoiser: bool | str = False,
         seed: int = 0,
     ) -> None:
@@ -315,22 +319,24 @@ class RefineByAlignModule(pl.LightningModule):
 
     @torch.no_grad()
     def log_sample_grid(self, batch: dict[str, torch.Tensor]) -> None:
-        """Log rows of (target, mask, reference, prediction) to every logger that takes images."""
-        from torchvision.utils import make_grid
-
+        """Log rows of (target, mask, reference, prediction, result), the columns labelled, to
+        every logger that takes images; result = the prediction pasted into the mask, what
+        refinement returns."""
         pred = self.call_with_full_weights("sample_predictions", batch)
         # float32: under FSDP with bf16 the batch (cast by the root's forward) and pred are bf16
         target, mask, reference, pred = (x.float() for x in (
             batch["target"], batch["mask"], batch["reference"], pred))
         size = target.shape[-2:]
         resize = torch.nn.functional.interpolate
-        columns = [
+        deployed = RefinementConfig()
+        images = [
             (target + 1) / 2,
             mask.expand(-1, 3, -1, -1),
             resize(reference, size=size, mode="bilinear", antialias=True),
             (pred + 1) / 2,
+            (blend(target, pred, mask, deployed.dilate, deployed.feather) + 1) / 2,
         ]
-        grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=4).clamp(0, 1)
+        grid = labelled_grid(list(zip(GRID_COLUMNS, images, strict=True)))
         for logger in self.loggers:
             log_image = getattr(logger, "log_image", None)
             experiment = getattr(logger, "experiment", None)
@@ -347,15 +353,27 @@ class RefineByAlignModule(pl.LightningModule):
                 out.mkdir(parents=True, exist_ok=True)
                 save_image(grid, out / f"step{self.global_step:07d}.png")
 
+    def grid_sampling(self) -> tuple[str, int, float]:
+        """(sampler, steps, guidance) of the sample grid: the deployed refinement settings
+        (models.pipeline.RefinementConfig, as configs/refinement/default.yaml), so the grid
+        shows what users get; ``val_sampler`` / ``val_sample_steps`` / ``val_guidance_scale``
+        override them (e.g. fewer steps in smoke runs)."""
+        deployed, hp = RefinementConfig(), self.hparams
+        return (hp.val_sampler or deployed.sampler,
+                deployed.num_steps if hp.val_sample_steps is None else int(hp.val_sample_steps),
+                deployed.guidance_scale if hp.val_guidance_scale is None
+                else float(hp.val_guidance_scale))
+
     @torch.no_grad()
     def sample_predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The sample grid's inpainted targets (in [-1, 1]), with a fixed seed."""
+        sampler, steps, guidance = self.grid_sampling()
+        scheduler = build_sampler(sampler, self.noise_scheduler.config, self.autoencoder)
         generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
         context = self.reference_encoder(batch["reference"])
         return sample_inpaint(
-            self.denoiser, self.autoencoder, self.sampling_scheduler, batch["target"],
-            batch["mask"], context, self.reference_encoder.null(len(context)),
-            self.hparams.val_sample_steps, self.hparams.val_guidance_scale, generator,
+            self.denoiser, self.autoencoder, scheduler, batch["target"], batch["mask"],
+            context, self.reference_encoder.null(len(context)), steps, guidance, generator,
         )
 
     # --- sharded weights (FSDP) -----------------------------------------------------------
@@ -436,6 +454,34 @@ def val_table_from_metrics(metrics: Mapping[str, float], timestep: int) -> dict[
         "baselines": {n: {k: metrics[f"val/baseline_{n}_{k}"] for k in kinds} for n in BASELINES},
         "best_block": int(metrics["val/best_block"]),
     }
+
+
+def labelled_grid(columns: Sequence[tuple[str, torch.Tensor]], padding: int = 2
+                  ) -> torch.Tensor:
+    """[3, H, W] in [0, 1]: one column per (label, [B,3,h,w] images in [0, 1]), one row per
+    sample, each label written above its column."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    labels, images = zip(*columns, strict=True)
+    grid = make_grid(torch.stack(images, 1).flatten(0, 1), nrow=len(images), padding=padding,
+                     pad_value=1.0).clamp(0, 1).cpu()
+    step = images[0].shape[-1] + padding  # column pitch
+    size = max(10, step // 8)
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while size > 6 and max(draw.textlength(t, font=font) for t in labels) > step - 2:
+        size -= 1
+        font = ImageFont.load_default(size=size)
+    header = Image.new("RGB", (grid.shape[-1], size + 2 * padding + 2), "white")
+    draw = ImageDraw.Draw(header)
+    _, y0, _, y1 = draw.textbbox((0, 0), "".join(labels), font=font)  # one baseline for all
+    for i, text in enumerate(labels):
+        x0, _, x1, _ = draw.textbbox((0, 0), text, font=font)
+        left = padding + i * step + (step - padding - (x1 - x0)) / 2 - x0
+        draw.text((left, (header.height - (y1 - y0)) / 2 - y0), text, fill="black", font=font)
+    top = torch.from_numpy(np.asarray(header).copy()).permute(2, 0, 1).float() / 255
+    return torch.cat([top, grid], dim=1)
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
