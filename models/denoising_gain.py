@@ -202,13 +202,16 @@ class LogDenoisingGain(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
+        if "target" not in batch:  # latents only: nothing to score pixels against
+            return
         take = min(len(batch["target"]), self.num_cases - self._seen)
         if take <= 0 or not self._active(trainer):
             return
         index = batch.get("index")
         ids = (index[:take].tolist() if index is not None
                else list(range(self._seen, self._seen + take)))
-        context = pl_module.reference_encoder(batch["reference"][:take])
+        with torch.no_grad():
+            context = pl_module.reference_encoder(batch["reference"][:take])
         self._parts.append(score_batch(
             pl_module.denoiser, pl_module.autoencoder, pl_module.noise_scheduler,
             batch["target"][:take].float(), batch["mask"][:take].float(), context,
