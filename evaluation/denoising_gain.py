@@ -3,8 +3,8 @@ and scripts/validate_export.py's table.
 
 Every case with a ``target`` is scored at the model's resolution, with the whole reference
 (``whole``) and, for cases with a ``reference_mask``, the ground-truth crop (``crop``: the
-oracle_crop of evaluation/refinement.py). Case i of the list gets the noise of
-``case_noise_seed(seed, i)`` under both references, so the two are paired.
+oracle_crop of evaluation/refinement.py). A case's noise is ``case_noise_seed(seed, case
+id)``, the same under both references (so the two are paired) and whatever else is scored.
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ def _reference(case: BenchmarkCase, kind: str, size: int, margin: float) -> torc
 
 
 def score_cases(components: Components, cases: Sequence[BenchmarkCase], reference: str,
-                cfg: GainConfig, positions: Sequence[int],
-                progress: Callable[[int], None] | None = None) -> Scores:
-    """Per-case scores of ``cases`` (case k's noise seed from ``positions[k]``)."""
+                cfg: GainConfig, progress: Callable[[int], None] | None = None) -> Scores:
+    """Per-case scores of ``cases`` with the ``reference`` kind."""
     device = next(components.denoiser.parameters()).device
     encoder, size = components.reference_encoder, components.image_size
     parts = []
@@ -77,7 +76,7 @@ def score_cases(components: Components, cases: Sequence[BenchmarkCase], referenc
                           for c in chunk]).to(device)
         with torch.no_grad():
             context = encoder(refs)
-        seeds = [case_noise_seed(cfg.seed, p) for p in positions[start: start + len(chunk)]]
+        seeds = [case_noise_seed(cfg.seed, c.id) for c in chunk]
         parts.append(score_batch(components.denoiser, components.autoencoder,
                                  components.noise_scheduler, target, mask, context,
                                  cfg.timesteps, seeds))
@@ -91,9 +90,8 @@ def measure_cases(components: Components, cases: Sequence[BenchmarkCase], cfg: G
     """report.json's ``denoising_gain`` section (docs/report_schema.md); with ``per_case``,
     each reference also carries ``per_case: {case_id: {psnr_noisy: [T], ...}}``."""
     check_timesteps(cfg.timesteps, components.noise_scheduler)
-    scored = [(i, c) for i, c in enumerate(cases) if c.target is not None]
-    chosen = {"whole": scored,
-              "crop": [(i, c) for i, c in scored if c.reference_mask is not None]}
+    scored = [c for c in cases if c.target is not None]
+    chosen = {"whole": scored, "crop": [c for c in scored if c.reference_mask is not None]}
     out: dict[str, Any] = {
         "timesteps": [int(t) for t in cfg.timesteps], "seed": int(cfg.seed),
         "psnr_cap": PSNR_CAP,
@@ -109,13 +107,12 @@ def measure_cases(components: Components, cases: Sequence[BenchmarkCase], cfg: G
             if not items:
                 out["references"][ref] = {"num_cases": 0, "rows": []}
                 continue
-            scores = score_cases(components, [c for _, c in items], ref, cfg,
-                                 [i for i, _ in items], bar.update)
+            scores = score_cases(components, items, ref, cfg, bar.update)
             node: dict[str, Any] = {"num_cases": len(items),
                                     "rows": gain_rows(scores, cfg.timesteps)}
             if per_case:
                 node["per_case"] = {c.id: {k: v[n].tolist() for k, v in scores.items()}
-                                    for n, (_, c) in enumerate(items)}
+                                    for n, c in enumerate(items)}
             out["references"][ref] = node
     return out
 

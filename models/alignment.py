@@ -8,6 +8,7 @@ The same forward captures any set of blocks, so the calibration sweep costs one 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,10 +30,12 @@ from models.refinement import build_sampler, denoiser_input, latent_mask
 READOUTS = ("forward_noise", "trajectory")
 
 
-def case_noise_seed(seed: int, index: int) -> int:
-    """The noise seed of case ``index`` of a case list under seed ``seed`` (the sweep, the
-    denoising gain): one draw per case, independent of how the cases are batched."""
-    return int(seed) * 1_000_003 + int(index)
+def case_noise_seed(seed: int, case_id: str | int) -> int:
+    """The noise seed of case ``case_id`` under seed ``seed`` (the sweep, refinement, the
+    denoising gain): a function of the case alone, so it does not depend on batching, on run
+    order or on the other cases."""
+    digest = hashlib.sha256(f"{int(seed)}/{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
 
 
 def case_noise(
@@ -187,10 +190,19 @@ def align(
     context = encoder(resize_reference(reference, encoder.image_size))
     vector = attention_vectors(components, image, mask, context, [timestep], [block],
                                generator, readout=readout, num_steps=num_steps)[timestep][block]
-    heat, region, boxes = postprocess(vector, encoder.grid, encoder.num_prefix_tokens,
+    return from_vector(vector[0], reference, encoder.grid, encoder.num_prefix_tokens,
+                       threshold, margin)
+
+
+def from_vector(vector: torch.Tensor, reference: torch.Tensor, grid: tuple[int, int],
+                num_prefix_tokens: int, threshold: float = 0.5,
+                margin: float = INFERENCE_CROP_MARGIN) -> Alignment:
+    """The alignment of one case from its attention ``vector`` [tokens] and ``reference``
+    [1,3,h,w]: what :func:`align` returns, rebuilt from a stored vector."""
+    heat, region, boxes = postprocess(vector[None], grid, num_prefix_tokens,
                                       tuple(reference.shape[-2:]), threshold, margin)
     box = tuple(int(v) for v in boxes[0])
-    return Alignment(vector[0], heat[0], region[0], box, crop(reference[0], box))
+    return Alignment(vector, heat[0], region[0], box, crop(reference[0], box))
 
 
 def region_mask(box: Sequence[int], size: tuple[int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Denoising gain: how much one denoiser forward improves a noised target, per timestep.
 
 For each case and each timestep t of a fixed set, the clean target is noised to t with the
-case's own fixed noise (:func:`models.alignment.case_noise_seed`, the same noise at every t);
+case's own fixed noise (:func:`models.alignment.case_noise_seed` of its id, the same at every t);
 the denoiser runs once with the model's real conditioning (masked-image latent, mask,
 reference tokens); its output becomes an x0 prediction by the scheduler's parametrisation
 (:func:`predicted_x0`). The noisy input and the x0 prediction (both decoded, for latent
@@ -170,9 +170,9 @@ class LogDenoisingGain(pl.Callback):
     Scores the first ``num_cases`` validation cases as the validation batches pass (so under
     the weights validation runs with: EMA, where the module keeps one), with the pl_module's
     ``denoiser``, ``reference_encoder`` (the batch's reference: the whole reference on the
-    alignment-mode validation set), ``autoencoder`` and ``noise_scheduler``. A case's noise
-    seed is its dataset ``index`` (else its position). Skipped in the sanity check, and under
-    FSDP (the submodules hold only shards outside the module's own steps).
+    alignment-mode validation set), ``autoencoder`` and ``noise_scheduler``. A case's id for
+    its noise seed is its dataset ``index`` (else its position). Skipped in the sanity check,
+    and under FSDP (the submodules hold only shards outside the module's own steps).
     """
 
     def __init__(self, timesteps: Sequence[int] = DEFAULT_TIMESTEPS, num_cases: int = 16,
@@ -210,6 +210,7 @@ class LogDenoisingGain(pl.Callback):
         index = batch.get("index")
         ids = (index[:take].tolist() if index is not None
                else list(range(self._seen, self._seen + take)))
+        ids = [str(i) for i in ids]
         with torch.no_grad():
             context = pl_module.reference_encoder(batch["reference"][:take])
         self._parts.append(score_batch(

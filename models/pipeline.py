@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from data.modes import INFERENCE_CROP_MARGIN
 from models.alignment import READOUTS, Alignment, align, resize_reference
 from models.export import DEFAULT_EXPORT, REPO_ROOT, Components
-from models.refinement import blend, build_sampler, resize_mask, sample_inpaint
+from models.refinement import blend, build_sampler, generators, resize_mask, sample_inpaint
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +220,12 @@ class RefineByAlign:
 
     @torch.no_grad()
     def generate(self, image: torch.Tensor, mask: torch.Tensor, references: torch.Tensor,
-                 seed: int = 0, progress: bool = False) -> torch.Tensor:
+                 seed: int | Sequence[int] = 0, progress: bool = False) -> torch.Tensor:
         """Refinement sampling at the model's size, before blending: [B,3,S,S] in [-1,1].
 
         ``references`` [B,3,h,w] in [0,1] (crops or whole references, resized to the
-        encoder's input); one generator seeded with ``seed`` draws the batch's noise.
+        encoder's input); one generator seeded with ``seed`` draws the batch's noise, or with
+        B seeds, one generator per case (a case's output then does not depend on its batch).
         """
         cfg, encoder = self.refinement, self.components.reference_encoder
         with self._autocast():
@@ -234,7 +235,7 @@ class RefineByAlign:
                 self.components.denoiser, self.components.autoencoder, self.scheduler,
                 image.to(self.device), mask.to(self.device), context,
                 encoder.null(len(context)), cfg.num_steps, cfg.guidance_scale,
-                torch.Generator().manual_seed(seed), progress)
+                generators(seed, len(context)), progress)
         return generated.float()
 
     # --- user-facing: any size in, input size out ----------------------------------------
@@ -248,13 +249,14 @@ class RefineByAlign:
                                   seed)
 
     def refine(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-               references: Sequence[torch.Tensor | np.ndarray], seed: int = 0,
+               references: Sequence[torch.Tensor | np.ndarray], seed: int | Sequence[int] = 0,
                progress: bool = False) -> list[np.ndarray]:
         """Refinement stage for a batch of cases of any sizes; returns uint8 images at each
         input's size, identical to it outside the (dilated) mask.
 
         ``references`` are crops or whole references: [3,h,w] tensors in [0,1] or uint8
-        arrays; each is resized to the encoder's input on its own.
+        arrays; each is resized to the encoder's input on its own. ``seed``: one for the
+        batch, or one per case (see :meth:`generate`).
         """
         size, cfg = self.image_size, self.refinement
         pairs = [to_model_inputs(im, m, size) for im, m in zip(images, masks, strict=True)]

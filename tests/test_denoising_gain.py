@@ -31,7 +31,7 @@ from tests.conftest import compose_config
 
 KINDS = ("epsilon", "v_prediction", "sample")
 TIMESTEPS = [10, 100, 400, 700, 999]
-SEEDS = [case_noise_seed(0, i) for i in range(3)]
+SEEDS = [case_noise_seed(0, str(i)) for i in range(3)]
 
 
 def _scheduler(kind: str) -> DDPMScheduler:
@@ -192,7 +192,7 @@ def test_callback_is_registered_and_logs_under_the_ema_weights(tmp_path):
             context = module.reference_encoder(reference)
             scores = score_batch(module.denoiser, module.autoencoder, module.noise_scheduler,
                                  target, mask, context, [50, 400],
-                                 [case_noise_seed(0, i) for i in index])
+                                 [case_noise_seed(0, str(i)) for i in index])
         return gain_rows(scores, [50, 400])
 
     with module.ema_weights():
