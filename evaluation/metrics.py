@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# mask_bbox, to_tensor used here; the ground-truth metrics re-exported (their home is
+# models/image_metrics.py, which training diagnostics can import)
+from models.image_metrics import gradient_similarity as gradient_similarity
+from models.image_metrics import ground_truth_metrics as ground_truth_metrics
 from models.image_metrics import mask_bbox, to_tensor
+from models.image_metrics import masked_l1 as masked_l1
+from models.image_metrics import psnr_in_box as psnr_in_box
+from models.image_metrics import ssim_in_box as ssim_in_box
 
 log = logging.getLogger(__name__)
 
