@@ -43,6 +43,7 @@ UNFINGERPRINTED = (
     "num_threads", "qualitative", "write_alignment_to_export", "train_overlap",
     "run_refinement", "cache", "external_methods", "refinement.methods",
     "sweep.compare_readouts", "denoising_gain",
+    "baselines.paint_by_example",  # its stages carry its digest
 )
 
 

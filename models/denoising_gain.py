@@ -31,6 +31,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
 from pytorch_lightning.strategies import FSDPStrategy
 
+from data.modes import decode_pixels
 from models.alignment import case_noise, case_noise_seed
 from models.autoencoder import Autoencoder
 from models.image_metrics import gradient_similarity, psnr_in_box
@@ -204,6 +205,7 @@ class LogDenoisingGain(pl.Callback):
                                 dataloader_idx: int = 0) -> None:
         if "target" not in batch:  # latents only: nothing to score pixels against
             return
+        batch = decode_pixels(batch)  # a no-op on the Trainer's (already decoded) batches
         take = min(len(batch["target"]), self.num_cases - self._seen)
         if take <= 0 or not self._active(trainer):
             return

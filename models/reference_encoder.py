@@ -12,19 +12,32 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
+from models.hub import require_cached
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_dinov2(
-    pretrained: str | None = None, config: dict[str, Any] | None = None
+    pretrained: str | None = None, config: dict[str, Any] | None = None,
+    patch_size: int | None = None,
 ) -> Dinov2Model:
-    """DINOv2 from a local directory or hub id, or randomly initialised from ``config``."""
+    """DINOv2 from a local directory or hub id, or randomly initialised from ``config``.
+
+    ``patch_size`` states the patch the config expects (14 for DINOv2), so that the reference
+    size can be checked before loading; a backbone with another patch is refused.
+    """
     if pretrained:
-        return Dinov2Model.from_pretrained(pretrained)
-    if config is None:
+        require_cached("DINOv2", pretrained, "set paths.dinov2=/local/folder")
+        model = Dinov2Model.from_pretrained(pretrained)
+    elif config is None:
         raise ValueError("build_dinov2 needs either `pretrained` (path or hub id) or `config`")
-    return Dinov2Model(Dinov2Config(**config))
+    else:
+        model = Dinov2Model(Dinov2Config(**config))
+    if patch_size is not None and model.config.patch_size != patch_size:
+        raise ValueError(f"DINOv2 patch size {model.config.patch_size} != the config's "
+                         f"patch_size {patch_size} (model.reference_encoder.backbone.patch_size)")
+    return model
 
 
 class ReferenceEncoder(nn.Module):

@@ -14,10 +14,7 @@ folder to <export>/diffusers at the end of a run.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.diffusers_pipeline import convert_export
 

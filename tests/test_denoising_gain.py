@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from hydra.utils import instantiate
 from torch import nn
 
+from data.modes import decode_pixels
 from models.alignment import case_noise, case_noise_seed
 from models.autoencoder import VAE, PixelSpace
 from models.denoising_gain import (
@@ -24,6 +25,7 @@ from models.denoising_gain import (
     predicted_x0,
     score_batch,
 )
+from models.ema import EMA
 from models.image_metrics import gradient_similarity, psnr_in_box
 from models.pipeline import to_uint8
 from models.refinement import blend
@@ -165,8 +167,9 @@ def test_callback_is_registered_and_logs_under_the_ema_weights(tmp_path):
     cfg = compose_config(FAST)
     torch.manual_seed(0)
     module = instantiate(cfg.model)
+    (ema,) = [c for c in module.configure_callbacks() if isinstance(c, EMA)]
     # EMA weights far from the trained ones: the logged gain must be the EMA model's
-    for p in module.ema.shadow_params:
+    for p in ema.track(module).shadow_params:
         p.add_(torch.randn_like(p) * 0.05)
     callback = instantiate(cfg.callbacks.denoising_gain, timesteps=[50, 400], num_cases=3)
     assert isinstance(callback, LogDenoisingGain)
@@ -181,7 +184,7 @@ def test_callback_is_registered_and_logs_under_the_ema_weights(tmp_path):
                            for t in (50, 400)}
 
     module.eval()
-    batches = list(data.val_dataloader())
+    batches = [decode_pixels(b) for b in data.val_dataloader()]
     target = torch.cat([b["target"] for b in batches])[:3]
     mask = torch.cat([b["mask"] for b in batches])[:3]
     reference = torch.cat([b["reference"] for b in batches])[:3]
@@ -195,15 +198,15 @@ def test_callback_is_registered_and_logs_under_the_ema_weights(tmp_path):
                                  [case_noise_seed(0, str(i)) for i in index])
         return gain_rows(scores, [50, 400])
 
-    with module.ema_weights():
-        ema = expected()
+    with ema.swapped_in(module):
+        averaged = expected()
     raw = expected()
-    for row in ema:
+    for row in averaged:
         assert logged[f"val/denoise_gain_psnr_t{row['t']}"] == pytest.approx(row["psnr_gain"],
                                                                              abs=1e-4)
         assert logged[f"val/denoise_gain_gms_t{row['t']}"] == pytest.approx(row["gms_gain"],
                                                                             abs=1e-5)
-    assert any(abs(r["psnr_gain"] - o["psnr_gain"]) > 1e-3 for r, o in zip(ema, raw,
+    assert any(abs(r["psnr_gain"] - o["psnr_gain"]) > 1e-3 for r, o in zip(averaged, raw,
                                                                            strict=True))
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from pytorch_lightning.loggers import CSVLogger
 from torchvision.utils import make_grid
 
-import models.lightning_module as lm
+import models.sample_grid as sg
 from models.pipeline import RefinementConfig
 from models.refinement import SAMPLERS, build_sampler
 from tests.conftest import CONFIG_DIR, compose_config
@@ -33,11 +33,12 @@ def _captured_sampling(monkeypatch, overrides: list[str]) -> dict:
         seen.update(scheduler=scheduler, steps=steps, guidance=guidance)
         return image
 
-    monkeypatch.setattr(lm, "sample_inpaint", spy)
+    monkeypatch.setattr(sg, "sample_inpaint", spy)
     module = instantiate(compose_config(["data.image_size=32", *overrides]).model)
+    (grid,) = [c for c in module.configure_callbacks() if isinstance(c, sg.ValidationSampleGrid)]
     batch = {"target": torch.zeros(1, 3, 32, 32), "mask": torch.ones(1, 1, 32, 32),
              "reference": torch.zeros(1, 3, 224, 224)}
-    module.sample_predictions(batch)
+    grid.sample(module, batch)
     seen["module"] = module
     return seen
 
@@ -63,8 +64,8 @@ def test_labels_are_drawn_above_their_columns():
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(2, 3, 32, 32, generator=g) for _ in range(3)]
     plain = make_grid(torch.stack(images, 1).flatten(0, 1), nrow=3, padding=2, pad_value=1.0)
-    grid = lm.labelled_grid(list(zip(("target", "mask", "result"), images, strict=True)))
-    other = lm.labelled_grid(list(zip(("a", "b", "c"), images, strict=True)))
+    grid = sg.labelled_grid(list(zip(("target", "mask", "result"), images, strict=True)))
+    other = sg.labelled_grid(list(zip(("a", "b", "c"), images, strict=True)))
     header = grid.shape[1] - plain.shape[1]
     assert header > 8 and grid.shape[2] == plain.shape[2]
     assert torch.equal(grid[:, header:], plain)  # the images untouched below the labels
@@ -85,6 +86,6 @@ def test_validation_writes_the_labelled_grid(tmp_path):
     trainer.validate(module, datamodule=instantiate(cfg.data))
     (path,) = (tmp_path / "csv").glob("*/samples/step*.png")
     image = np.asarray(Image.open(path))
-    columns = len(lm.GRID_COLUMNS)
+    columns = len(sg.COLUMNS)
     assert image.shape[1] == columns * 34 + 2  # 5 columns of 32 px, 2 px padding
     assert image.shape[0] > 2 * 34 + 2 + 8  # 2 rows and a label strip above them
