@@ -83,9 +83,10 @@ class RefineByAlignModule(pl.LightningModule):
         val_timestep: int = 300,
         val_block: int = 0,
         val_threshold: float = 0.5,
-        val_sample_steps: int = 20,
+        val_sample_steps: int | None = None,
         val_num_samples: int = 4,
-        val_guidance_scale: float = 2.0,
+        val_guidance_scale: float | None = None,
+        val_sampler: str | None = None,
         compile_denoiser: bool | str = False,
         seed: int = 0,
     ) -> None:
@@ -279,7 +280,8 @@ class RefineByAlignModule(pl.LightningModule):
         if self._callbacks is None:
             hp = self.hparams
             self._callbacks = [ValidationSampleGrid(hp.val_num_samples, hp.val_sample_steps,
-                                                    hp.val_guidance_scale, hp.seed)]
+                                                    hp.val_guidance_scale, hp.seed,
+                                                    hp.val_sampler)]
             if hp.ema_decay:
                 self._callbacks.append(EMA(hp.ema_decay))
         return self._callbacks
