@@ -12,9 +12,10 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
 - ``copy_from_reference``: the feature-matching homography warp of the reference pasted into
   the mask; where matching fails the input is kept (counted).
 
-Images of any size go through the model at its own resolution and the generated content is
-upsampled and blended at the image's resolution, so pixels outside the (dilated) mask are the
-input's bit for bit, for every method.
+Images of any size go through the model at its own resolution (the whole image, or with
+``padding_mask_crop`` a padded crop around the mask) and the generated content is resized and
+blended at the image's resolution, so pixels outside the (dilated) mask are the input's bit
+for bit, for every method.
 
 Failures are loud: an exception in a method or a metric is re-raised as
 :class:`RefinementError` naming the method and case(s); only feature matching's own failure
@@ -38,18 +39,17 @@ from tqdm.auto import tqdm
 from data.benchmark import BenchmarkCase
 from evaluation import metrics as M
 from models.alignment import Alignment, crop, reference_crop_box
-from models.export import Components
+from models.image_processor import ImageProcessor, reference_tensor
 from models.pipeline import (
     ALIGNMENT_KEYS,
     AlignmentConfig,
-    RefineByAlign,
+    RefineByAlignPipeline,
     RefinementConfig,
-    paste,
-    reference_tensor,
 )
 from models.refinement import blend_weights
 
 log = logging.getLogger(__name__)
+
 
 class RefinementError(RuntimeError):
     """A method or metric failed on named case(s); the cause is chained."""
@@ -106,7 +106,7 @@ def copy_from_reference(image: np.ndarray, mask: np.ndarray, reference: np.ndarr
     if warped is None:
         log.debug("copy_from_reference fell back to the input: %s", info)
         return image.copy(), True
-    return paste(image, warped, mask, dilate, feather), False
+    return ImageProcessor().apply_overlay(mask, image, warped, None, dilate, feather), False
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -115,13 +115,21 @@ def _alignment_config(cfg: DictConfig) -> AlignmentConfig:
     return AlignmentConfig(**{k: section[k] for k in ALIGNMENT_KEYS if k in section})
 
 
+def refinement_config(cfg: DictConfig) -> RefinementConfig:
+    """The model methods' sampling and pasting settings from ``cfg`` (defaults filled in)."""
+    crop = cfg.get("padding_mask_crop")
+    return RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
+                            int(cfg.dilate), int(cfg.feather),
+                            None if crop is None else int(crop))
+
+
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
 def run_methods(
     cases: Sequence[BenchmarkCase],
-    components: Components,
+    pipe: RefineByAlignPipeline,
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig,
     progress: bool = True,
@@ -131,11 +139,7 @@ def run_methods(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    pipeline = RefineByAlign(
-        components, _alignment_config(cfg),
-        RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
-                         int(cfg.dilate), int(cfg.feather)),
-    )
+    alignment, refinement = _alignment_config(cfg), refinement_config(cfg)
     outputs: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     counts: dict[str, int] = defaultdict(int)
     alignments = dict(alignments or {})
@@ -144,8 +148,8 @@ def run_methods(
         missing = [c for c in cases if c.id not in alignments]
         for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
                          leave=False):
-            alignments[case.id] = pipeline.align(case.image, case.mask, case.reference,
-                                                 int(cfg.seed))
+            alignments[case.id] = pipe.align(case.image, case.mask, case.reference,
+                                             int(cfg.seed), alignment)
         counts["aligned_on_the_fly"] = len(missing)
 
     for case in tqdm(cases, desc="classical methods", leave=False, disable=not progress):
@@ -191,9 +195,9 @@ def run_methods(
                 # the same seed per batch index: every model method sees the same noise
                 # (unless oracle_crop dropped a case of the batch for want of a GT region)
                 try:
-                    results = pipeline.refine([c.image for c, _ in todo],
-                                              [c.mask for c, _ in todo], [r for _, r in todo],
-                                              int(cfg.seed) + index)
+                    results = pipe([c.image for c, _ in todo], [c.mask for c, _ in todo],
+                                   [r for _, r in todo], refinement, align=False,
+                                   seed=int(cfg.seed) + index).images
                 except Exception as err:
                     raise _failed(f"method {method}", [c.id for c, _ in todo], err) from err
                 for (case, _), out in zip(todo, results, strict=True):
@@ -249,7 +253,7 @@ def aggregate(per_case: Mapping[str, Mapping[str, M.Value]], ids: Sequence[str]
 
 def evaluate_refinement(
     cases: Sequence[BenchmarkCase],
-    components: Components,
+    pipe: RefineByAlignPipeline,
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig | None = None,
     progress: bool = True,
@@ -269,12 +273,12 @@ def evaluate_refinement(
     and a method or metric failing on a case raises :class:`RefinementError` naming it.
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
-    outputs, counts = run_methods(cases, components, alignments, cfg, progress)
+    outputs, counts = run_methods(cases, pipe, alignments, cfg, progress)
     categories: dict[str, list[str]] = defaultdict(list)
     for case in cases:
         categories[case.category].append(case.id)
 
-    device = str(next(components.denoiser.parameters()).device)
+    device = str(pipe.device)
     fid = M.load_fid(cfg.metrics.fid.feature_extractor_weights_path,
                      int(cfg.metrics.fid.feature), device)
     by_id = {c.id: c for c in cases}

@@ -45,7 +45,7 @@ from models.correspondence import (
     threshold_region,
     tokens_to_grid,
 )
-from models.export import Components
+from models.pipeline import RefineByAlignPipeline
 from models.refinement import build_sampler, resize_mask
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,9 @@ class SweepResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-def sweep_timesteps(components: Components, num_timesteps: int) -> list[int]:
+def sweep_timesteps(pipe: RefineByAlignPipeline, num_timesteps: int) -> list[int]:
     """The DDIM schedule's timesteps over the training scheduler, noisiest first."""
-    scheduler = build_sampler("ddim", components.noise_scheduler.config, components.autoencoder)
+    scheduler = build_sampler("ddim", pipe.scheduler.config, pipe.autoencoder)
     scheduler.set_timesteps(num_timesteps)
     return [int(t) for t in scheduler.timesteps]
 
@@ -181,7 +181,7 @@ def case_noise_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def collect_vectors(
-    components: Components,
+    pipe: RefineByAlignPipeline,
     cases: Sequence[BenchmarkCase],
     timesteps: Sequence[int],
     blocks: Sequence[int],
@@ -195,9 +195,7 @@ def collect_vectors(
     One denoiser forward per (batch, seed, timestep) captures all ``blocks`` at once; with the
     ``trajectory`` read-out the timesteps are the sampling trajectory's own steps.
     """
-    device = next(components.denoiser.parameters()).device
-    encoder = components.reference_encoder
-    size = components.image_size
+    device, encoder, size = pipe.device, pipe.reference_encoder, pipe.image_size
     out = torch.zeros(len(cases), len(seeds), len(timesteps), len(blocks), encoder.num_tokens)
     starts = range(0, len(cases), batch_size)
     bar = tqdm(total=len(starts) * len(seeds) * len(timesteps), desc="sweep forwards",
@@ -211,7 +209,8 @@ def collect_vectors(
         context = encoder(refs.to(device))
         for s, seed in enumerate(seeds):
             noise_seeds = [case_noise_seed(seed, start + i) for i in range(len(chunk))]
-            vectors = attention_vectors(components, image, mask, context, timesteps, blocks,
+            vectors = attention_vectors(pipe.unet, pipe.autoencoder, pipe.scheduler, image,
+                                        mask, context, timesteps, blocks,
                                         noise_seeds=noise_seeds, readout=readout,
                                         num_steps=len(timesteps))
             for ti, t in enumerate(timesteps):
@@ -426,7 +425,7 @@ def calibrate(scores: tuple[np.ndarray, np.ndarray], case_ids: Sequence[str],
 
 
 # ----------------------------------------------------------------------------- entry
-def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
+def run_sweep(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
               cfg: SweepConfig | None = None, progress: bool = True,
               calibration_ids: Sequence[str] | None = None) -> SweepResult:
     """The full calibration sweep over the cases that have a ``reference_mask``.
@@ -448,11 +447,11 @@ def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
     unknown = sorted(set(calibration_ids) - set(ids))
     if unknown:
         raise ValueError(f"calibration ids not among the swept cases: {unknown[:5]}")
-    all_blocks = [b.index for b in cross_attention_blocks(components.denoiser)]
+    all_blocks = [b.index for b in cross_attention_blocks(pipe.unet)]
     blocks = list(cfg.blocks) if cfg.blocks is not None else all_blocks
-    timesteps = sweep_timesteps(components, cfg.num_timesteps)
-    encoder = components.reference_encoder
-    vectors = collect_vectors(components, usable, timesteps, blocks, cfg.seeds, cfg.batch_size,
+    timesteps = sweep_timesteps(pipe, cfg.num_timesteps)
+    encoder = pipe.reference_encoder
+    vectors = collect_vectors(pipe, usable, timesteps, blocks, cfg.seeds, cfg.batch_size,
                               progress, cfg.readout)
     grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
     n, s, t, l_ = grids.shape[:4]
