@@ -3,15 +3,12 @@
 With no arguments: the tiny model on on-the-fly synthetic data on CPU (about 10 minutes on
 2 cores), then a summary with the checkpoint, logs, final loss and correspondence mIoU.
 
-What a run writes (``export_dir``, default ``<run>/export``):
-
-- ``model.safetensors`` + ``model.yaml`` + ``training_data.yaml``: the export that eval.py,
-  scripts/refine.py and the notebook load (:func:`models.export.load_export`);
-- ``diffusers/`` (unless ``export_diffusers=false``): the same EMA weights in diffusers'
-  pipeline layout, as ``scripts/convert_export.py`` writes it (``model_index.json``, ``unet/``,
-  ``reference_encoder/``, ``scheduler/``, ``vae/`` for latent models, ``model.yaml``); load it
-  with ``RefineByAlignPipeline.from_pretrained(<export_dir>/diffusers)``. It has no
-  ``alignment.yaml`` until eval.py calibrates the export (``write_alignment_to_export=true``).
+What a run writes (``export_dir``, default ``<run>/export``): the EMA weights as a pipeline
+folder (models/export.py: ``model_index.json``, ``unet/``, ``reference_encoder/``,
+``scheduler/``, ``vae/`` for latent models, ``model.yaml``, ``training_data.yaml``), which
+eval.py, scripts/refine.py, the demo and the notebook load with
+``RefineByAlignPipeline.from_pretrained``. Its alignment read-out is the preset's uncalibrated
+default until eval.py calibrates it (``write_alignment_to_export=true``).
 
 Hyperparameter search: ``main`` returns the logged metric named by ``optimized_metric``
 (None when unset), which Hydra sweepers optimize, e.g.
@@ -42,14 +39,13 @@ from data.provenance import write_training_data
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
 from models.checkpoint import ModelConfigInCheckpoint
-from models.diffusers_pipeline import convert_export
 from models.distributed import (
     ValidateAtLastStep,
     check_config,
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
-from models.export import DIFFUSERS_SUBDIR, save_export
+from models.export import save_pretrained
 from models.lightning_module import val_table_from_metrics
 
 log = logging.getLogger(__name__)
@@ -131,19 +127,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         "fails under FSDP); metrics are from step %d", trainer.global_step,
                         module.val_step)
 
-    export_dir = diffusers_dir = None
+    export_dir = None
     # under FSDP, gathering the whole weights (to rank 0) is a collective: every rank joins
     if trainer.is_global_zero or module.fsdp_root() is not None:
         weights = module.inference_state_dict()
         if trainer.is_global_zero:
-            export_dir = save_export(weights, cfg.model, Path(cfg.export_dir))
+            export_dir = save_pretrained(weights, cfg.model, Path(cfg.export_dir))
             write_training_data(cfg.data, export_dir)
             write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
-            if cfg.get("export_diffusers", True):
-                diffusers_dir = convert_export(export_dir, export_dir / DIFFUSERS_SUBDIR)
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
-            "diffusers_dir": diffusers_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}
 

@@ -1,9 +1,10 @@
-"""Lightning checkpoints -> exports (``model.safetensors`` + ``model.yaml``, see models/export.py).
+"""Lightning checkpoints -> the pipeline folder (see models/export.py).
 
 Takes any checkpoint train.py writes: ``last.ckpt``, ``stepNNNNNNN.ckpt``, or the directory of
-an FSDP-sharded one (``trainer=fsdp``: distributed-checkpoint shards + ``meta.pt``). The export
-holds the EMA weights when the checkpoint has them (what train.py exports), else, or with
-``ema=False``, the trained weights themselves.
+an FSDP-sharded one (``trainer=fsdp``: distributed-checkpoint shards + ``meta.pt``), and an
+export of the older layout (``model.safetensors`` + ``model.yaml``), which is converted. The
+folder holds the EMA weights when the checkpoint has them (what train.py exports), else, or
+with ``ema=False``, the trained weights themselves.
 
 The model config that rebuilds the weights comes, in this order, from: an explicit file; the
 checkpoint itself (train.py stores the resolved ``cfg.model`` under :data:`MODEL_CONFIG_KEY`);
@@ -26,7 +27,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.export import CONFIG, WEIGHTS, save_export
+from models.export import (
+    CONFIG,
+    convert_legacy,
+    is_legacy_export,
+    is_pipeline_folder,
+    save_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +51,6 @@ class ModelConfigInCheckpoint(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint[MODEL_CONFIG_KEY] = self.model_cfg
-
-
-def is_export(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -106,12 +109,17 @@ def _resolved(node: DictConfig, source: Path) -> DictConfig:
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
                       config: str | Path | None = None) -> Path:
-    """Write the export of checkpoint ``path`` to ``out_dir``; returns ``out_dir``.
+    """Write the pipeline folder of checkpoint ``path`` (or of an older-layout export) to
+    ``out_dir``; returns ``out_dir``.
 
     The module is rebuilt from the config and loaded strictly, and the weights come from its
     ``inference_state_dict``: the same code path as train.py's own export.
     """
     path = Path(path)
+    if is_legacy_export(path):
+        return convert_legacy(path, out_dir)
+    if is_pipeline_folder(path):
+        raise ValueError(f"{path} is a pipeline folder already: nothing to export")
     checkpoint = read_checkpoint(path)
     model_cfg, source = model_config(checkpoint, path, Path(config) if config else None)
     module = instantiate(model_cfg)
@@ -127,7 +135,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
         if ema:
             log.info("%s holds no EMA weights: exporting the trained weights", path)
         module.ema = None  # else inference_state_dict swaps in the never-trained EMA copy
-    out = save_export(module.inference_state_dict(), model_cfg, Path(out_dir))
+    out = save_pretrained(module.inference_state_dict(), model_cfg, Path(out_dir))
     (out / SOURCE).write_text(json.dumps({
         "checkpoint": str(path.resolve()), "global_step": checkpoint.get("global_step"),
         "weights": "ema" if use_ema else "raw", "model_config": source}, indent=1))
@@ -136,9 +144,10 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
     return out
 
 
-def as_export(path: str | Path, out_dir: str | Path) -> Path:
-    """``path`` itself when it is an export; a Lightning checkpoint is exported to ``out_dir``."""
+def as_pipeline_folder(path: str | Path, out_dir: str | Path) -> Path:
+    """``path`` itself when it is a pipeline folder; a Lightning checkpoint or an older-layout
+    export is exported to ``out_dir``."""
     path = Path(path)
-    if is_lightning_checkpoint(path):
+    if is_lightning_checkpoint(path) or is_legacy_export(path):
         return export_checkpoint(path, out_dir)
     return path

@@ -1,8 +1,8 @@
 """Re-measure an export's held-out correspondence mIoU exactly as training validation does.
 
-    python scripts/validate_export.py [--ckpt EXPORT_DIR] [--val-length 256] [--timestep 300]
+    python scripts/validate_export.py [--ckpt PIPELINE_DIR] [--val-length 256] [--timestep 300]
 
-Rebuilds the LightningModule from the export's model.yaml, loads its (EMA) weights and runs
+Rebuilds the LightningModule from the folder's model.yaml, loads its (EMA) weights and runs
 one validation epoch over the synthetic alignment-mode validation set (same seed as training),
 then prints the per-block table next to the two trivial baselines. This is how the numbers in
 checkpoints/tiny_synthetic/MODEL_CARD.md are reproduced on any machine.
@@ -20,11 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from data.datamodule import PairDataModule
 from evaluation.report import format_summary
-from models.export import CONFIG, DEFAULT_EXPORT, WEIGHTS
+from models.export import CONFIG, DEFAULT_EXPORT, read_weights
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.timestep is not None:
         cfg.val_timestep = args.timestep
     module = instantiate(cfg)
-    weights = load_file(str(args.ckpt / WEIGHTS))
+    weights = read_weights(args.ckpt)
     for name in ("denoiser", "reference_encoder"):
         prefix = f"{name}."
         getattr(module, name).load_state_dict(
