@@ -19,6 +19,12 @@
    (recorded in its tracker.yaml), else into a new run linked to the export
    (evaluation/tracker.py); offline with WANDB_MODE=offline.
 
+Resumable: every finished batch of cases (sweep vectors and scores, alignments, refinement
+outputs and scores) is kept in ``<run folder>/cache`` (evaluation/cache.py); rerunning the
+same command with the same ``run_dir=DIR`` reuses them and computes the rest, and says so in
+the log and the report (``meta.cache``). A run folder whose cache was made with other
+settings, export weights or benchmark contents is refused, the changes named.
+
 With no arguments a synthetic benchmark is generated into the run folder (from the
 "benchmark" seed namespace, so no case is a training item) and the shipped export is used.
 Malformed cases are listed by id with the reason and the run goes on; when no case is left,
@@ -63,7 +69,22 @@ from data.benchmark import BenchmarkCase, load_benchmark, write_synthetic_benchm
 from data.provenance import check_overlap, read_training_data
 from evaluation import figures
 from evaluation.baselines import BASELINES, MatchConfig, run_baselines
-from evaluation.refinement import evaluate_refinement
+from evaluation.cache import (
+    CacheMismatch,
+    CaseRecord,
+    RunCache,
+    Store,
+    cache_summary,
+    open_cache,
+    stage,
+)
+from evaluation.external import (
+    ExternalError,
+    ExternalOutputs,
+    load_external_methods,
+    paired_with_ours,
+)
+from evaluation.refinement import METHODS, evaluate_refinement
 from evaluation.report import SCHEMA_VERSION, write_report_json, write_report_md
 from evaluation.sweep import (
     SweepConfig,
@@ -81,13 +102,18 @@ from evaluation.tracker import (
     start_eval_run,
     wandb_settings,
 )
-from models.alignment import Alignment, region_mask
+from models.alignment import Alignment, from_vector, region_mask
 from models.checkpoint import as_pipeline_folder
+from models.config import register_configs
 from models.correspondence import mask_boxes, mask_iou, mask_iou_box_target
 from models.export import DEFAULT_EXPORT, load_pipeline, write_alignment
 from models.pipeline import AlignmentConfig, RefineByAlignPipeline
 
 log = logging.getLogger(__name__)
+register_configs()  # configs/eval.yaml's external_methods node
+# configs/eval.yaml's hydra.run.dir: ``run_dir=DIR`` names the run folder (and resumes it)
+OmegaConf.register_new_resolver("run_dir_or", lambda given, default: given or default,
+                                replace=True)
 
 TRAIN_OVERLAP = ("error", "warn")
 ALIGNMENT_FILE = "alignment.yaml"  # the run's calibrated read-out (scripts/refine.py --alignment)
@@ -136,16 +162,27 @@ def prepare_benchmark(cfg: DictConfig, pipe: RefineByAlignPipeline, run_dir: Pat
     return out
 
 
-def compute_alignments(pipe: RefineByAlignPipeline, chosen: AlignmentConfig,
-                       cases: Sequence[BenchmarkCase], seed: int, progress: bool = True
-                       ) -> dict[str, Alignment]:
-    """The alignment stage at the chosen read-out (fixed t*, block*, per-case seed) on every
-    case, on the sweep's view of it (its faithful mask)."""
+def compute_alignments(pipe: RefineByAlignPipeline, cfg: AlignmentConfig,
+                       cases: Sequence[BenchmarkCase], seed: int, progress: bool = True,
+                       store: Store | None = None) -> dict[str, Alignment]:
+    """The alignment stage at the read-out ``cfg`` (fixed t*, block*, same seed) on every
+    case, on the sweep's view of it (its faithful mask); with a ``store``, each case's
+    attention vector is kept and a resumed run rebuilds from it."""
+    size, encoder = pipe.image_size, pipe.reference_encoder
     out = {}
     for case in tqdm(cases, desc="align", unit="case", disable=not progress):
         try:
-            image, mask, reference = case_tensors(case, pipe.image_size)
-            out[case.id] = pipe.align_tensors(image, mask, reference, seed, chosen)
+            image, mask, reference = case_tensors(case, size)
+            found = store.get([case.id]) if store is not None else None
+            if found is None:
+                out[case.id] = pipe.align_tensors(image, mask, reference, seed, cfg)
+                if store is not None:
+                    vector = out[case.id].vector.float().cpu().numpy()
+                    store.put(case.id, {case.id: CaseRecord(arrays={"vector": vector})})
+            else:
+                vector = torch.from_numpy(found[0].arrays["vector"]).to(pipe.device)
+                out[case.id] = from_vector(vector, reference.to(pipe.device), encoder.grid,
+                                           encoder.num_prefix_tokens, cfg.threshold, cfg.margin)
         except Exception as err:
             raise EvalError("alignment", f"case {case.id}: {err.__class__.__name__}: {err}"
                             ) from err
@@ -198,7 +235,9 @@ def baseline_means(baselines: dict[str, Any], ids: Sequence[str]) -> dict[str, d
 
 
 def run_refinement(cases: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
-                   alignments: dict[str, Alignment], cfg: DictConfig
+                   alignments: dict[str, Alignment], cfg: DictConfig,
+                   cache: RunCache | None = None,
+                   external: dict[str, ExternalOutputs] | None = None
                    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The refinement evaluation (evaluation/refinement.py) on ``cases``.
 
@@ -206,10 +245,14 @@ def run_refinement(cases: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
     ``error`` (the caller writes the report, then fails the run).
     """
     if not cfg.run_refinement:
+        if external:
+            log.warning("run_refinement=false: external methods %s are not scored",
+                        sorted(external))
         return None, {"run": False, "reason": "run_refinement=false", "error": None}
     try:
         result = evaluate_refinement(cases, pipe, alignments, cfg.refinement,
-                                     bool(cfg.progress))
+                                     bool(cfg.progress), cache,
+                                     {n: e.outputs for n, e in (external or {}).items()})
     except Exception as err:
         log.exception("refinement evaluation failed")
         return None, {"run": False, "reason": "failed",
@@ -302,7 +345,8 @@ def report_warnings(verdict: dict[str, Any], held_out: bool, sweep: SweepResult 
 
 def compare_readouts(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
                      sweep_cfg: SweepConfig, sweep: SweepResult, calibration_ids: Sequence[str],
-                     others: Sequence[str], progress: bool) -> dict[str, dict[str, Any]]:
+                     others: Sequence[str], progress: bool, cache: RunCache | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Each read-out's best cell, chosen on the calibration cases and scored on the others:
     the deployed one (``sweep.readout``) and every one of ``sweep.compare_readouts``."""
     def row(result: SweepResult) -> dict[str, Any]:
@@ -314,7 +358,8 @@ def compare_readouts(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase]
             continue
         try:
             other = run_sweep(pipe, cases, replace(sweep_cfg, readout=readout, bootstrap=0),
-                              progress=progress, calibration_ids=calibration_ids)
+                              progress=progress, calibration_ids=calibration_ids,
+                              store=stage(cache, f"sweep/{readout}"))
         except Exception as err:
             raise EvalError("sweep", f"read-out {readout}: {err.__class__.__name__}: {err}"
                             ) from err
@@ -420,8 +465,18 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         listed = "; ".join(f"{i}: {r}" for i, r in skipped) or "no case folder"
         raise EvalError("load", f"no case of {bench_dir} could be evaluated ({listed})")
     verdict = provenance(cfg, ckpt, cases)
+    try:
+        cache = open_cache(cfg, run_dir, export_dir, bench_dir, str(device))
+    except CacheMismatch as err:
+        raise EvalError("cache", str(err)) from err
     sweepable, calibration_ids, report_cases, held_out = split_cases(cases, cfg)
     report_ids = [c.id for c in report_cases]
+    try:
+        external = load_external_methods(
+            OmegaConf.to_container(cfg.external_methods, resolve=True)
+            if cfg.get("external_methods") else None, report_cases, METHODS)
+    except ExternalError as err:
+        raise EvalError("external", str(err)) from err
 
     chosen = AlignmentConfig(**OmegaConf.to_container(cfg.alignment, resolve=True))
     correspondence = sweep = baselines = None
@@ -431,7 +486,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
                                    "threshold": chosen.threshold})
         try:
             sweep = run_sweep(pipe, sweepable, sweep_cfg, progress=cfg.progress,
-                              calibration_ids=calibration_ids)
+                              calibration_ids=calibration_ids,
+                              store=stage(cache, f"sweep/{sweep_cfg.readout}"))
             baselines = run_baselines(sweepable, MatchConfig(**cfg.baselines), cfg.progress)
         except Exception as err:
             raise EvalError("sweep", f"{len(sweepable)} case(s): {err.__class__.__name__}: "
@@ -440,7 +496,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         chosen.readout, chosen.num_steps = sweep_cfg.readout, sweep_cfg.num_timesteps
         scored_ids = sweep.split["report_ids"]
         readouts = compare_readouts(pipe, sweepable, sweep_cfg, sweep, calibration_ids,
-                                    list(cfg.sweep.get("compare_readouts") or []), cfg.progress)
+                                    list(cfg.sweep.get("compare_readouts") or []), cfg.progress,
+                                    cache)
         correspondence = {**sweep.to_dict(), "readouts": readouts,
                           "baselines": baseline_means(baselines, scored_ids),
                           "baselines_all_cases": baselines["scores"],
@@ -466,14 +523,16 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         log.warning("no case has a reference_mask: no sweep; alignment stays at %s", chosen)
 
     seed = int(cfg.refinement.get("seed", cfg.seed))
-    alignments = compute_alignments(pipe, chosen, report_cases, seed, cfg.progress)
+    alignments = compute_alignments(pipe, chosen, report_cases, seed, cfg.progress,
+                                    stage(cache, "alignment"))
     if correspondence is not None:
         deployed = list(alignment_scores(alignments, report_cases).values())
         correspondence["deployed"] = {**_mean_pair(deployed), "num_cases": len(deployed)}
 
     refine_cfg = cfg.copy()
     OmegaConf.update(refine_cfg, "refinement.alignment", asdict(chosen), merge=True)
-    result, status = run_refinement(report_cases, pipe, alignments, refine_cfg)
+    result, status = run_refinement(report_cases, pipe, alignments, refine_cfg, cache,
+                                    external)
     outputs = result.pop("outputs", {}) if result else {}
     rows = qualitative_rows(report_cases, alignments, outputs, int(cfg.qualitative.num_cases))
     if rows:
@@ -492,12 +551,14 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
             log.info("calibrated read-out written to %s", path)
     report = {
         "schema_version": SCHEMA_VERSION,
-        "warnings": report_warnings(verdict, held_out, sweep, status),
+        "warnings": report_warnings(verdict, held_out, sweep, status)
+        + [w for e in external.values() if (w := e.warning(len(report_cases)))],
         "meta": {"checkpoint": str(ckpt), "bench_dir": str(bench_dir),
                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                  "device": str(device),
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "versions": versions(), "run_dir": str(run_dir), "tracker": tracker},
+                 "versions": versions(), "run_dir": str(run_dir), "tracker": tracker,
+                 "cache": cache_summary(cache)},
         "data_provenance": verdict,
         "counts": {
             "cases_found": len(cases) + len(skipped), "cases_loaded": len(cases),
@@ -518,6 +579,10 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         "refinement_counts": _jsonable_metrics(result.get("counts", {})) if result else {},
         "refinement_per_case": _jsonable_metrics(result.get("per_case", {})) if result else {},
         "refinement_status": status,
+        "external_methods": {name: e.summary() for name, e in external.items()},
+        "refinement_paired": paired_with_ours(result["per_case"], external,
+                                              list(cfg.refinement.methods))
+        if result and external else {},
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},
     }

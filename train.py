@@ -35,10 +35,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data.provenance import write_training_data
+from data.provenance import UNKNOWN, read_training_data, write_training_data
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
-from models.checkpoint import ModelConfigInCheckpoint
+from models.checkpoint import ModelConfigInCheckpoint, warm_start
 from models.distributed import (
     ValidateAtLastStep,
     check_config,
@@ -82,7 +82,7 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
     None (torch's default). Spinning waiters steal the time slices of the working thread: on
     2 cores, 2 spinning threads beside 1 busy data worker made the main job's step about 2x
     slower than 1. Passive ones do not: 2 threads ran the main job 1.1x faster than 1 beside
-    its data worker on an idle machine (README, "The CPU main job")."""
+    its data worker on an idle machine (benchmarks/README.md, "The CPU main job")."""
     if cfg.get("num_threads"):
         return int(cfg.num_threads)
     if cfg.trainer.get("accelerator") != "cpu":
@@ -109,6 +109,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("torch CPU threads: %d", threads)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
+    inherited = None
+    if cfg.get("init_from"):
+        warm_start(module, cfg.init_from)
+        inherited = read_training_data(cfg.init_from) or {"unknown": {"source": UNKNOWN}}
     callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model)]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
@@ -133,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights = module.inference_state_dict()
         if trainer.is_global_zero:
             export_dir = save_pretrained(weights, cfg.model, Path(cfg.export_dir))
-            write_training_data(cfg.data, export_dir)
+            write_training_data(cfg.data, export_dir, inherited)
             write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,

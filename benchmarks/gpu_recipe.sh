@@ -8,8 +8,8 @@
 #   packages the machine lacks in .whl/)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_recipe.sh
 # EVAL=0 stops after training (evaluate the exports here, on the CPU machine, instead).
-# Files back in $OUT: <variant>.tar.partNN (cat them, then untar: the pipeline folder),
-# runs.tar.gz (train logs, metrics, sample grids, eval reports and figures, sampler comparisons).
+# Files back in $OUT: <variant>.tar.partNN (cat them, then untar: the pipeline folder), runs.tar.gz
+# (train logs, metrics, sample grids, eval reports and figures, sampler comparisons).
 set -u -o pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
@@ -53,7 +53,7 @@ wait
 for variant in $VARIANTS; do
   name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
   stamp "$name trained: $(grep -E 'best block|steps' "$RUNS/$name.train.log" | tail -3 | tr '\n' ' ')"
-  # files come back at most 16 MiB each: the pipeline folder travels in parts (cat, untar)
+  # output files stay under 16 MiB each: the pipeline folder is split into parts (cat, untar)
   tar cf - -C "$run" export | split -b 15M -d - "$OUT/$name.tar.part"
 done
 

@@ -50,7 +50,7 @@ def _get(data: dict[str, Any], *keys: str) -> Any:
 
 
 def run_summary(out: Path, skipped: list[str], elapsed: int, budget: int) -> dict[str, Any]:
-    """The rows README's "Scale and speed" table takes, from the JSON files of this run."""
+    """The rows of benchmarks/README.md's GPU tables, from the JSON files of this run."""
     files = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")
              if p.stem != "summary"}
     train, infer, infer_c = (files.get(k, {}) for k in ("train", "infer", "infer_compiled"))

@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 TRAINING_DATA = "training_data.yaml"
+UNKNOWN = "unknown"  # source of a warm start's inherited use when that export had no record
 LEGACY = "legacy"  # cases written before namespaces: SeedSequence([seed, index])
 
 
@@ -47,11 +48,19 @@ def training_data_record(data_cfg: DictConfig | Mapping[str, Any]) -> dict[str, 
                            "length": int(data_cfg.get("val_length", 0))}}
 
 
-def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path
-                        ) -> Path:
-    """Write ``training_data.yaml`` next to an export's weights."""
+def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path,
+                        inherited: Mapping[str, Any] | None = None) -> Path:
+    """Write ``training_data.yaml`` next to an export's weights.
+
+    ``inherited``: the record of the export a warm start began from; its uses are kept as
+    ``init_<use>`` entries, so a benchmark drawn from them is refused too.
+    """
     path = Path(export_dir) / TRAINING_DATA
-    body = OmegaConf.to_yaml(OmegaConf.create(training_data_record(data_cfg)))
+    record = training_data_record(data_cfg)
+    for name, use in (inherited or {}).items():
+        key = name if name.startswith("init_") else f"init_{name}"
+        record[key] = dict(use)
+    body = OmegaConf.to_yaml(OmegaConf.create(record))
     path.write_text("# written by train.py: the generated data this export saw; eval.py "
                     "refuses benchmarks drawn from it\n" + body)
     return path
@@ -99,6 +108,10 @@ def check_overlap(training: Mapping[str, Any] | None, metas: Iterable[Mapping[st
             message += (f"; {legacy} case(s) come from the pre-namespace generator, the one "
                         "such exports trained with: benchmark case i may be training item i")
         return {**result, "status": "unknown", "message": message}
+    if any(isinstance(u, Mapping) and u.get("source") == UNKNOWN for u in training.values()):
+        return {**result, "status": "unknown",
+                "message": "UNKNOWN PROVENANCE: the export was warm-started from an export "
+                           "without a training-data record"}
     uses = {name: u for name, u in training.items() if isinstance(u, Mapping)
             and u.get("namespace")}
     hits = [{**g, "use": name} for g in generators for name, u in uses.items()

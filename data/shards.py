@@ -37,7 +37,7 @@ from PIL import Image
 
 from data.geometry import Warp, make_target
 from data.masks import MaskConfig, make_mask
-from data.modes import to_sample
+from data.modes import mask_bbox, resize_image, resize_mask, to_sample
 from data.objects import ObjectView
 from data.synthetic import SyntheticPairs, draw_mode, working_sizes
 
@@ -121,22 +121,28 @@ def synthetic_records(num: int, seed: int, image_size: int = 64,
                           p.warp.target_to_reference, p.target.footprint, p.target.detail, meta)
 
 
-def _load_rgb(path: Path) -> np.ndarray:
+def load_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
 
-def _load_mask(path: Path) -> np.ndarray:
+def load_mask(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("L")) > 0
 
 
-def _find(folder: Path, stem: str) -> Path | None:
+def find_image(folder: Path, stem: str) -> Path | None:
     for ext in IMAGE_EXTENSIONS:
         for cand in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):
             if cand.is_file():
                 return cand
     return None
+
+
+def _border_fill(rgb: np.ndarray) -> tuple[int, ...]:
+    """Median colour of the image border (what padding is filled with)."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
 
 
 def _pad_square(img: np.ndarray, value) -> np.ndarray:
@@ -157,8 +163,7 @@ def edge_detail(rgb: np.ndarray, footprint: np.ndarray) -> np.ndarray:
 
 def object_view_from_image(rgb: np.ndarray, mask: np.ndarray | None, size: int) -> ObjectView:
     """A real object photo as a square reference view (padded with its border colour)."""
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    fill = tuple(int(v) for v in np.median(border, axis=0))
+    fill = _border_fill(rgb)
     fp = np.ones(rgb.shape[:2], np.uint8) if mask is None else mask.astype(np.uint8)
     rgb_sq = cv2.resize(_pad_square(rgb, fill), (size, size), interpolation=cv2.INTER_AREA)
     fp_sq = cv2.resize(_pad_square(fp * 255, 0), (size, size), interpolation=cv2.INTER_AREA)
@@ -167,29 +172,198 @@ def object_view_from_image(rgb: np.ndarray, mask: np.ndarray | None, size: int) 
                       meta={"source": "image"})
 
 
-def _resize_flow(flow: np.ndarray, ref_hw: tuple[int, int], tgt_size: int,
-                 ref_size: int) -> np.ndarray:
-    """Resample a target->reference flow to square target/reference working sizes."""
-    hr, wr = ref_hw
-    f = cv2.resize(flow.astype(np.float32), (tgt_size, tgt_size),
-                   interpolation=cv2.INTER_NEAREST)
-    f[..., 0] = (f[..., 0] + 0.5) * (ref_size / wr) - 0.5
-    f[..., 1] = (f[..., 1] + 0.5) * (ref_size / hr) - 0.5
-    return f
+FITS = ("squash", "pad", "crop")
+FLOW_KINK_PX = 0.5  # second difference (reference px) up to which a flow is interpolated
+
+
+@dataclass(frozen=True)
+class Window:
+    """The part of an original image that becomes a working square: top-left (x0, y0) and
+    size (w, h) in original pixels; it may extend past the image (padding).
+
+    Output pixel x covers original [x0 + x w / size, x0 + (x + 1) w / size), so pixel centres
+    map by `to_output` / `from_output` (a coordinate x is the centre of pixel column x).
+    """
+
+    x0: int
+    y0: int
+    w: int
+    h: int
+
+    def _scale(self, size: int) -> np.ndarray:
+        return np.array([size / self.w, size / self.h])
+
+    def to_output(self, pts: np.ndarray, size: int) -> np.ndarray:
+        """Original (x, y) -> working-square (x, y)."""
+        return (pts - np.array([self.x0, self.y0]) + 0.5) * self._scale(size) - 0.5
+
+    def from_output(self, pts: np.ndarray, size: int) -> np.ndarray:
+        """Working-square (x, y) -> original (x, y)."""
+        return (pts + 0.5) / self._scale(size) - 0.5 + np.array([self.x0, self.y0])
+
+    def cut(self, img: np.ndarray, fill) -> np.ndarray:
+        """The window's pixels (padded with `fill` where it leaves the image), not resized."""
+        h, w = img.shape[:2]
+        top, left = max(0, -self.y0), max(0, -self.x0)
+        bottom, right = max(0, self.y0 + self.h - h), max(0, self.x0 + self.w - w)
+        if top or left or bottom or right:
+            img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                     value=fill)
+        y0, x0 = self.y0 + top, self.x0 + left
+        return img[y0:y0 + self.h, x0:x0 + self.w]
+
+    def to_list(self) -> list[int]:
+        return [self.x0, self.y0, self.w, self.h]
+
+
+def fit_window(hw: tuple[int, int], fit: str, focus: np.ndarray | None = None) -> Window:
+    """Window of an (h, w) image for `fit`: "squash" the whole image (aspect ratio lost),
+    "pad" to the longer side (centred), or "crop" to the shorter side, centred on the box of
+    `focus` (bool [h, w], e.g. the object) when given, else on the image, inside the image."""
+    h, w = hw
+    if fit == "squash":
+        return Window(0, 0, w, h)
+    if fit == "pad":
+        s = max(h, w)
+        return Window(-((s - w) // 2), -((s - h) // 2), s, s)
+    if fit != "crop":
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    s = min(h, w)
+    box = mask_bbox(focus) if focus is not None else None
+    cx, cy = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2) if box else (w / 2, h / 2)
+    x0 = min(max(int(round(cx - s / 2)), 0), w - s)
+    y0 = min(max(int(round(cy - s / 2)), 0), h - s)
+    return Window(x0, y0, s, s)
+
+
+def sample_nearest_and_linear(img: np.ndarray, coords: np.ndarray
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`img` [H, W, ...] float at (x, y) `coords` [..., 2]: (nearest, bilinear, corners).
+
+    NaN outside the image; bilinear is NaN where any of the four corners is NaN or outside;
+    corners holds the four corner values [4, ..., C] (NaN outside) for consistency checks.
+    """
+    h, w = img.shape[:2]
+    x, y = coords[..., 0], coords[..., 1]
+    chans = img.shape[2:]
+    flat = img.reshape(h, w, -1).astype(np.float64)
+
+    def gather(xi: np.ndarray, yi: np.ndarray) -> np.ndarray:
+        ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        out = np.full((*xi.shape, flat.shape[2]), np.nan)
+        out[ok] = flat[yi[ok], xi[ok]]
+        return out
+
+    finite = np.isfinite(x) & np.isfinite(y)
+    x = np.where(finite, x, -10.0)
+    y = np.where(finite, y, -10.0)
+    nearest = gather(np.rint(x).astype(np.int64), np.rint(y).astype(np.int64))
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    corners = np.stack([gather(x0, y0), gather(x0 + 1, y0), gather(x0, y0 + 1),
+                        gather(x0 + 1, y0 + 1)])
+    with np.errstate(invalid="ignore"):  # inf corners: NaN, i.e. not interpolable
+        linear = ((1 - fx) * (1 - fy) * corners[0] + fx * (1 - fy) * corners[1]
+                  + (1 - fx) * fy * corners[2] + fx * fy * corners[3])
+    shape = coords.shape[:-1] + chans
+    return (nearest.reshape(shape), linear.reshape(shape),
+            corners.reshape((4, *shape)))
+
+
+def flow_kinks(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Second differences |f(x-1) - 2 f(x) + f(x+1)| of a flow along x and along y (the larger
+    of its two components), NaN where a neighbour is unknown, border pixels taking their inner
+    neighbour's: ~0 on a smooth surface, the size of the jump beside a depth edge."""
+    f = flow.astype(np.float64)
+    out = []
+    for axis in (1, 0):
+        g = np.moveaxis(f, axis, 0)
+        d2 = np.full(g.shape[:2], np.nan)
+        if len(g) >= 3:
+            d2[1:-1] = np.abs(g[:-2] - 2 * g[1:-1] + g[2:]).max(-1)
+            d2[0], d2[-1] = d2[1], d2[-2]
+        out.append(np.moveaxis(d2, 0, axis))
+    return out[0], out[1]
+
+
+def sample_flow(flow: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """A target->reference flow at target (x, y) `coords`: bilinear where the four neighbours
+    lie on one smooth piece (no second difference over FLOW_KINK_PX along either axis, with
+    at least one known per row and column of the cell), else the nearest pixel's value, so
+    values are never blended across a depth edge; NaN outside or where unknown."""
+    nearest, linear, _ = sample_nearest_and_linear(flow, coords)
+    kx, ky = flow_kinks(flow)
+    _, _, cx = sample_nearest_and_linear(kx, coords)  # corners (x0,y0) (x1,y0) (x0,y1) (x1,y1)
+    _, _, cy = sample_nearest_and_linear(ky, coords)
+    smooth = (np.isfinite(linear).all(-1)
+              & (np.fmax(cx[0], cx[1]) <= FLOW_KINK_PX) & (np.fmax(cx[2], cx[3]) <= FLOW_KINK_PX)
+              & (np.fmax(cy[0], cy[2]) <= FLOW_KINK_PX) & (np.fmax(cy[1], cy[3]) <= FLOW_KINK_PX))
+    return np.where(smooth[..., None], linear, nearest).astype(np.float32)
+
+
+def flow_pair_record(key: str, reference_rgb: np.ndarray, target_rgb: np.ndarray,
+                     target_to_reference: np.ndarray, meta: dict, reference_size: int,
+                     target_size: int, fit: str = "squash",
+                     target_mask: np.ndarray | None = None,
+                     reference_mask: np.ndarray | None = None) -> dict | None:
+    """A multi-view pair given by a dense flow, as a shard record at working sizes.
+
+    `target_to_reference` [Ht, Wt, 2]: reference (x, y) of each target pixel in original
+    pixels, NaN where unknown (occluded, no depth, outside). Both views are brought to
+    squares by `fit` (see `fit_window`; "pad" and "crop" keep the aspect ratio) and the flow
+    is resampled and re-expressed in the same way, so it stays exact up to sampling. The
+    footprint is the target mask (or every pixel) where the flow lands in the reference
+    square. Returns None when no target pixel keeps a correspondence.
+    """
+    ht, wt = target_rgb.shape[:2]
+    if target_to_reference.shape != (ht, wt, 2):
+        raise ValueError(f"flow shape {target_to_reference.shape} != target {(ht, wt, 2)}")
+    known = np.isfinite(target_to_reference).all(-1)
+    focus = known if target_mask is None else known & target_mask
+    t_win = fit_window((ht, wt), fit, focus)
+    if reference_mask is None and fit == "crop" and focus.any():
+        reference_mask = np.zeros(reference_rgb.shape[:2], bool)
+        q = np.rint(target_to_reference[focus]).astype(np.int64)
+        hr, wr = reference_mask.shape
+        q = q[(q[:, 0] >= 0) & (q[:, 0] < wr) & (q[:, 1] >= 0) & (q[:, 1] < hr)]
+        reference_mask[q[:, 1], q[:, 0]] = True
+    r_win = fit_window(reference_rgb.shape[:2], fit, reference_mask)
+
+    ys, xs = np.mgrid[0:target_size, 0:target_size].astype(np.float64)
+    src = t_win.from_output(np.stack([xs, ys], -1), target_size)
+    t2r = r_win.to_output(sample_flow(target_to_reference, src).astype(np.float64),
+                          reference_size).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        valid = (np.isfinite(t2r).all(-1) & (t2r[..., 0] > -0.5) & (t2r[..., 1] > -0.5)
+                 & (t2r[..., 0] < reference_size - 0.5) & (t2r[..., 1] < reference_size - 0.5))
+    fp = valid
+    if target_mask is not None:
+        cut = t_win.cut(target_mask.astype(np.uint8), 0).astype(bool)
+        fp = valid & resize_mask(cut, target_size, keep_nonempty=False)
+    if not fp.any():
+        return None
+    t2r[~valid] = np.nan
+    tgt_sq = resize_image(t_win.cut(target_rgb, _border_fill(target_rgb)), target_size)
+    ref_sq = resize_image(r_win.cut(reference_rgb, _border_fill(reference_rgb)), reference_size)
+    meta = {**meta, "warp": {}, "fit": fit, "target_window": t_win.to_list(),
+            "reference_window": r_win.to_list()}
+    return make_record(key, ref_sq, tgt_sq, t2r, fp, edge_detail(tgt_sq, fp), meta)
 
 
 def image_folder_records(folder: str | Path, seed: int, image_size: int = 64,
-                         reference_size: int = 224) -> Iterator[dict]:
+                         reference_size: int = 224, fit: str = "squash") -> Iterator[dict]:
     """Records from real images in `folder` (sorted, deterministic given `seed`).
 
     - `<name>.<ext>` (+ optional `<name>_mask.png` footprint): an object photo, paired with
       a random synthetic warp of itself (self-supervised pair, exact correspondence).
     - `<name>_ref.<ext>`, `<name>_tgt.<ext>`, `<name>_flow.npy` (target->reference (x, y)
       in original pixels, NaN where unknown), optional `<name>_tgt_mask.png`: a multi-view
-      pair. Pairs without a flow are skipped with a warning.
-    Images are resized to square working sizes (aspect not preserved for multi-view pairs).
+      pair, brought to squares by `fit` (`flow_pair_record`; "squash" loses the aspect
+      ratio). Pairs without a flow are skipped with a warning.
     """
     folder = Path(folder)
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     ref_res, tgt_res = working_sizes(image_size, reference_size)
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -201,36 +375,35 @@ def image_folder_records(folder: str | Path, seed: int, image_size: int = 64,
         key = f"{idx:08d}_{''.join(c if c.isalnum() else '_' for c in stem)}"
         if stem.endswith("_ref"):
             name = stem[: -len("_ref")]
-            tgt_path, flow_path = _find(folder, f"{name}_tgt"), folder / f"{name}_flow.npy"
+            tgt_path, flow_path = find_image(folder, f"{name}_tgt"), folder / f"{name}_flow.npy"
             if tgt_path is None or not flow_path.is_file():
                 log.warning("skipping multi-view pair %s: missing %s", name,
                             "target image" if tgt_path is None else "flow (.npy)")
                 continue
-            ref = _load_rgb(path)
-            tgt = _load_rgb(tgt_path)
+            tgt = load_rgb(tgt_path)
             flow = np.load(flow_path, allow_pickle=False)
             if flow.shape != (*tgt.shape[:2], 2):
                 log.warning("skipping multi-view pair %s: flow shape %s != target %s", name,
                             flow.shape, tgt.shape[:2])
                 continue
-            t2r = _resize_flow(flow, ref.shape[:2], tgt_res, ref_res)
-            valid = (np.isfinite(t2r).all(-1) & (t2r[..., 0] > -0.5) & (t2r[..., 1] > -0.5)
-                     & (t2r[..., 0] < ref_res - 0.5) & (t2r[..., 1] < ref_res - 0.5))
-            mask_path = _find(folder, f"{name}_tgt_mask")
-            fp = valid
-            if mask_path is not None:
-                m = cv2.resize(_load_mask(mask_path).astype(np.uint8), (tgt_res, tgt_res),
-                               interpolation=cv2.INTER_NEAREST).astype(bool)
-                fp = m & valid
-            t2r[~valid] = np.nan
-            tgt_sq = cv2.resize(tgt, (tgt_res, tgt_res), interpolation=cv2.INTER_AREA)
-            ref_sq = cv2.resize(ref, (ref_res, ref_res), interpolation=cv2.INTER_AREA)
-            meta = {"source": "multiview", "name": name, "warp": {}}
-            yield make_record(key, ref_sq, tgt_sq, t2r, fp, edge_detail(tgt_sq, fp), meta)
+            mask_path = find_image(folder, f"{name}_tgt_mask")
+            mask = load_mask(mask_path) if mask_path is not None else None
+            if mask is not None and mask.shape != tgt.shape[:2]:
+                log.warning("skipping multi-view pair %s: target mask size %s != target %s",
+                            name, mask.shape, tgt.shape[:2])
+                continue
+            rec = flow_pair_record(key, load_rgb(path), tgt, flow,
+                                   {"source": "multiview", "name": name}, ref_res, tgt_res,
+                                   fit, target_mask=mask)
+            if rec is None:
+                log.warning("skipping multi-view pair %s: no target pixel lands in the "
+                            "reference", name)
+                continue
+            yield rec
             continue
-        mask_path = _find(folder, f"{stem}_mask")
-        mask = _load_mask(mask_path) if mask_path is not None else None
-        rgb = _load_rgb(path)
+        mask_path = find_image(folder, f"{stem}_mask")
+        mask = load_mask(mask_path) if mask_path is not None else None
+        rgb = load_rgb(path)
         if mask is not None and mask.shape != rgb.shape[:2]:
             log.warning("skipping %s: mask size %s != image %s", stem, mask.shape, rgb.shape[:2])
             continue

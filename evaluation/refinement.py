@@ -4,7 +4,9 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
 
 - ``input``: the image unchanged;
 - ``telea``: OpenCV TELEA inpainting of the (dilated) mask, no reference;
-- ``whole_reference``: our model given the whole reference (Paint-by-Example style);
+- ``ours_whole_reference``: our model given the whole reference (Paint-by-Example style;
+  ``whole_reference`` before report schema 3, renamed apart from the correspondence
+  baseline of that name);
 - ``aligned_crop``: Refine-by-Align, the crop the alignment stage found;
 - ``oracle_crop``: our model given the ground-truth crop (training's square crop around
   ``reference_mask`` with the alignment stage's margin, ``cfg.alignment.margin``); cases
@@ -38,6 +40,8 @@ from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
 from evaluation import metrics as M
+from evaluation.cache import CaseRecord, RunCache, stage
+from evaluation.sweep import case_noise_seed
 from models.alignment import Alignment, crop, reference_crop_box
 from models.image_processor import ImageProcessor, reference_tensor
 from models.pipeline import (
@@ -61,9 +65,9 @@ def _failed(what: str, ids: Sequence[str], err: Exception) -> RefinementError:
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "refinement" / "default.yaml"
-METHODS = ("input", "telea", "whole_reference", "aligned_crop", "oracle_crop",
+METHODS = ("input", "telea", "ours_whole_reference", "aligned_crop", "oracle_crop",
            "copy_from_reference")
-MODEL_METHODS = ("whole_reference", "aligned_crop", "oracle_crop")
+MODEL_METHODS = ("ours_whole_reference", "aligned_crop", "oracle_crop")
 
 
 def default_config() -> DictConfig:
@@ -127,84 +131,67 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
-def run_methods(
-    cases: Sequence[BenchmarkCase],
-    pipe: RefineByAlignPipeline,
-    alignments: Mapping[str, Alignment] | None,
-    cfg: DictConfig,
-    progress: bool = True,
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
-    """Every method's output per case: ({method: {case_id: uint8}}, counts)."""
-    methods = list(cfg.methods)
+def check_methods(methods: Sequence[str]) -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    alignment, refinement = _alignment_config(cfg), refinement_config(cfg)
-    outputs: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
-    counts: dict[str, int] = defaultdict(int)
-    alignments = dict(alignments or {})
 
-    if "aligned_crop" in methods:
-        missing = [c for c in cases if c.id not in alignments]
-        for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
-                         leave=False):
-            alignments[case.id] = pipe.align(case.image, case.mask, case.reference,
-                                             int(cfg.seed), alignment)
-        counts["aligned_on_the_fly"] = len(missing)
 
-    for case in tqdm(cases, desc="classical methods", leave=False, disable=not progress):
-        method = "input"
+def reference_for(method: str, case: BenchmarkCase, alignments: Mapping[str, Alignment],
+                  margin: float) -> torch.Tensor | None:
+    """What a model method conditions on; None when the case has none (oracle_crop without a
+    reference_mask)."""
+    if method == "ours_whole_reference":
+        return reference_tensor(case.reference)
+    if method == "aligned_crop":
+        return alignments[case.id].crop.detach().float().cpu()
+    if case.reference_mask is None:
+        return None
+    return oracle_crop(case.reference, case.reference_mask, margin)
+
+
+def run_batch(method: str, batch: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
+              alignments: Mapping[str, Alignment], cfg: DictConfig
+              ) -> dict[str, tuple[np.ndarray | None, dict[str, bool]]]:
+    """One method on a batch of cases: {case_id: (uint8 output or None, flags)}; flags say
+    ``fallback`` (copy_from_reference kept the input) or ``skipped`` (no output).
+
+    Model methods draw each case's noise from its own seed (:func:`case_noise_seed` of
+    ``cfg.seed`` and the case id): every model method sees the same noise on a case, and a
+    case's output does not depend on its batch or on the order of the run.
+    """
+    out: dict[str, tuple[np.ndarray | None, dict[str, bool]]] = {}
+    if method not in MODEL_METHODS:
+        for case in batch:
+            try:
+                if method == "input":
+                    out[case.id] = case.image.copy(), {}
+                elif method == "telea":
+                    out[case.id] = telea(case.image, case.mask, int(cfg.telea_radius),
+                                         int(cfg.dilate)), {}
+                else:
+                    image, fell_back = copy_from_reference(case.image, case.mask,
+                                                           case.reference, int(cfg.dilate),
+                                                           int(cfg.feather))
+                    out[case.id] = image, {"fallback": fell_back}
+            except Exception as err:
+                raise _failed(f"method {method}", [case.id], err) from err
+        return out
+    refs = [(c, reference_for(method, c, alignments, float(cfg.alignment.margin)))
+            for c in batch]
+    todo = [(c, r) for c, r in refs if r is not None]
+    results: list[np.ndarray] = []
+    if todo:
         try:
-            if "input" in methods:
-                outputs["input"][case.id] = case.image.copy()
-            method = "telea"
-            if "telea" in methods:
-                outputs["telea"][case.id] = telea(case.image, case.mask, int(cfg.telea_radius),
-                                                  int(cfg.dilate))
-            method = "copy_from_reference"
-            if "copy_from_reference" in methods:
-                out, fell_back = copy_from_reference(case.image, case.mask, case.reference,
-                                                     int(cfg.dilate), int(cfg.feather))
-                outputs["copy_from_reference"][case.id] = out
-                counts["copy_from_reference_fallback"] += int(fell_back)
+            results = pipe([c.image for c, _ in todo], [c.mask for c, _ in todo],
+                           [r for _, r in todo], refinement_config(cfg), align=False,
+                           seed=[case_noise_seed(int(cfg.seed), c.id) for c, _ in todo]).images
         except Exception as err:
-            raise _failed(f"method {method}", [case.id], err) from err
-
-    def reference_for(method: str, case: BenchmarkCase) -> torch.Tensor | None:
-        if method == "whole_reference":
-            return reference_tensor(case.reference)
-        if method == "aligned_crop":
-            return alignments[case.id].crop.detach().float().cpu()
-        if case.reference_mask is None:
-            return None
-        return oracle_crop(case.reference, case.reference_mask,
-                           float(cfg.alignment.margin))
-
-    model_methods = [m for m in methods if m in MODEL_METHODS]
-    batches = _batches(list(cases), int(cfg.batch_size))
-    bar = tqdm(total=len(model_methods) * len(cases), desc="refine", unit="case",
-               disable=not progress)
-    for method in model_methods:
-        bar.set_postfix(method=method)
-        for index, batch in enumerate(batches):
-            refs = [(c, reference_for(method, c)) for c in batch]
-            todo = [(c, r) for c, r in refs if r is not None]
-            if method == "oracle_crop":
-                counts["oracle_crop_skipped_no_reference_mask"] += len(refs) - len(todo)
-            if todo:
-                # the same seed per batch index: every model method sees the same noise
-                # (unless oracle_crop dropped a case of the batch for want of a GT region)
-                try:
-                    results = pipe([c.image for c, _ in todo], [c.mask for c, _ in todo],
-                                   [r for _, r in todo], refinement, align=False,
-                                   seed=int(cfg.seed) + index).images
-                except Exception as err:
-                    raise _failed(f"method {method}", [c.id for c, _ in todo], err) from err
-                for (case, _), out in zip(todo, results, strict=True):
-                    outputs[method][case.id] = out
-            bar.update(len(batch))
-    bar.close()
-    return outputs, dict(counts)
+            raise _failed(f"method {method}", [c.id for c, _ in todo], err) from err
+    done = {c.id: image for (c, _), image in zip(todo, results, strict=True)}
+    for case, _ in refs:
+        out[case.id] = (done[case.id], {}) if case.id in done else (None, {"skipped": True})
+    return out
 
 
 def score_outputs(
@@ -257,11 +244,18 @@ def evaluate_refinement(
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig | None = None,
     progress: bool = True,
+    cache: RunCache | None = None,
+    external: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Run every method of ``cfg.methods`` on ``cases`` and score them.
+    """Run every method of ``cfg.methods`` on ``cases`` and score them, and score the
+    ``external`` methods' outputs ({name: {case_id: uint8 image}}, see evaluation/external.py)
+    the same way, in the same tables.
 
     ``alignments`` maps case id -> the alignment stage's answer (calibrated t*, l*); cases
     missing from it are aligned here with ``cfg.alignment`` (counted as aligned_on_the_fly).
+    Each batch of each method is run and scored in turn; with a ``cache``
+    (:mod:`evaluation.cache`) its outputs and scores are kept as it finishes (stage
+    ``refinement/<method>``) and a resumed run reuses them.
     Returns ``{"methods": {method: {metric: value}}, "by_category": {category: {method:
     {metric: value}}}, "per_case": {method: {case_id: {metric: value}}}, "counts": {...},
     "outputs": {case_id: {method: uint8 HxWx3}}}``; per-case scores let two exports be
@@ -273,41 +267,95 @@ def evaluate_refinement(
     and a method or metric failing on a case raises :class:`RefinementError` naming it.
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
-    outputs, counts = run_methods(cases, pipe, alignments, cfg, progress)
+    methods = list(cfg.methods)
+    check_methods(methods)
+    counts: dict[str, Any] = defaultdict(int)
+    alignments = dict(alignments or {})
+    if "aligned_crop" in methods:
+        missing = [c for c in cases if c.id not in alignments]
+        for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
+                         leave=False):
+            alignments[case.id] = pipe.align(case.image, case.mask, case.reference,
+                                             int(cfg.seed), _alignment_config(cfg))
+        counts["aligned_on_the_fly"] = len(missing)
+
+    device = str(pipe.device)
+    outputs: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    per_case: dict[str, dict[str, dict[str, M.Value]]] = {m: {} for m in methods}
+    batches = _batches(list(cases), int(cfg.batch_size))
+    bar = tqdm(total=len(methods) * len(cases), desc="refine", unit="case",
+               disable=not progress)
+    for method in methods:
+        bar.set_postfix(method=method)
+        store = stage(cache, f"refinement/{method}")
+        for index, batch in enumerate(batches):
+            ids = [c.id for c in batch]
+            found = store.get(ids) if store is not None else None
+            if found is None:
+                produced = run_batch(method, batch, pipe, alignments, cfg)
+                images = {i: image for i, (image, _) in produced.items() if image is not None}
+                scores = score_outputs(batch, images, cfg, device)
+                found = [CaseRecord({"metrics": scores.get(i), "flags": produced[i][1]},
+                                    {"output": images[i]} if i in images else {}) for i in ids]
+                if store is not None:
+                    store.put(f"batch{index:05d}", dict(zip(ids, found, strict=True)),
+                              compress=True)
+            for case_id, record in zip(ids, found, strict=True):
+                if "output" in record.arrays:
+                    outputs[method][case_id] = record.arrays["output"]
+                    per_case[method][case_id] = record.values["metrics"]
+                flags = record.values["flags"]
+                if method == "copy_from_reference":
+                    counts["copy_from_reference_fallback"] += int(flags.get("fallback", False))
+                if method == "oracle_crop":
+                    counts["oracle_crop_skipped_no_reference_mask"] += int(
+                        flags.get("skipped", False))
+            bar.update(len(batch))
+    bar.close()
+    for name, images in (external or {}).items():
+        outputs[name] = dict(images)
+        per_case[name] = {}
+        for batch in batches:
+            per_case[name] |= score_outputs(batch, images, cfg, device)
+    return summarise(cases, per_case, outputs, cfg, device, dict(counts), progress)
+
+
+def summarise(cases: Sequence[BenchmarkCase],
+              per_case: Mapping[str, Mapping[str, Mapping[str, M.Value]]],
+              outputs: Mapping[str, Mapping[str, np.ndarray]], cfg: DictConfig, device: str,
+              counts: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Means per method and per category (FID over each set of outputs), and the counts."""
     categories: dict[str, list[str]] = defaultdict(list)
     for case in cases:
         categories[case.category].append(case.id)
-
-    device = str(pipe.device)
     fid = M.load_fid(cfg.metrics.fid.feature_extractor_weights_path,
                      int(cfg.metrics.fid.feature), device)
     by_id = {c.id: c for c in cases}
     methods: dict[str, dict[str, M.Value]] = {}
     by_category: dict[str, dict[str, dict[str, M.Value]]] = {cat: {} for cat in categories}
-    scored: dict[str, int] = {}
-    scores_by_method: dict[str, dict[str, dict[str, M.Value]]] = {}
-    for method in tqdm(list(cfg.methods), desc="metrics", leave=False, disable=not progress):
+    for method in tqdm(list(per_case), desc="metrics", leave=False, disable=not progress):
         out = outputs[method]
-        per_case = scores_by_method[method] = score_outputs(cases, out, cfg, device)
-        scored[method] = len(per_case)
 
         def fid_of(ids: Sequence[str], out: Mapping[str, np.ndarray] = out) -> M.Value:
             pairs = [(out[i], by_id[i].target) for i in ids
                      if i in out and by_id[i].target is not None]
             return M.fid_score(fid, [o for o, _ in pairs], [t for _, t in pairs])
 
-        methods[method] = {**aggregate(per_case, list(by_id)), "fid": fid_of(list(by_id))}
+        methods[method] = {**aggregate(per_case[method], list(by_id)), "fid": fid_of(list(by_id))}
         for cat, ids in categories.items():
-            by_category[cat][method] = {**aggregate(per_case, ids), "fid": fid_of(ids)}
+            by_category[cat][method] = {**aggregate(per_case[method], ids), "fid": fid_of(ids)}
 
     counts.update({
         "cases": len(cases),
         "with_target": sum(c.target is not None for c in cases),
         "with_reference_mask": sum(c.reference_mask is not None for c in cases),
         "by_category": {cat: len(ids) for cat, ids in categories.items()},
-        "scored": scored,
+        "scored": {m: len(v) for m, v in per_case.items()},
+        "scored_by_category": {cat: {m: sum(i in v for i in ids) for m, v in per_case.items()}
+                               for cat, ids in categories.items()},
     })
-    per_image = {c.id: {m: outputs[m][c.id] for m in cfg.methods if c.id in outputs[m]}
+    per_image = {c.id: {m: outputs[m][c.id] for m in per_case if c.id in outputs[m]}
                  for c in cases}
-    return {"methods": methods, "by_category": by_category, "per_case": scores_by_method,
-            "counts": counts, "outputs": per_image}
+    return {"methods": methods, "by_category": by_category,
+            "per_case": {m: dict(v) for m, v in per_case.items()}, "counts": counts,
+            "outputs": per_image}

@@ -1,12 +1,15 @@
 """report.json / report.md of an eval.py run, and the schema check the tests (and you) can use.
 
-report.json schema (version 2; also in docs/report_schema.md)::
+report.json schema (version 3; also in docs/report_schema.md)::
 
-    schema_version: 2
+    schema_version: 3          (2: the refinement method ours_whole_reference was whole_reference,
+                                the name of a correspondence baseline; :func:`upgrade_report`
+                                reads older reports with today's names)
     warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
                            provenance, no held-out split, a failed stage); report.md starts here
     meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version},
-                  run_dir, tracker: null | {id, project, entity, name, mode, run_dir, url}}
+                  run_dir, tracker: null | {id, project, entity, name, mode, run_dir, url},
+                  cache: null | {dir, resumed, reused: {stage: int}, computed: {stage: int}}}
     data_provenance: {status: disjoint | overlap | unknown | not_generated, message,
                       training: null | {train: {...}, validation: {...}},
                       benchmark: {generators: [{namespace, seed, cases}], not_generated},
@@ -45,6 +48,11 @@ report.json schema (version 2; also in docs/report_schema.md)::
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
     refinement_status: {run: bool, reason: str | null, error: str | null}
+    external_methods: {name: {dir, cases_scored, missing: [case id], resized: [case id],
+                       unused_files}}     other systems' outputs (external_methods.NAME=DIR),
+                       scored as refinement methods under their name
+    refinement_paired: {name: {difference: "ours - <name>", vs: {our method: {metric:
+                        {cases, mean_difference, ci95: [low, high], ours_better_cases}}}}}
     alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
 
@@ -53,13 +61,16 @@ All mIoU values are in [0, 1] (NaN is allowed only where no case could be scored
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# refinement methods renamed at a schema version: {version: {old name: new name}}
+RENAMED_METHODS = {3: {"whole_reference": "ours_whole_reference"}}
 BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
 COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
               "without_reference_mask", "with_target", "sweep_cases", "calibration_cases",
@@ -71,6 +82,40 @@ TableRows = tuple[list[str], list[list[Any]]]  # (header, rows): report.md and t
 
 class ReportError(ValueError):
     """A report that does not follow the schema; the message lists every problem."""
+
+
+def upgrade_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """``report`` (any schema version) with today's refinement method names, for readers of
+    reports written before a rename (``RENAMED_METHODS``); ``upgraded_from`` records the
+    version it was written with. A current report is returned as it is."""
+    version = report.get("schema_version", 1)
+    renames = {old: new for since, names in RENAMED_METHODS.items() if version < since
+               for old, new in names.items()}
+    if not renames:
+        return dict(report)
+
+    def renamed(methods: Any) -> Any:
+        if not isinstance(methods, Mapping):
+            return methods
+        return {renames.get(k, k): v for k, v in methods.items()}
+
+    out = copy.deepcopy(dict(report))
+    for key in ("refinement", "refinement_per_case"):
+        if key in out:
+            out[key] = renamed(out[key])
+    if isinstance(out.get("refinement_by_category"), Mapping):
+        out["refinement_by_category"] = {cat: renamed(methods) for cat, methods in
+                                         out["refinement_by_category"].items()}
+    counts = out.get("refinement_counts")
+    if isinstance(counts, Mapping) and isinstance(counts.get("scored"), Mapping):
+        counts["scored"] = renamed(counts["scored"])
+    out["schema_version"], out["upgraded_from"] = SCHEMA_VERSION, version
+    return out
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """report.json at ``path``, upgraded to today's method names (:func:`upgrade_report`)."""
+    return upgrade_report(json.loads(Path(path).read_text()))
 
 
 def _is_number(value: Any) -> bool:
@@ -235,6 +280,14 @@ def validate_report(report: Mapping[str, Any]) -> None:
             if not isinstance(metrics, Mapping) or not all(
                     _is_number(v) or isinstance(v, str) for v in metrics.values()):
                 problems.append(f"refinement.{method}: expected {{metric: number | note}}")
+    for key in ("external_methods", "refinement_paired"):
+        if key in report and not isinstance(report[key], Mapping):
+            problems.append(f"{key}: expected an object")
+    external = report.get("external_methods")
+    for name, ext in (external.items() if isinstance(external, Mapping) else ()):
+        if not isinstance(ext, Mapping) or not isinstance(ext.get("missing"), list):
+            problems.append(f"external_methods.{name}: expected {{dir, cases_scored, "
+                            "missing: [...], ...}")
     status = report.get("refinement_status")
     if not isinstance(status, Mapping) or not isinstance(status.get("run"), bool) or \
             not {"reason", "error"} <= set(status):
@@ -408,6 +461,58 @@ def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def paired_table(node: Mapping[str, Any]) -> TableRows:
+    """One external method paired with each of ours: per metric, mean of ours minus it
+    [95% interval], and cases ours wins / cases paired."""
+    metrics: list[str] = []
+    for row in node["vs"].values():
+        metrics += [m for m in row if m not in metrics]
+    rank = {m: i for i, m in enumerate(METRIC_ORDER)}
+    metrics.sort(key=lambda m: rank.get(m, len(rank)))
+
+    def cell(r: Mapping[str, Any] | None) -> str:
+        if r is None:
+            return "--"
+        low, high = r["ci95"]
+        return (f"{r['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+                f"{r['ours_better_cases']}/{r['cases']}")
+
+    return (["ours", *metrics],
+            [[method, *(cell(row.get(m)) for m in metrics)] for method, row in node["vs"].items()])
+
+
+def _external_lines(report: Mapping[str, Any]) -> list[str]:
+    """Each external method's source, missing cases and paired comparison with ours."""
+    out: list[str] = []
+    paired = report.get("refinement_paired") or {}
+    for name, ext in (report.get("external_methods") or {}).items():
+        missing = ext["missing"]
+        out += [f"### External method `{name}` vs ours (paired)", "",
+                f"Outputs from `{ext['dir']}`: {ext['cases_scored']} case(s) scored"
+                + (f", {len(ext['resized'])} resized to the case's size" if ext["resized"]
+                   else "")
+                + (f"; **missing {len(missing)}**: {', '.join(missing)}" if missing else "")
+                + ".", ""]
+        if name in paired:
+            out += [f"Ours minus {name} per case, over the cases both scored (lower is better "
+                    "for l1: a negative difference is ours better there); mean [95% bootstrap "
+                    "interval], then cases ours wins / cases paired.", ""]
+            out += _table(*paired_table(paired[name]))
+    return out
+
+
+def _cache_lines(cache: Mapping[str, Any] | None) -> list[str]:
+    """Whether the run resumed from its cache, and how many case results it reused."""
+    if not cache:
+        return []
+    reused, computed = sum(cache["reused"].values()), sum(cache["computed"].values())
+    if not cache["resumed"]:
+        return [f"- per-case cache: `{cache['dir']}` ({computed} case result(s) computed)"]
+    stages = ", ".join(f"{n} {k}" for n, k in cache["reused"].items() if k) or "none"
+    return [f"- **resumed** from `{cache['dir']}`: {reused} case result(s) reused ({stages}), "
+            f"{computed} computed"]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """report.md: warnings first, then counts, correspondence (held-out headline, in-sample
     secondary, stability), refinement, figures."""
@@ -419,8 +524,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += [f"- checkpoint: `{meta['checkpoint']}`", f"- benchmark: `{meta['bench_dir']}`",
             f"- benchmark vs training data: **{provenance['status']}**: "
             f"{provenance['message']}",
-            f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`",
-            "", "## Cases", ""]
+            f"- device: {meta['device']}, date: {meta['date']}", f"- command: `{meta['command']}`"]
+    out += _cache_lines(meta.get("cache"))
+    out += ["", "## Cases", ""]
     out += _table(["count", "value"], [[k, v] for k, v in counts.items()])
     corr = report.get("correspondence")
     out += ["## Correspondence (alignment stage)", ""]
@@ -442,6 +548,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out += _table(*metric_table(report["refinement"]))
     for cat, methods in report.get("refinement_by_category", {}).items():
         out += [f"### {cat}", ""] + _table(*metric_table(methods))
+    out += _external_lines(report)
     align = report["alignment"]
     out += ["## Chosen alignment (alignment.yaml)", "",
             f"timestep {align['timestep']}, block {align['block']}, threshold "

@@ -16,12 +16,15 @@ wins, and the spread of the chosen cell's held-out score.
 Beyond the paper: the min-max normalised maps of the top-k cells (and of several noise seeds)
 are averaged before thresholding.
 
-Noise: each case's noise is drawn from its own generator seeded with (seed, case position), so
-a case's maps do not depend on which cases share its batch.
+Noise: each case's noise is drawn from its own generator seeded with (seed, case id), so a
+case's maps depend neither on which cases share its batch nor on the other cases of the
+benchmark. With a :class:`evaluation.cache.Store`, each batch's vectors and scores are kept as
+it finishes and reused by a resumed run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
+from evaluation.cache import CaseRecord, Store
 from models.alignment import attention_vectors, resize_reference
 from models.attention_capture import cross_attention_blocks
 from models.correspondence import (
@@ -173,10 +177,11 @@ def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], li
 
 
 # ----------------------------------------------------------------------------- capture
-def case_noise_seed(seed: int, index: int) -> int:
-    """The sweep's noise seed for case ``index`` of its case list under sweep seed ``seed``:
-    one draw per case, independent of how the cases are batched."""
-    return int(seed) * 1_000_003 + int(index)
+def case_noise_seed(seed: int, case_id: str) -> int:
+    """The noise seed of case ``case_id`` under seed ``seed``: a function of the case alone,
+    so it does not depend on batching, on run order or on the other cases."""
+    digest = hashlib.sha256(f"{int(seed)}/{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
 
 
 @torch.no_grad()
@@ -208,7 +213,7 @@ def collect_vectors(
         refs = torch.cat([resize_reference(t[2], encoder.image_size) for t in tensors])
         context = encoder(refs.to(device))
         for s, seed in enumerate(seeds):
-            noise_seeds = [case_noise_seed(seed, start + i) for i in range(len(chunk))]
+            noise_seeds = [case_noise_seed(seed, c.id) for c in chunk]
             vectors = attention_vectors(pipe.unet, pipe.autoencoder, pipe.scheduler, image,
                                         mask, context, timesteps, blocks,
                                         noise_seeds=noise_seeds, readout=readout,
@@ -425,13 +430,52 @@ def calibrate(scores: tuple[np.ndarray, np.ndarray], case_ids: Sequence[str],
 
 
 # ----------------------------------------------------------------------------- entry
+def scored_vectors(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
+                   timesteps: Sequence[int], blocks: Sequence[int], cfg: SweepConfig,
+                   progress: bool = True, store: Store | None = None
+                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Vectors [N, S, T, L, tokens] and IoU tables (mask, box) [N, S, T, L] of every case,
+    batch by batch; with a ``store``, a batch found there is reused and a computed one kept."""
+    encoder = pipe.reference_encoder
+    n, s, t, l_ = len(cases), len(cfg.seeds), len(timesteps), len(blocks)
+    vectors = torch.zeros(n, s, t, l_, encoder.num_tokens)
+    scores_mask, scores_box = np.zeros((n, s, t, l_)), np.zeros((n, s, t, l_))
+    bar = tqdm(total=n, desc=f"sweep ({cfg.readout})", unit="case", disable=not progress)
+    for start in range(0, n, cfg.batch_size):
+        chunk = cases[start: start + cfg.batch_size]
+        ids = [c.id for c in chunk]
+        found = store.get(ids) if store is not None else None
+        if found is None:
+            vec = collect_vectors(pipe, chunk, timesteps, blocks, cfg.seeds, len(chunk),
+                                  False, cfg.readout)
+            grids = normalised_grids(vec, encoder.grid, encoder.num_prefix_tokens)
+            found = []
+            for i, case in enumerate(chunk):
+                gt = torch.from_numpy(np.array(case.reference_mask))
+                m, b = score_grids(grids[i].reshape(-1, *grids.shape[-2:]), gt, cfg.threshold)
+                found.append(CaseRecord(arrays={"vectors": vec[i].numpy(),
+                                                "mask": m.view(s, t, l_).numpy(),
+                                                "box": b.view(s, t, l_).numpy()}))
+            if store is not None:
+                store.put(f"batch{start // cfg.batch_size:05d}", dict(zip(ids, found,
+                                                                          strict=True)))
+        for i, record in enumerate(found, start):
+            vectors[i] = torch.from_numpy(record.arrays["vectors"])
+            scores_mask[i], scores_box[i] = record.arrays["mask"], record.arrays["box"]
+        bar.update(len(chunk))
+    bar.close()
+    return vectors, scores_mask, scores_box
+
+
 def run_sweep(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
               cfg: SweepConfig | None = None, progress: bool = True,
-              calibration_ids: Sequence[str] | None = None) -> SweepResult:
+              calibration_ids: Sequence[str] | None = None,
+              store: Store | None = None) -> SweepResult:
     """The full calibration sweep over the cases that have a ``reference_mask``.
 
     (t*, l*) is chosen on ``calibration_ids`` (default: a seeded split of the swept cases when
-    ``cfg.split``, else every case) and scored on the other swept cases.
+    ``cfg.split``, else every case) and scored on the other swept cases. With a ``store``
+    (:mod:`evaluation.cache`), finished batches are kept there and reused.
     """
     cfg = cfg or SweepConfig()
     usable, others = sweep_cases(cases)
@@ -451,16 +495,10 @@ def run_sweep(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
     blocks = list(cfg.blocks) if cfg.blocks is not None else all_blocks
     timesteps = sweep_timesteps(pipe, cfg.num_timesteps)
     encoder = pipe.reference_encoder
-    vectors = collect_vectors(pipe, usable, timesteps, blocks, cfg.seeds, cfg.batch_size,
-                              progress, cfg.readout)
+    vectors, scores_mask, scores_box = scored_vectors(pipe, usable, timesteps, blocks,
+                                                      cfg, progress, store)
     grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
-    n, s, t, l_ = grids.shape[:4]
-    scores_mask, scores_box = np.zeros((n, s, t, l_)), np.zeros((n, s, t, l_))
     ref_masks = [torch.from_numpy(np.array(c.reference_mask)) for c in usable]
-    for i, gt in enumerate(tqdm(ref_masks, desc="sweep scoring", unit="case",
-                                disable=not progress)):
-        m, b = score_grids(grids[i].reshape(-1, *grids.shape[-2:]), gt, cfg.threshold)
-        scores_mask[i], scores_box[i] = m.view(s, t, l_).numpy(), b.view(s, t, l_).numpy()
     in_sample = best_cell(scores_mask.mean(axis=(0, 1)), scores_box.mean(axis=(0, 1)),
                           timesteps, blocks)
     best, cal, rep = calibrate((scores_mask, scores_box), ids, list(calibration_ids), timesteps,

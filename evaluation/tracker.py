@@ -35,6 +35,7 @@ from evaluation.report import (
     headline_table,
     in_sample_table,
     metric_table,
+    paired_table,
     readout_table,
     topk_table,
 )
@@ -199,6 +200,8 @@ def report_tables(report: Mapping[str, Any]) -> dict[str, TableRows]:
             tables["readouts"] = readout_table(corr)
     if report.get("refinement"):
         tables["refinement"] = metric_table(report["refinement"])
+    for name, node in (report.get("refinement_paired") or {}).items():
+        tables[f"paired/{name}"] = paired_table(node)
     by_cat = report.get("refinement_by_category") or {}
     if by_cat:
         parts = {cat: metric_table(methods) for cat, methods in by_cat.items()}

@@ -4,7 +4,8 @@ One denoiser forward at timestep t with the whole reference as context; the mask
 cross-attention of block l becomes a map over the reference tokens, then a region and a box.
 The same forward captures any set of blocks, so the calibration sweep costs one forward per
 (case batch, timestep), never one per block. The pipeline (models/pipeline.py) composes the
-steps for one case: :func:`attention_vectors` -> :func:`postprocess` -> :func:`crop`.
+steps for one case: :func:`attention_vectors`, then :func:`from_vector` (:func:`postprocess`,
+:func:`crop`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,18 @@ def resize_reference(reference: torch.Tensor, size: int) -> torch.Tensor:
     """Any-size reference [B,3,h,w] in [0,1] -> the encoder's square input."""
     return F.interpolate(reference, size=(size, size), mode="bilinear", antialias=True,
                          align_corners=False).clamp(0, 1)
+
+
+def from_vector(vector: torch.Tensor, reference: torch.Tensor, grid: tuple[int, int],
+                num_prefix_tokens: int, threshold: float = 0.5,
+                margin: float = INFERENCE_CROP_MARGIN) -> Alignment:
+    """The alignment of one case from its attention ``vector`` [tokens] and ``reference``
+    [1,3,h,w]: map -> region -> square box on the reference's own grid -> crop (what the
+    pipeline's alignment stage returns, also rebuilt from a stored vector)."""
+    heat, region, boxes = postprocess(vector[None], grid, num_prefix_tokens,
+                                      tuple(reference.shape[-2:]), threshold, margin)
+    box = tuple(int(v) for v in boxes[0])
+    return Alignment(vector, heat[0], region[0], box, crop(reference[0], box))
 
 
 def region_mask(box: Sequence[int], size: tuple[int, int]) -> torch.Tensor:

@@ -29,9 +29,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from models.export import (
     CONFIG,
+    check_finite,
     convert_legacy,
     is_legacy_export,
     is_pipeline_folder,
+    read_weights,
     save_pretrained,
 )
 
@@ -51,6 +53,28 @@ class ModelConfigInCheckpoint(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint[MODEL_CONFIG_KEY] = self.model_cfg
+
+
+def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
+    """Load a pipeline folder's denoiser and reference-encoder weights into ``module``
+    (strict), and restart its EMA from them: a warm start needs no optimizer state."""
+    export_dir = Path(export_dir)
+    if is_legacy_export(export_dir):
+        raise ValueError(f"init_from {export_dir}: an export of the older layout; convert it "
+                         f"with `python scripts/export_checkpoint.py {export_dir} --out DIR`")
+    weights = read_weights(export_dir)
+    check_finite(weights, export_dir)
+    for name in ("denoiser", "reference_encoder"):
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(f"{name}.")}
+        try:
+            getattr(module, name).load_state_dict(own)
+        except RuntimeError as err:
+            raise ValueError(f"init_from {export_dir}: its {name} does not fit this model "
+                             f"config ({str(err).splitlines()[0]})") from err
+    if getattr(module, "ema", None) is not None:
+        module.ema.shadow_params = [p.detach().clone() for p in module.trainable_parameters()]
+        module.ema.optimization_step = 0
+    log.info("warm start from %s", export_dir)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

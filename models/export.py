@@ -39,7 +39,8 @@ DEFAULT_ALIGNMENT = REPO_ROOT / "configs" / "alignment" / "default.yaml"
 CONFIG = "model.yaml"
 PIPELINE_INDEX = "model_index.json"
 COMPONENT_WEIGHTS = "diffusion_pytorch_model.safetensors"
-# the component folders and the prefixes of the LightningModule's state dict they hold
+COMPONENTS = ("unet", "reference_encoder", "scheduler", "vae")
+# the trained component folders and the prefixes of the LightningModule's state dict they hold
 PREFIXES = {"unet": "denoiser.", "reference_encoder": "reference_encoder."}
 # the older export layout (one flat state dict + alignment.yaml), converted by
 # scripts/export_checkpoint.py

@@ -27,7 +27,9 @@ from models.losses import (
     attention_alignment_loss,
     diffusion_loss,
     diffusion_target,
+    min_snr_weights,
     reference_token_target,
+    sample_timesteps,
 )
 from models.reference_encoder import ReferenceEncoder
 from models.refinement import denoiser_input, latent_mask, sample_inpaint
@@ -51,6 +53,9 @@ class RefineByAlignModule(pl.LightningModule):
         lr_scheduler: Callable[..., Any] | None = None,
         cond_dropout: float = 0.1,
         masked_region_weight: float = 1.0,
+        timestep_low_fraction: float = 0.0,
+        timestep_low_max: int = 200,
+        snr_gamma: float | None = None,
         attn_loss_weight: float = 0.0,
         attn_loss_blocks: Sequence[int] | None = None,
         ema_decay: float | None = 0.999,
@@ -127,8 +132,9 @@ class RefineByAlignModule(pl.LightningModule):
         mask_lat = latent_mask(mask, latents.shape[-2:])
         noise = _randn(latents, generator)
         if timesteps is None:
-            high = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, high, (latents.shape[0],), device=self.device)
+            timesteps = sample_timesteps(
+                latents.shape[0], self.noise_scheduler.config.num_train_timesteps, self.device,
+                self.hparams.timestep_low_fraction, self.hparams.timestep_low_max)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         context = self.reference_encoder(reference, drop)
 
@@ -144,6 +150,8 @@ class RefineByAlignModule(pl.LightningModule):
             ).sample
         goal = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         loss = diffusion_loss(pred, goal, mask_lat, self.hparams.masked_region_weight)
+        if self.hparams.snr_gamma:
+            loss = loss * min_snr_weights(self.noise_scheduler, timesteps, self.hparams.snr_gamma)
         return {"diffusion": loss, "attention": dict(attention)}
 
     @torch.no_grad()

@@ -19,6 +19,46 @@ def diffusion_target(
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def sample_timesteps(
+    batch_size: int, num_train_timesteps: int, device: torch.device,
+    low_fraction: float = 0.0, low_max: int = 200, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training timesteps: uniform, with ``low_fraction`` of the batch drawn below ``low_max``.
+
+    The last sampling steps decide the final pixels; under uniform sampling only
+    ``low_max / T`` of the samples train them.
+    """
+    if not 0.0 <= low_fraction <= 1.0:
+        raise ValueError(f"timestep low_fraction {low_fraction} is not in [0, 1]")
+    if not 0 < low_max <= num_train_timesteps:
+        raise ValueError(f"timestep low_max {low_max} is not in 1..{num_train_timesteps}")
+    uniform = torch.randint(0, num_train_timesteps, (batch_size,), device=device,
+                            generator=generator)
+    if low_fraction == 0.0:
+        return uniform
+    low = torch.randint(0, low_max, (batch_size,), device=device, generator=generator)
+    pick = torch.rand(batch_size, device=device, generator=generator) < low_fraction
+    return torch.where(pick, low, uniform)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+                    ) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the scheduler's prediction target [B].
+
+    In x0 terms the weight is min(SNR, gamma); divided by what the target's MSE already
+    carries (SNR for epsilon, SNR + 1 for v).
+    """
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
 def diffusion_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,

@@ -30,18 +30,11 @@ from diffusers.utils import BaseOutput
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.modes import INFERENCE_CROP_MARGIN, Box
-from models.alignment import (
-    READOUTS,
-    Alignment,
-    attention_vectors,
-    crop,
-    postprocess,
-    resize_reference,
-)
+from models.alignment import READOUTS, Alignment, attention_vectors, from_vector, resize_reference
 from models.autoencoder import VAE, Autoencoder, PixelSpace
 from models.image_processor import ImageProcessor, MaskProcessor, reference_tensor
 from models.reference_encoder import ReferenceEncoder, ReferenceEncoderModel
-from models.refinement import build_sampler, sample_inpaint
+from models.refinement import build_sampler, generators, sample_inpaint
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +96,8 @@ class RefinementConfig:
 
     Ancestral DDPM, 25 steps, no guidance: the best masked MSE on held-out validation pairs for
     the shipped tiny model (50 and 100 steps no better), and +0.68 dB PSNR over guidance 2 on
-    the benchmark (README, "Sampler and guidance"); other models: compare_samplers.py.
+    the benchmark (results/README.md, "Sampler and guidance"); other models:
+    compare_samplers.py.
     ``padding_mask_crop`` (px, None = off): refine a square crop around the mask grown by that
     many pixels (at least the model's size) instead of the whole image, as diffusers'
     inpainting pipelines do; it changes nothing for images at or below the model's size.
@@ -294,11 +288,8 @@ class RefineByAlignPipeline(DiffusionPipeline):
                 context, [cfg.timestep], [cfg.block], torch.Generator().manual_seed(seed),
                 readout=cfg.readout, num_steps=cfg.num_steps)[cfg.timestep][cfg.block]
             # 3. map -> region -> square box on the reference's own grid -> crop
-            heat, region, boxes = postprocess(vector, encoder.grid, encoder.num_prefix_tokens,
-                                              tuple(reference.shape[-2:]), cfg.threshold,
-                                              cfg.margin)
-        box = tuple(int(v) for v in boxes[0])
-        return Alignment(vector[0], heat[0], region[0], box, crop(reference[0], box))
+            return from_vector(vector[0], reference, encoder.grid, encoder.num_prefix_tokens,
+                               cfg.threshold, cfg.margin)
 
     # --- both stages -------------------------------------------------------------------------
     @torch.no_grad()
@@ -309,7 +300,7 @@ class RefineByAlignPipeline(DiffusionPipeline):
         reference: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
         refinement: RefinementConfig | None = None,
         *,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         align: bool = True,
         alignment: AlignmentConfig | None = None,
         progress: bool = False,
@@ -320,8 +311,9 @@ class RefineByAlignPipeline(DiffusionPipeline):
 
         ``image`` uint8 HxWx3 and ``mask_image`` bool HxW of any size; ``reference`` uint8
         HxWx3 or a [3,h,w] tensor in [0,1]. With ``align=False`` the references are used as
-        given (a whole reference, or crops found before). One generator seeded with ``seed``
-        draws the alignment noise of each case and the batch's sampling noise.
+        given (a whole reference, or crops found before). ``seed``: one for the batch (it
+        seeds each case's alignment noise and one generator for the batch's sampling noise),
+        or one per case (a case's output then does not depend on its batch).
         """
         cfg = refinement or RefinementConfig()
         images, masks = _listed(image), _listed(mask_image)
@@ -333,10 +325,11 @@ class RefineByAlignPipeline(DiffusionPipeline):
         for im, m, ref in zip(images, masks, references, strict=True):
             check_case(im, m, ref)
         # 2. alignment stage: the region of each reference that the masked content shows
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(images)
         alignments = None
         if align:
-            alignments = [self.align(im, m, ref, seed, alignment)
-                          for im, m, ref in zip(images, masks, references, strict=True)]
+            alignments = [self.align(im, m, ref, case_seed, alignment) for im, m, ref, case_seed
+                          in zip(images, masks, references, seeds, strict=True)]
             references = [found.crop.float().cpu() for found in alignments]
         # 3. preprocess: each case's view (whole image or padded crop) at the model's size
         size = self.image_size
@@ -356,7 +349,7 @@ class RefineByAlignPipeline(DiffusionPipeline):
             generated = sample_inpaint(
                 self.unet, self.autoencoder, sampler, model_image.to(device),
                 model_mask.to(device), context, self.reference_encoder.null(len(context)),
-                cfg.num_steps, cfg.guidance_scale, torch.Generator().manual_seed(seed),
+                cfg.num_steps, cfg.guidance_scale, generators(seed, len(context)),
                 progress).float()
         # 5. postprocess: paste inside the mask at each image's own resolution
         refined = [self.image_processor.apply_overlay(m, im, self.image_processor.postprocess(g),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.schedulers import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
 from models.autoencoder import Autoencoder, PixelSpace
 
@@ -85,6 +87,17 @@ def build_sampler(
     )
 
 
+def generators(seed: int | Sequence[int], batch: int
+               ) -> torch.Generator | list[torch.Generator]:
+    """One CPU generator seeded with ``seed`` for the batch, or one per case from ``batch``
+    seeds."""
+    if not isinstance(seed, Sequence):
+        return torch.Generator().manual_seed(int(seed))
+    if len(seed) != batch:
+        raise ValueError(f"{len(seed)} seeds for a batch of {batch}")
+    return [torch.Generator().manual_seed(int(s)) for s in seed]
+
+
 @torch.no_grad()
 def sample_inpaint(
     denoiser: UNet2DConditionModel,
@@ -96,12 +109,14 @@ def sample_inpaint(
     null_context: torch.Tensor | None = None,
     num_steps: int = 50,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Regenerate the masked region of ``image`` [B,3,H,W] in [-1,1] from ``context`` tokens.
 
     With ``guidance_scale`` != 1 and a ``null_context``, uses classifier-free guidance.
+    ``generator``: one for the batch, or a list of B (CPU) generators, one per case, so that a
+    case's noise does not depend on which cases share its batch.
     Returns the full decoded image in [-1,1]; blend it with :func:`blend` to keep the rest.
     """
     masked_latent = autoencoder.encode(image * (1 - mask))
@@ -115,9 +130,9 @@ def sample_inpaint(
         masked_latent_in, mask_in = masked_latent, mask_latent
 
     scheduler.set_timesteps(num_steps, device=image.device)
-    latents = torch.randn(
-        masked_latent.shape, generator=generator, device="cpu", dtype=torch.float32
-    ).to(image.device, masked_latent.dtype) * scheduler.init_noise_sigma
+    latents = randn_tensor(tuple(masked_latent.shape), generator=generator,
+                           device=torch.device("cpu"), dtype=torch.float32)
+    latents = latents.to(image.device, masked_latent.dtype) * scheduler.init_noise_sigma
     steps = scheduler.timesteps
     if progress:
         from tqdm.auto import tqdm

@@ -7,8 +7,11 @@ compares two methods, e.g. the aligned crop against the whole reference of one r
 
     python scripts/compare_reports.py runs/eval/a/report.json runs/eval/b/report.json \
         --method aligned_crop --out results/x/paired.json
-    python scripts/compare_reports.py R/report.json R/report.json --method whole_reference \
+    python scripts/compare_reports.py R/report.json R/report.json --method ours_whole_reference \
         --method-b aligned_crop
+
+Reports of an older schema are read with today's method names (``whole_reference`` of a
+schema-2 report is ``ours_whole_reference``).
 """
 
 from __future__ import annotations
@@ -17,18 +20,15 @@ import argparse
 import json
 from pathlib import Path
 
-from evaluation.paired import paired_difference
-
-LOWER_IS_BETTER = {"l1", "fid"}
+from evaluation.paired import paired_metrics
+from evaluation.report import read_report
 
 
 def paired(a: dict, b: dict, metric: str, resamples: int, seed: int) -> dict:
-    ids = sorted(i for i in set(a) & set(b)
-                 if isinstance(a[i].get(metric), float) and isinstance(b[i].get(metric), float))
-    if not ids:
+    found = paired_metrics(a, b, [metric], resamples, seed)
+    if metric not in found:
         raise SystemExit(f"compare_reports: no case has a numeric {metric!r} in both reports")
-    return paired_difference([a[i][metric] for i in ids], [b[i][metric] for i in ids],
-                             metric in LOWER_IS_BETTER, resamples, seed)
+    return found[metric]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     method_b = args.method_b or args.method
     cases = []
     for path, method in ((args.report_a, args.method), (args.report_b, method_b)):
-        per_case = json.loads(path.read_text()).get("refinement_per_case", {})
+        per_case = read_report(path).get("refinement_per_case", {})
         if method not in per_case:
             raise SystemExit(f"compare_reports: {path} has no per-case scores of {method!r} "
-                             f"(reports from before refinement_per_case have none)")
+                             f"(it has {sorted(per_case)}; reports from before "
+                             "refinement_per_case have none)")
         cases.append(per_case[method])
     result = {"a": str(args.report_a), "b": str(args.report_b), "method": args.method,
               "method_b": method_b, "difference": "b - a",

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from evaluation.report import read_report
 from models.config import compose_config
 from models.export import COMPONENT_WEIGHTS, is_pipeline_folder
 
@@ -446,7 +447,7 @@ def run(cfg: DictConfig, command: str) -> Path:
         _train(job, tag)
         report = _evaluate(job, bench, [*cfg.preset.eval, *cfg.extra_eval], tag)
         key = (job.training, job.seed)
-        reports[key], parsed[key] = report, json.loads(report.read_text())
+        reports[key], parsed[key] = report, read_report(report)  # today's method names
         values[key] = run_values(parsed[key], job.methods, f"{job.label} ({report})")
     table = summarize(cfg, values)
     meta = {"preset": cfg.preset.name, "command": command, "bench_seed": int(cfg.bench_seed),

@@ -79,7 +79,7 @@ def test_every_training_composes_and_the_benchmark_seed_is_no_training_seed(pres
     jobs = abl.plan(cfg)
     assert len(jobs) == len(cfg.trainings) * len(cfg.seeds)
     assert {j.training: j.methods for j in jobs}["mixed"] == [
-        "aligned_crop", "whole_reference", "oracle_crop", "input", "telea"]
+        "aligned_crop", "ours_whole_reference", "oracle_crop", "input", "telea"]
     assert abl.check_jobs(cfg, jobs)[1] == 224
     clash = abl.load_config([f"preset={preset}", f"bench_seed={cfg.seeds[0]}"])
     with pytest.raises(abl.AblationError, match="bench_seed"):
@@ -92,7 +92,7 @@ def test_summary_marks_mIoU_na_off_the_aligned_crop_and_averages_seeds():
               for s in (1, 2)}
     values[("mixed", 2)]["aligned_crop"]["psnr"] = 16.0
     for v in values.values():
-        v["whole_reference"] = v["oracle_crop"] = v["telea"] = v["input"]
+        v["ours_whole_reference"] = v["oracle_crop"] = v["telea"] = v["input"]
     table = abl.summarize(cfg, values)
     rows = {r["name"]: r["cells"] for r in table["rows"]}
     assert rows["aligned crop"]["psnr"]["mean"] == 15.0

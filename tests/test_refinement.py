@@ -153,16 +153,35 @@ def test_evaluate_refinement_all_methods(cases, pipe) -> None:
     assert "oracle_crop" not in outputs[cases[2].id]
 
 
+def test_a_cases_output_depends_on_the_case_not_on_its_batch_or_order(cases, pipe
+                                                                      ) -> None:
+    """Each case draws its own noise (seed, case id): the same output whether it is refined
+    with other cases, alone, or in another order, so a resumed run can reuse it."""
+    cfg = OmegaConf.create({"methods": ["ours_whole_reference"], "num_steps": 2, "batch_size": 3,
+                            "sampler": "ddpm"})
+    together = R.evaluate_refinement(cases, pipe, None, cfg, progress=False)["outputs"]
+    alone = R.evaluate_refinement(cases[2:], pipe, None, {**cfg, "batch_size": 1},
+                                  progress=False)["outputs"]
+    reordered = R.evaluate_refinement(cases[::-1], pipe, None, cfg,
+                                      progress=False)["outputs"]
+    out = cases[2].id
+    assert np.abs(alone[out]["ours_whole_reference"].astype(int)
+                  - together[out]["ours_whole_reference"]).max() <= 1
+    for case in cases:
+        assert np.abs(reordered[case.id]["ours_whole_reference"].astype(int)
+                      - together[case.id]["ours_whole_reference"]).max() <= 1
+
+
 def test_a_failing_method_names_the_method_and_cases(cases, pipe,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("sampler exploded")
 
     monkeypatch.setattr(R.RefineByAlignPipeline, "__call__", broken)
-    cfg = OmegaConf.create({"methods": ["input", "whole_reference"], "num_steps": 1,
+    cfg = OmegaConf.create({"methods": ["input", "ours_whole_reference"], "num_steps": 1,
                             "batch_size": 2})
     with pytest.raises(R.RefinementError,
-                       match=r"method whole_reference failed on case\(s\) 00000, 00001: "
+                       match=r"method ours_whole_reference failed on case\(s\) 00000, 00001: "
                              "RuntimeError: sampler exploded"):
         R.evaluate_refinement(cases, pipe, None, cfg)
 

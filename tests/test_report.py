@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
 from evaluation.report import (
     SCHEMA_VERSION,
     ReportError,
+    read_report,
     render_markdown,
+    upgrade_report,
     validate_report,
     write_report_json,
     write_report_md,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 PAIR = {"miou_mask": 0.4, "miou_box": 0.5}
 
@@ -157,7 +162,7 @@ def test_compare_reports_pairs_cases_and_refuses_reports_without_per_case(tmp_pa
     assert result["psnr"]["b_better_cases"] == 2 and result["l1"]["b_better_cases"] == 2
     low, high = result["psnr"]["ci95"]
     assert -1.0 <= low <= 2.0 / 3 <= high <= 2.0
-    within = compare([str(b), str(b), "--method", "whole_reference", "--method-b",
+    within = compare([str(b), str(b), "--method", "ours_whole_reference", "--method-b",
                       "aligned_crop", "--metrics", "psnr"])
     assert within["metrics"]["psnr"]["mean_difference"] == pytest.approx(38.0 / 3 - 9.0)
     assert within["method_b"] == "aligned_crop"
@@ -165,6 +170,26 @@ def test_compare_reports_pairs_cases_and_refuses_reports_without_per_case(tmp_pa
     old.write_text(json.dumps({"refinement": {}}))
     with pytest.raises(SystemExit, match="no per-case scores"):
         compare([str(old), str(b)])
+
+
+def test_old_reports_are_read_with_todays_method_names() -> None:
+    """Schema 2 called the refinement method ours_whole_reference by the correspondence
+    baseline's name; its committed reports are read with today's names, the baseline kept."""
+    old = REPO / "results" / "recipe_gpu" / "eval_default" / "report.json"
+    raw = json.loads(old.read_text())
+    assert raw["schema_version"] == 2 and "whole_reference" in raw["refinement"]
+    report = read_report(old)
+    assert report["schema_version"] == SCHEMA_VERSION and report["upgraded_from"] == 2
+    for node in (report["refinement"], report["refinement_per_case"],
+                 report["refinement_by_category"]["synthetic"],
+                 report["refinement_counts"]["scored"]):
+        assert "whole_reference" not in node and "ours_whole_reference" in node
+    assert report["refinement"]["ours_whole_reference"] == raw["refinement"]["whole_reference"]
+    assert list(report["refinement"]) == [
+        "input", "telea", "ours_whole_reference", "aligned_crop", "oracle_crop",
+        "copy_from_reference"]
+    assert report["correspondence"]["baselines"] == raw["correspondence"]["baselines"]
+    assert upgrade_report(good_report()) == good_report()  # a current report is as it is
 
 
 def test_paired_difference_counts_wins_by_direction_and_refuses_unpaired_scores() -> None:

@@ -15,6 +15,7 @@ from evaluation.sweep import (
     aggregate_grids,
     best_cell,
     calibrate,
+    case_noise_seed,
     case_tensors,
     choice_stability,
     collect_vectors,
@@ -85,6 +86,22 @@ def test_one_forward_per_batch_and_timestep_regardless_of_blocks(pipe) -> None:
         handle.remove()
 
 
+def test_a_cases_maps_depend_on_the_case_not_on_its_place_in_the_run(pipe) -> None:
+    """Noise seeds follow the case id: a case swept alone, or after other cases, or in another
+    order, gets the same maps (what lets a resumed run reuse cases swept by an earlier one)."""
+    cases = [make_case(i) for i in range(3)]
+    steps = sweep_timesteps(pipe, 3)
+    together = collect_vectors(pipe, cases, steps, [0, 2], [0, 1], batch_size=2,
+                               progress=False)
+    reordered = collect_vectors(pipe, cases[::-1], steps, [0, 2], [0, 1], batch_size=3,
+                                progress=False)
+    alone = collect_vectors(pipe, cases[2:], steps, [0, 2], [0, 1], batch_size=1,
+                            progress=False)
+    torch.testing.assert_close(reordered.flip(0), together, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(alone[0], together[2], rtol=1e-4, atol=1e-6)
+    assert case_noise_seed(0, "c2") != case_noise_seed(1, "c2") != case_noise_seed(0, "c1")
+
+
 def test_deployed_align_is_the_sweep_cell_under_the_same_noise(pipe) -> None:
     """The deployed stage (``align`` at one (t, l), one case at a time) and the sweep (batched,
     every cell at once) differ only in the noise they draw: given the sweep's per-case noise
@@ -100,7 +117,7 @@ def test_deployed_align_is_the_sweep_cell_under_the_same_noise(pipe) -> None:
     grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
     for i, case in enumerate(cases):
         image, mask, reference = case_tensors(case, pipe.image_size)
-        noise_seed = seed * 1_000_003 + i  # collect_vectors' noise seed for case i
+        noise_seed = case_noise_seed(seed, case.id)  # collect_vectors' noise seed for it
         found = pipe.align_tensors(image, mask, reference, noise_seed,
                                    AlignmentConfig(timestep=timestep, block=block))
         torch.testing.assert_close(found.vector, vectors[i, 0, 2, 0], rtol=1e-4, atol=1e-6)

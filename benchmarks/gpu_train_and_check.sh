@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU run (about 9 minutes on one H100): train the shipped tiny model
 # (experiment=tiny_gpu, TRAIN_TIME of wall time), then the scale benchmarks (gpu_check.sh).
-#   OUT=DIR bash benchmarks/gpu_session.sh   (CUDA machine; wheels of missing packages in .whl/)
-#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_session.sh
-# Files back in $OUT: export.tar.part00/01 (cat them, then untar: the pipeline folder),
+#   OUT=DIR bash benchmarks/gpu_train_and_check.sh   (CUDA machine; wheels of missing packages in .whl/)
+#   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_train_and_check.sh
+# Files in $OUT: export.tar.part00/01 (cat them, then untar: the pipeline folder),
 # train.tar.gz (log, metrics, sample grids), bench.tar.gz (benchmark JSON and logs). The lettering fonts come from matplotlib
 # (its wheel must be in .whl), so the GPU sees the same data as the CPU machines.
 set -u -o pipefail
@@ -29,7 +29,7 @@ fi
   "${TRAIN_ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" > "$RUNS/train.log"
 echo "train rc=$? after $(( $(date +%s) - START ))s"; tail -25 "$RUNS/train.log"
 RUN=$(ls -d "$RUNS"/tiny_gpu/*/ | head -1)
-# files come back at most 16 MiB each: the pipeline folder travels in parts (cat, untar)
+# output files stay under 16 MiB each: the pipeline folder is split into parts (cat, untar)
 tar cf - -C "$RUN" export | split -b 15M -d - "$OUT"/export.tar.part
 tar czf "$OUT/train.tar.gz" -C "$RUNS" train.log -C "$RUN" csv .hydra 2>/dev/null
 ls -la "$OUT"
