@@ -73,7 +73,8 @@ else:  # no shipped checkpoint yet: the same architecture with random weights
 pipe = load_pipeline(export_dir)
 size = pipe.image_size
 blocks = cross_attention_blocks(pipe.unet)
-print(f"pipeline: {export_dir} ({'trained' if trained else 'RANDOM weights'}); "
+shown = export_dir.relative_to(ROOT) if export_dir.is_relative_to(ROOT) else export_dir
+print(f"pipeline: {shown} ({'trained' if trained else 'RANDOM weights'}); "
       f"model size {size} px; {len(blocks)} cross-attention blocks")"""
 
 CASE = """bench = TMP / "bench"
