@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # waiting OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads made a
 # 2-thread step 1.5-7x slower than 1 thread (benchmarks/cpu-2026-11-27)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -68,7 +67,7 @@ from tqdm.auto import tqdm
 from data.benchmark import BenchmarkCase, load_benchmark, write_synthetic_benchmark
 from data.provenance import check_overlap, read_training_data
 from evaluation import figures
-from evaluation.baselines import BASELINES, MatchConfig, run_baselines
+from evaluation.baselines import BASELINES, match_config, run_baselines
 from evaluation.cache import (
     CacheMismatch,
     CaseRecord,
@@ -252,7 +251,8 @@ def run_refinement(cases: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
     try:
         result = evaluate_refinement(cases, pipe, alignments, cfg.refinement,
                                      bool(cfg.progress), cache,
-                                     {n: e.outputs for n, e in (external or {}).items()})
+                                     {n: e.outputs for n, e in (external or {}).items()},
+                                     cfg.baselines.get("paint_by_example"))
     except Exception as err:
         log.exception("refinement evaluation failed")
         return None, {"run": False, "reason": "failed",
@@ -488,7 +488,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
             sweep = run_sweep(pipe, sweepable, sweep_cfg, progress=cfg.progress,
                               calibration_ids=calibration_ids,
                               store=stage(cache, f"sweep/{sweep_cfg.readout}"))
-            baselines = run_baselines(sweepable, MatchConfig(**cfg.baselines), cfg.progress)
+            baselines = run_baselines(sweepable, match_config(cfg.baselines), cfg.progress)
         except Exception as err:
             raise EvalError("sweep", f"{len(sweepable)} case(s): {err.__class__.__name__}: "
                             f"{err}") from err
@@ -580,9 +580,10 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         "refinement_per_case": _jsonable_metrics(result.get("per_case", {})) if result else {},
         "refinement_status": status,
         "external_methods": {name: e.summary() for name, e in external.items()},
-        "refinement_paired": paired_with_ours(result["per_case"], external,
-                                              list(cfg.refinement.methods))
-        if result and external else {},
+        "refinement_paired": paired_with_ours(
+            result["per_case"], [*external, *result["baseline_methods"]],
+            list(cfg.refinement.methods))
+        if result and (external or result["baseline_methods"]) else {},
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},
     }

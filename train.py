@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # waiting OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads made a
 # 2-thread step 1.5-7x slower than 1 thread (benchmarks/cpu-2026-11-27)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

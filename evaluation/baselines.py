@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import cv2
@@ -49,6 +49,13 @@ class MatchConfig:
     ransac_threshold: float = 1.0  # reprojection error in image pixels (tight: small images)
     min_detect_side: int = 256  # small images are upsampled so the detector finds keypoints
     mask_dilate: int = 2  # keep keypoints this many pixels away from the artifact
+
+
+def match_config(section: Mapping[str, Any]) -> MatchConfig:
+    """The feature-matching fields of the ``baselines`` node (it also holds other baselines'
+    sections, e.g. ``paint_by_example``)."""
+    names = {f.name for f in fields(MatchConfig)}
+    return MatchConfig(**{k: v for k, v in section.items() if k in names})
 
 
 def _detector(name: str) -> tuple[Any, int, str]:

@@ -41,7 +41,7 @@ UNFINGERPRINTED = (
     "bench_dir", "ckpt_path", "run_dir", "task_name", "paths", "logger", "progress",
     "num_threads", "qualitative", "write_alignment_to_export", "train_overlap",
     "run_refinement", "cache", "external_methods", "refinement.methods",
-    "sweep.compare_readouts",
+    "sweep.compare_readouts", "baselines.paint_by_example",  # its stages carry its digest
 )
 
 

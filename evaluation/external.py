@@ -12,7 +12,7 @@ statistics use the cases both have, with the count shown.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,11 +122,12 @@ def load_external_methods(methods: Mapping[str, str] | None, cases: Sequence[Ben
 
 
 def paired_with_ours(per_case: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                     external: Mapping[str, ExternalOutputs], ours: Sequence[str],
+                     external: Iterable[str], ours: Sequence[str],
                      metrics: Sequence[str] = PAIRED_METRICS) -> dict[str, Any]:
-    """For each external method and each of ``ours``: ours minus it per metric, over the
-    cases both scored (:func:`evaluation.paired.paired_metrics`), with the case count and how
-    many cases ours wins."""
+    """For each method named in ``external`` (other systems, baselines such as
+    Paint-by-Example) and each of ``ours``: ours minus it per metric, over the cases both
+    scored (:func:`evaluation.paired.paired_metrics`), with the case count and how many cases
+    ours wins."""
     out: dict[str, Any] = {}
     for name in external:
         rows = {}

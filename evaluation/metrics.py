@@ -4,11 +4,15 @@ Ground-truth metrics (PSNR, SSIM in the mask's bounding box, L1 and gradient mag
 similarity inside the mask) need only ``target.png``. PSNR, SSIM and L1 reward a smooth fill
 (OpenCV Telea beats a correct but 1 px shifted sharp fill on PSNR); gradient magnitude
 similarity does not: a fill without the target's edges scores low wherever the target has
-detail. The paper's identity and realism metrics need pretrained networks; each loads
-from a configured local path (nothing is ever fetched: HF_HUB_OFFLINE is forced) and, when the
-weights are missing or unloadable, its value is :data:`NOT_AVAILABLE` instead of a number, so
-a score from random weights can never be reported under the paper's name. Loaders are cached:
-each network loads once per process.
+detail. The paper's identity and realism metrics need pretrained networks, loaded by name
+through their own libraries (CLIP: open_clip model + tag; DINO: transformers DINOv2 hub id;
+FID: torchmetrics on torch-fidelity's Inception), which download into their caches unless
+offline mode is on (models/hub.py); a local path overrides the name. Weights that cannot be
+had (offline and not cached, or the download failed) give one warning line naming what to
+fetch, and the metric's value is a note (:data:`NOT_CACHED`, :data:`DOWNLOAD_FAILED`) instead
+of a number, so a score from random weights is never reported under the paper's name. Weights
+that are there and fail to load raise :class:`MetricLoadError`. Loaders are cached: each
+network loads once per process.
 
 All images are uint8 HxWx3 numpy arrays, masks bool HxW.
 """
@@ -18,9 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,6 +36,16 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from models.hub import (
+    in_hub_cache,
+    is_download_failure,
+    is_local,
+    looks_like_path,
+    not_cached_line,
+    offline_reason,
+    snapshot_command,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +53,9 @@ class MetricLoadError(RuntimeError):
     """A metric's weights are configured and present but could not be loaded."""
 
 
-NOT_AVAILABLE = "not available (no weights)"
+NOT_CACHED = "not available (offline, not cached)"
+DOWNLOAD_FAILED = "not available (download failed)"
+CLIP_HUB_PREFIX, CLIP_DIR_PREFIX = "hf-hub:", "local-dir:"  # open_clip's model-name schemas
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Value = float | str
@@ -162,68 +179,200 @@ class DinoScorer:
         return F.normalize(out.pooler_output.float(), dim=-1)
 
 
-def _offline() -> None:
-    os.environ["HF_HUB_OFFLINE"] = "1"
+# ----------------------------------------------------------------------------- loading
+def _note_or_raise(what: str, err: Exception, had_files: bool, fetch: str, override: str
+                   ) -> str:
+    """A failed load: ``not available (download failed)`` when the weights were not here
+    before and the failure is the connection's (one warning line), else :class:`MetricLoadError`.
+    """
+    if not had_files and is_download_failure(err):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning("%s could not be downloaded (%s: %s): run `%s` on a machine with internet, "
+                    "or %s; HF_HUB_OFFLINE=1 skips the attempt", what, err.__class__.__name__,
+                    first[:200], fetch, override)
+        return DOWNLOAD_FAILED
+    raise MetricLoadError(f"{what} {'is present but ' if had_files else ''}failed to load: "
+                          f"{err.__class__.__name__}: {err}") from err
+
+
+def _missing_path(what: str, name: str) -> MetricLoadError:
+    return MetricLoadError(f"{what}: no such file or folder {name!r} (a local path; a hub id "
+                           f"is org/name)")
+
+
+def _clip_weights_cached(model: str, pretrained: str | None) -> bool:
+    """The files open_clip would download for (model, pretrained) are in its caches."""
+    from open_clip import get_pretrained_cfg
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    weights = (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
+    if model.startswith(CLIP_HUB_PREFIX):
+        repo = model[len(CLIP_HUB_PREFIX):]
+        return in_hub_cache(repo, HF_CONFIG_NAME) and any(in_hub_cache(repo, w) for w in weights)
+    tag = get_pretrained_cfg(model.replace("/", "-"), pretrained or "")
+    if tag.get("hf_hub"):
+        repo, filename = os.path.split(tag["hf_hub"])
+        if filename:
+            stem, ext = os.path.splitext(filename)
+            weights = (stem + ".safetensors", filename) if ext in (".bin", ".pth") else (filename,)
+        return any(in_hub_cache(repo, w) for w in weights)
+    url = tag.get("url", "")
+    return bool(url) and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
 
 
 @cache
-def load_clip_scorer(model_name: str, pretrained: str | None, device: str = "cpu"
-                     ) -> ClipScorer | None:
-    """open_clip ``model_name`` with weights from the local file ``pretrained``.
+def load_clip_scorer(model: str, pretrained: str | None, device: str = "cpu"
+                     ) -> ClipScorer | str:
+    """open_clip ``model`` with ``pretrained`` weights: a tag (e.g. ``openai``, downloaded by
+    open_clip into its cache), a local checkpoint file, or None for ``hf-hub:org/repo`` /
+    ``local-dir:/path`` models, which carry their own weights.
 
-    None when no file is configured or it does not exist; :class:`MetricLoadError` when the
-    file exists and loading it fails.
+    Returns the scorer, or the note to report in place of the score (offline and not cached;
+    download failed). A file that does not exist, an unknown tag or weights that are present
+    and fail to load raise :class:`MetricLoadError`.
     """
-    _offline()
-    if not pretrained or not Path(pretrained).is_file():
-        log.warning("CLIP score %s: weights file %r not found", NOT_AVAILABLE, pretrained)
-        return None
-    try:
-        import open_clip
+    import open_clip
 
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=str(pretrained), device=device)
+    if model.startswith((CLIP_HUB_PREFIX, CLIP_DIR_PREFIX)):
+        pretrained = None  # such a model names its own weights
+    what = f"CLIP score: open_clip {model}" + (f"/{pretrained}" if pretrained else "")
+    tag: dict[str, Any] = {}
+    if model.startswith(CLIP_HUB_PREFIX):
+        had_files = _clip_weights_cached(model, None)
+    elif model.startswith(CLIP_DIR_PREFIX):
+        if not is_local(model[len(CLIP_DIR_PREFIX):]):
+            raise _missing_path(what, model[len(CLIP_DIR_PREFIX):])
+        had_files = True
+    elif pretrained and (tag := open_clip.get_pretrained_cfg(model.replace("/", "-"),
+                                                             pretrained)):
+        had_files = _clip_weights_cached(model, pretrained)
+    elif pretrained and is_local(pretrained):
+        had_files = True
+    elif pretrained:
+        if looks_like_path(pretrained):
+            raise _missing_path(what, pretrained)
+        raise MetricLoadError(f"{what}: {pretrained!r} is neither a local file nor an open_clip "
+                              f"tag of {model} (tags: "
+                              f"{open_clip.list_pretrained_tags_by_model(model)})")
+    else:
+        raise MetricLoadError(f"{what}: no weights (set refinement.metrics.clip.pretrained to "
+                              f"a tag or file, or refinement.metrics.clip=null)")
+    fetch = ("python -c \"import open_clip; open_clip.create_model_and_transforms("
+             f"'{model}', pretrained={pretrained!r})\"")
+    override = ("set refinement.metrics.clip.pretrained=/path/to/open_clip_pytorch_model.bin"
+                if pretrained else "set refinement.metrics.clip.model=local-dir:/folder "
+                "(open_clip_config.json + weights)")
+    reason = offline_reason()
+    if reason and not had_files:
+        log.warning("%s", not_cached_line(what, reason, fetch, override))
+        return NOT_CACHED
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device,
+            force_quick_gelu=bool(tag.get("quick_gelu")))
     except Exception as err:
-        raise MetricLoadError(f"CLIP score: weights {pretrained} are present but loading "
-                              f"{model_name} failed: {err.__class__.__name__}: {err}") from err
-    return ClipScorer(model.eval(), preprocess, torch.device(device))
-
-
-def _dinov2_present(path: str) -> bool:
-    """A local directory / file at ``path``, or a hub id whose config is in the local cache."""
-    if Path(path).exists():
-        return True
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(path, "config.json"), str)
-    except ValueError:  # not a valid repo id either
-        return False
+        return _note_or_raise(what, err, had_files, fetch, override)
+    return ClipScorer(net.eval(), preprocess, torch.device(device))
 
 
 @cache
-def load_dino_scorer(path: str | None, device: str = "cpu") -> DinoScorer | None:
-    """DINOv2 from a local directory or a hub id already in the local cache.
+def load_dino_scorer(model: str, device: str = "cpu") -> DinoScorer | str:
+    """DINOv2 from a local folder or a hub id (downloaded by transformers into its cache).
 
-    None when nothing is configured or found; :class:`MetricLoadError` when it is there and
-    loading fails.
+    Returns the scorer or the note to report in its place (offline and not cached; download
+    failed); a missing local folder, an unknown hub id or weights that are present and fail
+    to load raise :class:`MetricLoadError`.
     """
-    _offline()
-    if not path or not _dinov2_present(str(path)):
-        log.warning("DINO score %s: no DINOv2 at %r", NOT_AVAILABLE, path)
-        return None
+    what = f"DINO score: DINOv2 {model}"
+    if is_local(model):
+        had_files = True
+    elif looks_like_path(model):
+        raise _missing_path(what, model)
+    else:
+        had_files = in_hub_cache(model, "config.json")
+    fetch = snapshot_command(model)
+    override = "set refinement.metrics.dino.model=/path/to/dinov2 (config.json + weights)"
+    reason = offline_reason()
+    if reason and not had_files:
+        log.warning("%s", not_cached_line(what, reason, fetch, override))
+        return NOT_CACHED
     try:
         from transformers import Dinov2Model
 
-        model = Dinov2Model.from_pretrained(str(path), local_files_only=True)
+        net = Dinov2Model.from_pretrained(model, local_files_only=reason is not None)
     except Exception as err:
-        raise MetricLoadError(f"DINO score: DINOv2 at {path} is present but loading failed: "
-                              f"{err.__class__.__name__}: {err}") from err
-    return DinoScorer(model.to(device).eval(), torch.device(device))
+        return _note_or_raise(what, err, had_files, fetch, override)
+    return DinoScorer(net.to(device).eval(), torch.device(device))
+
+
+def default_inception_weights() -> Path:
+    """Where torchmetrics' FID (torch-fidelity) saves its Inception weights: torch.hub's cache."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
+
+
+@cache
+def load_fid(weights: str | None = None, feature: int = 2048, device: str = "cpu"):
+    """torchmetrics' FrechetInceptionDistance on torch-fidelity's Inception weights.
+
+    ``weights``: a local .pth in torch-fidelity's layout; None: its published weights, from
+    torch.hub's cache (downloaded there on first use unless offline). Returns the metric or the
+    note to report in its place; a missing ``weights`` file or weights that are present and
+    fail to load raise :class:`MetricLoadError`.
+    """
+    if weights:
+        what = f"FID: Inception weights {weights}"
+        if not Path(weights).is_file():
+            raise _missing_path(what, weights)
+        path: Path | None = Path(weights)
+    else:
+        path = default_inception_weights()
+        what = f"FID: torch-fidelity's Inception weights file {path}"
+        if not path.is_file():
+            path = None
+    fetch = ("python -c \"from torchmetrics.image.fid import FrechetInceptionDistance; "
+             "FrechetInceptionDistance()\"")
+    override = ("set refinement.metrics.fid.weights=/path/to/"
+                f"{default_inception_weights().name}")
+    reason = offline_reason()
+    if reason and path is None:
+        log.warning("%s", not_cached_line(what, reason, fetch, override))
+        return NOT_CACHED
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        metric = FrechetInceptionDistance(
+            feature=feature, feature_extractor_weights_path=str(path) if path else None)
+    except Exception as err:
+        return _note_or_raise(what, err, path is not None, fetch, override)
+    return metric.to(device)
+
+
+def load_metrics(cfg: Mapping[str, Any] | None, device: str = "cpu") -> dict[str, Any]:
+    """The configured pretrained metrics: {"clip" | "dino" | "fid": scorer, metric or note}.
+
+    ``cfg`` is ``refinement.metrics``; a section that is null / false (or has a null
+    model) is off and absent from the result, so the report has no column for it.
+    """
+    cfg = cfg or {}
+    loaded: dict[str, Any] = {}
+    clip, dino, fid = (cfg.get(name) for name in ("clip", "dino", "fid"))
+    if clip and clip.get("model"):
+        pretrained = clip.get("pretrained")
+        loaded["clip"] = load_clip_scorer(str(clip["model"]),
+                                          str(pretrained) if pretrained else None, device)
+    if dino and dino.get("model"):
+        loaded["dino"] = load_dino_scorer(str(dino["model"]), device)
+    if fid:
+        weights = fid.get("weights")
+        loaded["fid"] = load_fid(str(weights) if weights else None,
+                                 int(fid.get("feature", 2048)), device)
+    return loaded
 
 
 def identity_scores(
-    scorer: ClipScorer | DinoScorer | None,
+    scorer: ClipScorer | DinoScorer | str,
     outputs: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
     references: Sequence[np.ndarray],
@@ -233,10 +382,10 @@ def identity_scores(
     """Cosine similarity of the refined region crop and the ground-truth reference region crop.
 
     The reference region is the box of ``reference_mask`` (the whole reference when it is
-    None). Without a scorer every value is :data:`NOT_AVAILABLE`.
+    None). ``scorer`` may be a note (:func:`load_metrics`): then every value is that note.
     """
-    if scorer is None:
-        return [NOT_AVAILABLE] * len(outputs)
+    if isinstance(scorer, str):
+        return [scorer] * len(outputs)
     scores: list[Value] = []
     for start in range(0, len(outputs), batch_size):
         end = start + batch_size
@@ -250,32 +399,11 @@ def identity_scores(
 
 
 # ----------------------------------------------------------------------------- FID
-@cache
-def load_fid(weights_path: str | None, feature: int = 2048, device: str = "cpu"):
-    """torchmetrics FID on the Inception weights at ``weights_path``.
-
-    None when the file is not configured or absent (never built without it: torch-fidelity
-    would download the weights); :class:`MetricLoadError` when it is there and building fails.
-    """
-    if not weights_path or not Path(weights_path).is_file():
-        log.warning("FID %s: Inception weights %r not found", NOT_AVAILABLE, weights_path)
-        return None
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        metric = FrechetInceptionDistance(feature=feature,
-                                          feature_extractor_weights_path=str(weights_path))
-    except Exception as err:
-        raise MetricLoadError(f"FID: Inception weights {weights_path} are present but building "
-                              f"the metric failed: {err.__class__.__name__}: {err}") from err
-    return metric.to(device)
-
-
 def fid_score(metric, outputs: Sequence[np.ndarray], targets: Sequence[np.ndarray],
               batch_size: int = 32) -> Value:
-    """FID of ``outputs`` vs ``targets`` (whole images); :data:`NOT_AVAILABLE` without weights."""
-    if metric is None:
-        return NOT_AVAILABLE
+    """FID of ``outputs`` vs ``targets`` (whole images); ``metric`` may be a note instead."""
+    if isinstance(metric, str):
+        return metric
     if len(outputs) < 2 or len(targets) < 2:
         return "not available (needs >= 2 images)"
     metric.reset()

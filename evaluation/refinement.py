@@ -12,7 +12,10 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
   ``reference_mask`` with the alignment stage's margin, ``cfg.alignment.margin``); cases
   without ``reference_mask`` are not scored for it (counted);
 - ``copy_from_reference``: the feature-matching homography warp of the reference pasted into
-  the mask; where matching fails the input is kept (counted).
+  the mask; where matching fails the input is kept (counted);
+- ``paint_by_example_oracle_crop`` / ``paint_by_example_aligned_crop``: diffusers'
+  Paint-by-Example given the ground-truth crop / our aligned crop, when eval.py's
+  ``baselines.paint_by_example.model`` is set (evaluation/paint_by_example.py).
 
 Images of any size go through the model at its own resolution (the whole image, or with
 ``padding_mask_crop`` a padded crop around the mask) and the generated content is resized and
@@ -40,6 +43,7 @@ from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
 from evaluation import metrics as M
+from evaluation import paint_by_example as pbe
 from evaluation.cache import CaseRecord, RunCache, stage
 from evaluation.sweep import case_noise_seed
 from models.alignment import Alignment, crop, reference_crop_box
@@ -199,9 +203,15 @@ def score_outputs(
     outputs: Mapping[str, np.ndarray],
     cfg: DictConfig,
     device: str = "cpu",
+    loaded: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, M.Value]]:
-    """Per-case metrics of one method: {case_id: {metric: value}} (FID is per set, not here)."""
-    mcfg = cfg.metrics
+    """Per-case metrics of one method: {case_id: {metric: value}} (FID is per set, not here).
+
+    ``loaded``: :func:`evaluation.metrics.load_metrics` of ``cfg.metrics`` (loaded here when
+    None); a metric switched off there has no entry.
+    """
+    if loaded is None:
+        loaded = M.load_metrics(cfg.metrics, device)
     scored = [c for c in cases if c.id in outputs]
     per_case: dict[str, dict[str, M.Value]] = {c.id: {} for c in scored}
     for case in scored:
@@ -211,15 +221,16 @@ def score_outputs(
                                                                 case.mask))
             except Exception as err:
                 raise _failed("ground-truth metrics", [case.id], err) from err
-    scorers = {
-        "clip": M.load_clip_scorer(str(mcfg.clip.model), mcfg.clip.pretrained, device),
-        "dino": M.load_dino_scorer(mcfg.dino.path, device),
-    }
-    for name, scorer in scorers.items():
-        values = M.identity_scores(
-            scorer, [outputs[c.id] for c in scored], [c.mask for c in scored],
-            [c.reference for c in scored], [c.reference_mask for c in scored],
-            int(mcfg.batch_size))
+    for name in ("clip", "dino"):
+        if name not in loaded:
+            continue
+        try:
+            values = M.identity_scores(
+                loaded[name], [outputs[c.id] for c in scored], [c.mask for c in scored],
+                [c.reference for c in scored], [c.reference_mask for c in scored],
+                int(cfg.metrics.batch_size))
+        except Exception as err:
+            raise _failed(f"{name} score", [c.id for c in scored], err) from err
         for case, value in zip(scored, values, strict=True):
             per_case[case.id][name] = value
     return per_case
@@ -246,6 +257,7 @@ def evaluate_refinement(
     progress: bool = True,
     cache: RunCache | None = None,
     external: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    paint_by_example: DictConfig | None = None,
 ) -> dict[str, Any]:
     """Run every method of ``cfg.methods`` on ``cases`` and score them, and score the
     ``external`` methods' outputs ({name: {case_id: uint8 image}}, see evaluation/external.py)
@@ -256,22 +268,35 @@ def evaluate_refinement(
     Each batch of each method is run and scored in turn; with a ``cache``
     (:mod:`evaluation.cache`) its outputs and scores are kept as it finishes (stage
     ``refinement/<method>``) and a resumed run reuses them.
+    With ``paint_by_example.model`` set (eval.py's ``baselines.paint_by_example``) the
+    Paint-by-Example rows run after ours, batched and cached the same way.
     Returns ``{"methods": {method: {metric: value}}, "by_category": {category: {method:
     {metric: value}}}, "per_case": {method: {case_id: {metric: value}}}, "counts": {...},
-    "outputs": {case_id: {method: uint8 HxWx3}}}``; per-case scores let two exports be
-    compared case by case (paired) on the same benchmark.
+    "baseline_methods": [Paint-by-Example rows run], "outputs": {case_id: {method: uint8
+    HxWx3}}}``; per-case scores let two exports be compared case by case (paired) on the same
+    benchmark.
     Everything but "outputs" is JSON-able (PSNR can be inf, written as Infinity by json);
     "outputs" holds the images for qualitative figures and must be popped before dumping.
-    A metric whose network weights are missing has the value ``"not available (no weights)"``;
-    weights that are present but fail to load raise :class:`evaluation.metrics.MetricLoadError`,
-    and a method or metric failing on a case raises :class:`RefinementError` naming it.
+    The pretrained metrics load first (before any sampling); one whose weights cannot be had
+    (offline and not cached, or the download failed) has a note for value, e.g. ``"not
+    available (offline, not cached)"`` (a resumed run rescores cached outputs that have such a
+    note once the weights load); weights that are present but fail to load raise
+    :class:`evaluation.metrics.MetricLoadError`, and a method or metric failing on a case
+    raises :class:`RefinementError` naming it.
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
-    methods = list(cfg.methods)
-    check_methods(methods)
+    check_methods(list(cfg.methods))
+    device = str(pipe.device)
+    loaded = M.load_metrics(cfg.metrics, device)
+    baseline_methods = (pbe.method_names(paint_by_example) if pbe.enabled(paint_by_example)
+                        else [])
+    methods = [*cfg.methods, *baseline_methods]
+    pbe_pipe = (pbe.load_pipeline(str(paint_by_example.model), device,
+                                  paint_by_example.get("dtype", "auto"))
+                if baseline_methods else None)
     counts: dict[str, Any] = defaultdict(int)
     alignments = dict(alignments or {})
-    if "aligned_crop" in methods:
+    if "aligned_crop" in methods or pbe.PREFIX + "aligned_crop" in methods:
         missing = [c for c in cases if c.id not in alignments]
         for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
                          leave=False):
@@ -279,7 +304,6 @@ def evaluate_refinement(
                                              int(cfg.seed), _alignment_config(cfg))
         counts["aligned_on_the_fly"] = len(missing)
 
-    device = str(pipe.device)
     outputs: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     per_case: dict[str, dict[str, dict[str, M.Value]]] = {m: {} for m in methods}
     batches = _batches(list(cases), int(cfg.batch_size))
@@ -287,14 +311,26 @@ def evaluate_refinement(
                disable=not progress)
     for method in methods:
         bar.set_postfix(method=method)
-        store = stage(cache, f"refinement/{method}")
+        store = stage(cache, pbe.stage_name(method, paint_by_example)
+                      if method in baseline_methods else f"refinement/{method}")
         for index, batch in enumerate(batches):
             ids = [c.id for c in batch]
             found = store.get(ids) if store is not None else None
+            if found is not None and _notes_now_loadable(found, loaded):
+                found = _rescored(found, batch, cfg, device, loaded)
+                store.put(f"batch{index:05d}", dict(zip(ids, found, strict=True)),
+                          compress=True)
             if found is None:
-                produced = run_batch(method, batch, pipe, alignments, cfg)
+                if method in baseline_methods:
+                    try:
+                        produced = pbe.run_batch(pbe_pipe, method, batch, alignments, cfg,
+                                                 paint_by_example, reference_for)
+                    except RuntimeError as err:
+                        raise RefinementError(str(err)) from err
+                else:
+                    produced = run_batch(method, batch, pipe, alignments, cfg)
                 images = {i: image for i, (image, _) in produced.items() if image is not None}
-                scores = score_outputs(batch, images, cfg, device)
+                scores = score_outputs(batch, images, cfg, device, loaded)
                 found = [CaseRecord({"metrics": scores.get(i), "flags": produced[i][1]},
                                     {"output": images[i]} if i in images else {}) for i in ids]
                 if store is not None:
@@ -307,8 +343,8 @@ def evaluate_refinement(
                 flags = record.values["flags"]
                 if method == "copy_from_reference":
                     counts["copy_from_reference_fallback"] += int(flags.get("fallback", False))
-                if method == "oracle_crop":
-                    counts["oracle_crop_skipped_no_reference_mask"] += int(
+                if method in ("oracle_crop", pbe.PREFIX + "oracle_crop"):
+                    counts[f"{method}_skipped_no_reference_mask"] += int(
                         flags.get("skipped", False))
             bar.update(len(batch))
     bar.close()
@@ -316,34 +352,57 @@ def evaluate_refinement(
         outputs[name] = dict(images)
         per_case[name] = {}
         for batch in batches:
-            per_case[name] |= score_outputs(batch, images, cfg, device)
-    return summarise(cases, per_case, outputs, cfg, device, dict(counts), progress)
+            per_case[name] |= score_outputs(batch, images, cfg, device, loaded)
+    result = summarise(cases, per_case, outputs, cfg, device, dict(counts), progress, loaded)
+    return {**result, "baseline_methods": baseline_methods}
+
+
+def _notes_now_loadable(records: Sequence[CaseRecord], loaded: Mapping[str, Any]) -> bool:
+    """Cached scores hold a note (e.g. offline, not cached) for a metric that loads now."""
+    return any(isinstance(value, str) and name in loaded and not isinstance(loaded[name], str)
+               for r in records for name, value in (r.values.get("metrics") or {}).items())
+
+
+def _rescored(records: Sequence[CaseRecord], batch: Sequence[BenchmarkCase], cfg: DictConfig,
+              device: str, loaded: Mapping[str, Any]) -> list[CaseRecord]:
+    """The cached outputs of ``batch`` scored again (their images are kept)."""
+    images = {c.id: r.arrays["output"] for c, r in zip(batch, records, strict=True)
+              if "output" in r.arrays}
+    scores = score_outputs(batch, images, cfg, device, loaded)
+    return [CaseRecord({**r.values, "metrics": scores.get(c.id)}, r.arrays)
+            for c, r in zip(batch, records, strict=True)]
 
 
 def summarise(cases: Sequence[BenchmarkCase],
               per_case: Mapping[str, Mapping[str, Mapping[str, M.Value]]],
               outputs: Mapping[str, Mapping[str, np.ndarray]], cfg: DictConfig, device: str,
-              counts: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Means per method and per category (FID over each set of outputs), and the counts."""
+              counts: dict[str, Any], progress: bool = True,
+              loaded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Means per method and per category (FID over each set of outputs, when it is on), and
+    the counts; ``loaded`` as for :func:`score_outputs`."""
     categories: dict[str, list[str]] = defaultdict(list)
     for case in cases:
         categories[case.category].append(case.id)
-    fid = M.load_fid(cfg.metrics.fid.feature_extractor_weights_path,
-                     int(cfg.metrics.fid.feature), device)
+    if loaded is None:
+        loaded = M.load_metrics(cfg.metrics, device)
     by_id = {c.id: c for c in cases}
     methods: dict[str, dict[str, M.Value]] = {}
     by_category: dict[str, dict[str, dict[str, M.Value]]] = {cat: {} for cat in categories}
     for method in tqdm(list(per_case), desc="metrics", leave=False, disable=not progress):
         out = outputs[method]
 
-        def fid_of(ids: Sequence[str], out: Mapping[str, np.ndarray] = out) -> M.Value:
+        def with_fid(values: dict[str, M.Value], ids: Sequence[str],
+                     out: Mapping[str, np.ndarray] = out) -> dict[str, M.Value]:
+            if "fid" not in loaded:
+                return values
             pairs = [(out[i], by_id[i].target) for i in ids
                      if i in out and by_id[i].target is not None]
-            return M.fid_score(fid, [o for o, _ in pairs], [t for _, t in pairs])
+            return {**values, "fid": M.fid_score(loaded["fid"], [o for o, _ in pairs],
+                                                 [t for _, t in pairs])}
 
-        methods[method] = {**aggregate(per_case[method], list(by_id)), "fid": fid_of(list(by_id))}
+        methods[method] = with_fid(aggregate(per_case[method], list(by_id)), list(by_id))
         for cat, ids in categories.items():
-            by_category[cat][method] = {**aggregate(per_case[method], ids), "fid": fid_of(ids)}
+            by_category[cat][method] = with_fid(aggregate(per_case[method], ids), ids)
 
     counts.update({
         "cases": len(cases),

@@ -43,8 +43,9 @@ report.json schema (version 3; also in docs/report_schema.md)::
                  best cell on the calibration cases, scored on the report cases
       by_category: {category: {num_cases, ours: {..}, <baseline>: {miou_mask, miou_box}}}
     refinement:  {method: {metric: number | note}}   on the report cases; empty when the
-                 refinement evaluation did not run; a note string (e.g. "not available (no
-                 weights)") replaces a value that could not be computed; PSNR may be Infinity
+                 refinement evaluation did not run; a note string (e.g. "not available
+                 (offline, not cached)") replaces a value that could not be computed; PSNR may
+                 be Infinity
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
     refinement_status: {run: bool, reason: str | null, error: str | null}
@@ -53,6 +54,7 @@ report.json schema (version 3; also in docs/report_schema.md)::
                        scored as refinement methods under their name
     refinement_paired: {name: {difference: "ours - <name>", vs: {our method: {metric:
                         {cases, mean_difference, ci95: [low, high], ours_better_cases}}}}}
+                        for each external method and Paint-by-Example row
     alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
 
@@ -494,11 +496,17 @@ def _external_lines(report: Mapping[str, Any]) -> list[str]:
                 + (f"; **missing {len(missing)}**: {', '.join(missing)}" if missing else "")
                 + ".", ""]
         if name in paired:
-            out += [f"Ours minus {name} per case, over the cases both scored (lower is better "
-                    "for l1: a negative difference is ours better there); mean [95% bootstrap "
-                    "interval], then cases ours wins / cases paired.", ""]
-            out += _table(*paired_table(paired[name]))
+            out += _paired_lines(name, paired[name])
+    for name in paired:
+        if name not in (report.get("external_methods") or {}):  # e.g. Paint-by-Example rows
+            out += [f"### `{name}` vs ours (paired)", ""] + _paired_lines(name, paired[name])
     return out
+
+
+def _paired_lines(name: str, node: Mapping[str, Any]) -> list[str]:
+    return [f"Ours minus {name} per case, over the cases both scored (lower is better "
+            "for l1: a negative difference is ours better there); mean [95% bootstrap "
+            "interval], then cases ours wins / cases paired.", "", *_table(*paired_table(node))]
 
 
 def _cache_lines(cache: Mapping[str, Any] | None) -> list[str]:

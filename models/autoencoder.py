@@ -9,6 +9,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from models.hub import require_cached
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +43,8 @@ class VAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, pretrained: str, subfolder: str | None = "vae") -> VAE:
+        require_cached("VAE", pretrained, "set paths.sd15_inpainting=/local/folder",
+                       subfolder=subfolder)
         return cls(AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder or None))
 
     @classmethod

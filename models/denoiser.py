@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
+from models.hub import require_cached
+
 
 def build_denoiser(
     pretrained: str | None = None,
@@ -22,6 +24,8 @@ def build_denoiser(
     ``conv_in`` weights are zero so the widened model starts as the original one.
     """
     if pretrained:
+        require_cached("UNet", pretrained, "set paths.sd15_inpainting=/local/folder",
+                       subfolder=subfolder)
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder=subfolder or None)
     elif config is not None:
         unet = UNet2DConditionModel(**config)

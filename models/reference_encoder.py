@@ -14,6 +14,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
+from models.hub import require_cached
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Dinov2Config bookkeeping that is not architecture (and would pin a transformers version).
@@ -26,6 +28,7 @@ def build_dinov2(
 ) -> Dinov2Model:
     """DINOv2 from a local directory or hub id, or randomly initialised from ``config``."""
     if pretrained:
+        require_cached("DINOv2", pretrained, "set paths.dinov2=/local/folder")
         return Dinov2Model.from_pretrained(pretrained)
     if config is None:
         raise ValueError("build_dinov2 needs either `pretrained` (path or hub id) or `config`")

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models.checkpoint import export_checkpoint
 

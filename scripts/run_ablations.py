@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,7 +206,7 @@ def run_logged(command: list[str], log: Path, what: str) -> None:
     """Run ``command`` in the repo with its output in ``log``; a failure names ``what``."""
     with log.open("w") as out:
         done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+                              check=False)
     if done.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise AblationError(f"{what} failed (exit {done.returncode}); log: {log}\n{tail}")

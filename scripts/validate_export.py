@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate

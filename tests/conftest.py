@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never download and never read the user's caches: offline mode, and empty Hugging Face
+# and torch.hub caches (pretrained weights load by hub id otherwise; models/hub.py). Set before
+# huggingface_hub is imported, which reads them once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="rba-test-hf-home-")
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="rba-test-torch-home-")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -16,6 +24,8 @@ from diffusers import UNet2DConditionModel
 import models.config
 from tests import public_configs
 
+for _cache in ("HF_HOME", "TORCH_HOME"):
+    atexit.register(shutil.rmtree, os.environ[_cache], ignore_errors=True)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 

@@ -85,7 +85,7 @@ def test_external_scores_are_the_metrics_and_an_input_copy_scores_as_input(
         assert got["ssim"] == M.ssim_in_box(noisy[case.id], case.target, case.mask)
         assert got["l1"] == M.masked_l1(noisy[case.id], case.target, case.mask)
         assert got["gms"] == M.gradient_similarity(noisy[case.id], case.target, case.mask)
-        assert got["clip"] == M.NOT_AVAILABLE
+        assert got["clip"] == M.NOT_CACHED
     assert result["methods"]["noisy"]["l1"] == pytest.approx(
         np.mean([M.masked_l1(noisy[c.id], c.target, c.mask) for c in cases]))
     # outputs equal to the input: the input row, exactly, in every table

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation import refinement as R
-from evaluation.metrics import NOT_AVAILABLE
+from evaluation.metrics import NOT_CACHED
 from models.image_processor import ImageProcessor
 from models.refinement import blend
 
@@ -135,7 +135,7 @@ def test_evaluate_refinement_all_methods(cases, pipe) -> None:
                               next(c.image for c in cases if c.id == case_id))
 
     for name in ("clip", "dino", "fid"):
-        assert result["methods"]["aligned_crop"][name] == NOT_AVAILABLE
+        assert result["methods"]["aligned_crop"][name] == NOT_CACHED
     for name in ("psnr", "ssim", "l1", "gms"):
         assert isinstance(result["methods"]["aligned_crop"][name], float)
     # the input row is the artifact's own score, case by case
