@@ -317,11 +317,15 @@ def test_fsdp_train_completes_on_two_cpu_processes(tmp_path, precision: str) -> 
     dcp_to_torch_save(ckpt, tmp_path / "consolidated.pt")
     trained = torch.load(tmp_path / "consolidated.pt", weights_only=False)["model"]
     exported = read_weights(out / "export")
+
+    def part(name: str) -> dict[str, torch.Tensor]:
+        return {k[len(name) + 1:]: v for k, v in exported.items() if k.startswith(f"{name}.")}
+
     pl.seed_everything(0)  # cfg.seed: the weights train() started from
     initial = instantiate(compose_config(common).model)
     changed = 0
     for name in ("denoiser", "reference_encoder"):
-        got = {k[len(name) + 1:]: v for k, v in exported.items() if k.startswith(f"{name}.")}
+        got = part(name)
         start = getattr(initial, name).state_dict()
         want = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(f"{name}.")}
         assert got.keys() == want.keys() == start.keys()
@@ -336,8 +340,8 @@ def test_fsdp_train_completes_on_two_cpu_processes(tmp_path, precision: str) -> 
         # with the exported weights (rank 0's first validation sample is the set's first)
         cfg = compose_config(common)
         module = instantiate(cfg.model)
-        module.denoiser.load_state_dict(exported.denoiser.state_dict())
-        module.reference_encoder.load_state_dict(exported.reference_encoder.state_dict())
+        module.denoiser.load_state_dict(part("denoiser"))
+        module.reference_encoder.load_state_dict(part("reference_encoder"))
         trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=1,
                              enable_progress_bar=False, enable_checkpointing=False,
                              logger=pl.loggers.CSVLogger(str(tmp_path / "eager"), name="",
