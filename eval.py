@@ -77,6 +77,7 @@ from evaluation.cache import (
     open_cache,
     stage,
 )
+from evaluation.denoising_gain import run_section as run_denoising_gain
 from evaluation.external import (
     ExternalError,
     ExternalOutputs,
@@ -534,6 +535,14 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
     result, status = run_refinement(report_cases, pipe, alignments, refine_cfg, cache,
                                     external)
     outputs = result.pop("outputs", {}) if result else {}
+    try:
+        gain = run_denoising_gain(pipe, report_cases, cfg.get("denoising_gain"),
+                                  cfg.progress)
+    except Exception as err:
+        raise EvalError("denoising_gain", f"{err.__class__.__name__}: {err}") from err
+    if gain is not None:
+        figure_paths["denoising_gain"] = figures.denoising_gain_curve(
+            gain, run_dir / "figures" / "denoising_gain.png")
     rows = qualitative_rows(report_cases, alignments, outputs, int(cfg.qualitative.num_cases))
     if rows:
         figure_paths["qualitative"] = figures.qualitative_grid(rows, run_dir / "qualitative.png")
@@ -584,6 +593,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
             result["per_case"], [*external, *result["baseline_methods"]],
             list(cfg.refinement.methods))
         if result and (external or result["baseline_methods"]) else {},
+        "denoising_gain": gain,
         "alignment": asdict(chosen),
         "figures": {k: str(Path(v).relative_to(run_dir)) for k, v in figure_paths.items()},
     }

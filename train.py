@@ -17,6 +17,7 @@ Hyperparameter search: ``main`` returns the logged metric named by ``optimized_m
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -37,15 +38,17 @@ from omegaconf import DictConfig, OmegaConf
 from data.provenance import UNKNOWN, read_training_data, write_training_data
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
-from models.checkpoint import ModelConfigInCheckpoint, warm_start
+from models.checkpoint import ExportAtTrainEnd, ModelConfigInCheckpoint, warm_start
 from models.distributed import (
     ValidateAtLastStep,
     check_config,
+    fsdp_root,
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
 from models.export import save_pretrained
 from models.lightning_module import val_table_from_metrics
+from models.resolution import check_data_fits_model
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +98,20 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
     return max(1, per_process - int(cfg.data.get("num_workers") or 0))
 
 
+def write_export(cfg: DictConfig, export_dir: Path, inherited: dict[str, Any] | None,
+                 weights: dict[str, torch.Tensor], trainer: pl.Trainer) -> Path:
+    """Write the run's pipeline folder (see the module docstring) and its records; returns it.
+    ``inherited``: the training-data record of the export a warm start began from."""
+    export_dir = save_pretrained(weights, cfg.model, export_dir)
+    write_training_data(cfg.data, export_dir, inherited)
+    write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
+    return export_dir
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the module described by ``cfg``; export EMA weights; return the final metrics."""
     check_config(cfg)
+    check_data_fits_model(cfg.model, cfg.data)  # before anything is built or loaded
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
@@ -112,7 +126,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("init_from"):
         warm_start(module, cfg.init_from)
         inherited = read_training_data(cfg.init_from) or {"unknown": {"source": UNKNOWN}}
-    callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model)]
+    # export_dir resolved here: a ddp_spawn child, which exports, has no Hydra config
+    exporter = ExportAtTrainEnd(
+        functools.partial(write_export, cfg, Path(cfg.export_dir), inherited))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model),
+                 exporter]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
     trainer: pl.Trainer = instantiate(
@@ -122,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # stopped between validations (max_time); a ddp_spawn parent (global_step 0) trained nothing
     if trainer.global_step and module.val_step != trainer.global_step:
-        if module.fsdp_root() is None:
+        if fsdp_root(trainer) is None:
             trainer.validate(module, datamodule=datamodule)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         else:  # see ValidateAtLastStep: trainer.validate after fit fails under FSDP
@@ -130,14 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         "fails under FSDP); metrics are from step %d", trainer.global_step,
                         module.val_step)
 
-    export_dir = None
-    # under FSDP, gathering the whole weights (to rank 0) is a collective: every rank joins
-    if trainer.is_global_zero or module.fsdp_root() is not None:
-        weights = module.inference_state_dict()
-        if trainer.is_global_zero:
-            export_dir = save_pretrained(weights, cfg.model, Path(cfg.export_dir))
-            write_training_data(cfg.data, export_dir, inherited)
-            write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
+    # written by global rank 0 when fitting ended (a ddp_spawn parent only sees its children)
+    export_dir = exporter.written
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
@@ -165,6 +177,10 @@ def optimized_metric_value(metrics: Mapping[str, float], name: str | None) -> fl
 def main(cfg: DictConfig) -> float | None:
     """Train, print the summary, return ``cfg.optimized_metric``'s value (for sweepers)."""
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=False))
+    try:
+        check_data_fits_model(cfg.model, cfg.data)
+    except ValueError as err:  # a refusal, not a crash: one line, no traceback
+        raise SystemExit(f"train.py: {err}") from None
     use_job_command_for_ddp_children()  # DDP children run this job, not the whole sweep
     result = train(cfg)
     print(format_summary(result))

@@ -9,15 +9,31 @@ float16) by a shape-only stand-in encoder: reading costs the same whatever the l
 and the real encode is a one-off GPU job (``benchmark_train.py`` times it).
 ``--loader-workers N`` also measures a real DataLoader with N workers, to check the scaling.
 
+``--baseline DIR`` instead compares the synthetic training path of this checkout ("after")
+with the one of another checkout ("before", e.g. ``git worktree add --detach DIR main``),
+each probed in a fresh process importing its own ``data`` package, alternated
+before/after/before/after ``--repeats`` times (medians: the machine may be shared):
+(a) the loader's dataset ``__getitem__`` alone on one core, and (b) ``PairDataModule``'s
+training loader with one worker into this process, through the device copy and the
+DataModule's ``on_after_batch_transfer`` (where compact batches become float32), as
+samples/s of wall time and per CPU-second of worker + training process.
+
     PYTHONPATH=. python benchmarks/benchmark_data.py --image-size 512 --gpu-rate 70
     PYTHONPATH=. python benchmarks/benchmark_data.py --smoke
+    PYTHONPATH=. python benchmarks/benchmark_data.py --baseline /tmp/rba-main --image-size 64 \
+        --batch-size 128 --out benchmarks/cpu-2026-12-03/data_path_ab.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -62,10 +78,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size")
     p.add_argument("--smoke", action="store_true", help="64 px, a few samples")
     p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--baseline", default=None,
+                   help="checkout of the code to compare with: run the before/after probe")
+    p.add_argument("--repeats", type=int, default=3, help="before/after alternations")
+    p.add_argument("--items", type=int, default=200, help="(a): items timed per probe")
+    p.add_argument("--batches", type=int, default=4, help="(b): batches timed per probe")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one side's child
     args = p.parse_args(argv)
     if args.smoke:
         args.image_size, args.samples, args.per_shard = 64, 8, 4
         args.loader_workers = min(args.loader_workers, 2)
+        args.repeats, args.items, args.batches = 1, 4, 2
+        args.batch_size = min(args.batch_size, 4)
     return args
 
 
@@ -99,10 +123,148 @@ def loader_rate(dataset: Any, workers: int, batch_size: int, samples: int) -> fl
     return n / (time.perf_counter() - t0)
 
 
+def _cpu_seconds(processes: list[Any]) -> float:
+    total = 0.0
+    for proc in processes:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def synthetic_path_rates(size: int, ref: int, items: int, batch_size: int, batches: int
+                         ) -> dict[str, Any]:
+    """Rates of the synthetic training path of the ``data`` package on ``sys.path``.
+
+    (a) ``getitem``: the training loader's dataset indexed in this process, OpenCV on one
+    thread; (b) ``loader``: ``PairDataModule.train_dataloader()`` with one worker (its own
+    worker set-up), every batch copied to the device (pinned when CUDA is there) and passed
+    through the DataModule's ``on_after_batch_transfer``, as a Trainer does. Only code that
+    the compared checkouts share is called, so old and new code run the same probe.
+    """
+    import cv2
+    import psutil
+
+    from data.datamodule import PairDataModule
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dm = PairDataModule(batch_size=batch_size, num_workers=1, image_size=size,
+                        reference_size=ref, train_length=10**6, pin_memory=cuda)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    dataset = loader.dataset
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    dataset[0]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(1, items + 1):
+        dataset[i]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cv2.setNumThreads(threads)  # the workers start from the process's own setting
+    getitem = {"samples_per_s": items / wall, "samples_per_cpu_s": items / cpu}
+
+    def receive(batch: dict[str, Any]) -> dict[str, Any]:
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        return dm.on_after_batch_transfer(moved, 0)
+
+    it = iter(loader)
+    first = next(it)
+    wire = sum(v.nbytes for v in first.values() if isinstance(v, torch.Tensor))
+    model_inputs = {k: f"{v.dtype}".removeprefix("torch.") for k, v in receive(first).items()
+                    if isinstance(v, torch.Tensor)}
+    workers = psutil.Process().children()
+    w0, t0, c0 = _cpu_seconds(workers), time.perf_counter(), time.process_time()
+    n = 0
+    for _ in range(batches):
+        n += len(receive(next(it))["mode"])
+    if cuda:
+        torch.cuda.synchronize()
+    wall, main_cpu = time.perf_counter() - t0, time.process_time() - c0
+    worker_cpu = _cpu_seconds(workers) - w0
+    del it
+    loader_rates = {"samples_per_s": n / wall, "samples_per_cpu_s": n / (worker_cpu + main_cpu),
+                    "worker_cpu_ms_per_sample": 1e3 * worker_cpu / n,
+                    "main_cpu_ms_per_sample": 1e3 * main_cpu / n,
+                    "kib_per_sample_through_ipc": wire / batch_size / 1024,
+                    "model_input_dtypes": model_inputs}
+    return {"getitem": getitem, "loader": loader_rates, "device": device.type}
+
+
+def _revision(root: Path) -> str | None:
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+uncommitted" if dirty else "")
+
+
+def _probe_in(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One probe of the checkout at ``root``, in a fresh process that imports its code."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe",
+           "--image-size", str(args.image_size), "--reference-size", str(args.reference_size),
+           "--items", str(args.items), "--batches", str(args.batches),
+           "--batch-size", str(args.batch_size)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    load = os.getloadavg()[0]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"probe of {root} failed:\n{done.stderr[-3000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load}
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Before/after rates of the synthetic path, alternated, medians and after/before ratios."""
+    roots = {"before": Path(args.baseline).resolve(), "after": Path(__file__).resolve().parents[1]}
+    if not (roots["before"] / "data" / "synthetic.py").is_file():
+        raise FileNotFoundError(f"--baseline {roots['before']} is not a checkout of this project")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in roots}
+    for r in range(args.repeats):
+        for name, root in roots.items():
+            runs[name].append(_probe_in(root, args))
+            log.info("repeat %d %s: %s", r + 1, name, json.dumps(runs[name][-1]))
+    metrics = [("getitem", "samples_per_s"), ("getitem", "samples_per_cpu_s"),
+               ("loader", "samples_per_s"), ("loader", "samples_per_cpu_s")]
+    medians = {name: {f"{part}.{m}": statistics.median(r[part][m] for r in rs)
+                      for part, m in metrics} for name, rs in runs.items()}
+    ratios = {key: medians["after"][key] / medians["before"][key] for key in medians["after"]}
+    result: dict[str, Any] = {
+        **environment(torch.device("cpu")), "benchmark": "data_path_ab", "smoke": args.smoke,
+        "image_size": args.image_size, "reference_size": args.reference_size,
+        "batch_size": args.batch_size, "items": args.items, "batches": args.batches,
+        "repeats": args.repeats, "command": " ".join(sys.argv),
+        "trees": {name: {"path": str(root), "revision": _revision(root)}
+                  for name, root in roots.items()},
+        "medians": {name: {k: round(v, 2) for k, v in m.items()} for name, m in medians.items()},
+        "ratios_after_over_before": {k: round(v, 2) for k, v in ratios.items()},
+        "runs": runs,
+    }
+    rows: list[tuple[str, Any]] = [("cpu cores", result["cpu_count"]),
+                                   ("image / reference px", f"{args.image_size} / "
+                                                            f"{args.reference_size}")]
+    for key in ratios:
+        rows.append((f"{key} before", round(medians["before"][key], 1)))
+        rows.append((f"{key} after", round(medians["after"][key], 1)))
+        rows.append((f"{key} ratio", round(ratios[key], 2)))
+    print(format_table(rows, "benchmark_data before/after (medians)"))
+    write_json(result, args.out)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core, as in a DataLoader worker
+    if args.probe:
+        rates = synthetic_path_rates(args.image_size, args.reference_size, args.items,
+                                     args.batch_size, args.batches)
+        print(json.dumps(rates))
+        return rates
+    if args.baseline:
+        return compare(args)
     size, ref = args.image_size, args.reference_size
     n = args.samples
     result: dict[str, Any] = {**environment(torch.device("cpu")), "benchmark": "data",

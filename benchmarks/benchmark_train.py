@@ -55,6 +55,7 @@ from benchmarks.bench_common import (
     write_json,
 )
 from models.denoiser import COMPILE_SCOPES, compile_denoiser
+from models.ema import EMA
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,6 @@ def measure_ours(cfg: Any, args: argparse.Namespace, device: torch.device, tmp: 
     if args.channels_last:
         module.denoiser.to(memory_format=torch.channels_last)
     optimizer, scheduler = optimizer_and_scheduler(module)
-    module.on_fit_start()
     params = module.trainable_parameters()
     clip = cfg.trainer.get("gradient_clip_val")
     counter = {"i": 0}
@@ -300,12 +300,15 @@ def breakdown(module: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
     out["dinov2_mlp_forward"] = time_it(reference, device, iters, warm)
     out["unet_fwd_bwd"] = time_it(unet_step, device, iters, warm)
 
+    decay = module.hparams.ema_decay
+    ema = EMA(decay).track(module) if decay else None  # what the EMA callback steps
+
     def opt_ema() -> None:  # gradients of the last unet_step stay in place
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
-        if module.ema is not None:
-            module.ema.step(params)
+        if ema is not None:
+            ema.step(params)
 
     out["optimizer_clip_ema"] = time_it(opt_ema, device, iters, warm)
     optimizer.zero_grad(set_to_none=True)

@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
-from evaluation.metrics import ground_truth_metrics
 from evaluation.refinement import telea
+from models.image_metrics import ground_truth_metrics
 
 METRICS = ("psnr", "l1", "gms")
 

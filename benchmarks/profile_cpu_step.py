@@ -34,6 +34,7 @@ from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_common import compose, environment, interleaved_times, write_json
+from models.ema import EMA
 
 log = logging.getLogger(__name__)
 SMOKE_OVERRIDES = ["data.batch_size=2", "data.reference_size=56",
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_s = (time.perf_counter() - start) / len(batches)
     params = module.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    decay = module.hparams.ema_decay
+    ema = EMA(decay).track(module) if decay else None  # what the EMA callback steps
     cursor = iter(range(10**9))
 
     def step() -> None:
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if module.ema is not None:
-            module.ema.step(params)
+        if ema is not None:
+            ema.step(params)
 
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         step()

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data.masks import mask_bbox
 from data.objects import draw_text_fitted, random_text
 
 Artifact = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
@@ -19,11 +20,6 @@ Artifact = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
 def _composite(image: np.ndarray, changed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[..., None], changed, image).astype(np.uint8)
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def _two_colours(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +40,7 @@ def wrong_lettering(image: np.ndarray, mask: np.ndarray, rng: np.random.Generato
     ground, ink = _two_colours(image[mask])
     if np.abs(ground - ink).sum() < 60:  # flat region: pick a visible ink
         ink = 255 - ground
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_bbox(mask)
     canvas = np.array(image)
     canvas[mask] = ground.astype(np.uint8)
     pil = Image.fromarray(canvas)
@@ -55,7 +51,7 @@ def wrong_lettering(image: np.ndarray, mask: np.ndarray, rng: np.random.Generato
 
 def blur(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Strong Gaussian blur: fine detail washed out, as in low-fidelity decodes."""
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_bbox(mask)
     sigma = max(1.0, rng.uniform(0.08, 0.2) * max(x1 - x0, y1 - y0))
     return _composite(image, cv2.GaussianBlur(image, (0, 0), sigma), mask)
 
@@ -72,7 +68,7 @@ def colour_shift(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
 def noise_smear(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Noise dragged along a random direction: smeared, textured garbage."""
     noisy = image.astype(np.float32) + rng.normal(0, rng.uniform(20, 50), image.shape)
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_bbox(mask)
     length = max(3, int(rng.uniform(0.2, 0.5) * max(x1 - x0, y1 - y0))) | 1
     kernel = np.zeros((length, length), np.float32)
     kernel[length // 2, :] = 1.0 / length
@@ -86,7 +82,7 @@ def noise_smear(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -
 def swapped_patch(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Content copied from elsewhere in the image: plausible texture, wrong identity."""
     h, w = mask.shape
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_bbox(mask)
     bw, bh = x1 - x0, y1 - y0
     best, best_d = (0, 0), -1.0
     for _ in range(8):  # prefer a source far from the region itself

@@ -5,18 +5,24 @@ Validation is always synthetic, in alignment mode (the full reference) with its 
 the "validation" seed namespace (data/synthetic.py), so it shares no item with the training
 set whatever the seeds, and correspondence mIoU of the cross-attention maps is measured on the
 same cases every run, whatever the training source.
+
+Synthetic loaders send compact samples (uint8 images, bool masks: data/modes.py) through the
+worker processes, pinning and the device copy, a quarter of the float32 bytes; the
+`on_after_batch_transfer` hook turns them into the float contract on the device, to the
+same values. `train_set` and `val_set` themselves still give float samples.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from data.latent_shards import latent_shard_dataset, read_manifest
 from data.masks import MaskConfig
-from data.modes import ALIGNMENT
+from data.modes import ALIGNMENT, decode_pixels
 from data.shards import ShardErrors, expand_urls, shard_dataset
 from data.synthetic import SyntheticPairs
 
@@ -35,6 +41,10 @@ class PairDataModule(pl.LightningDataModule):
     Shard sources skip unreadable shards and samples (warned, counted in `shard_errors`) and
     stop once more than `max_skip_fraction` of what was seen is skipped, checked from
     `skip_check_after` samples on.
+
+    `compact_batches`: synthetic batches travel as uint8 / bool and are decoded to float32
+    after the device transfer (identical values); a loader of this module used outside a
+    Trainer gives compact batches, which `data.modes.decode_pixels` decodes.
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class PairDataModule(pl.LightningDataModule):
         mask_max_area: float = 0.5,
         max_skip_fraction: float = 0.01,
         skip_check_after: int = 1000,
+        compact_batches: bool = True,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -125,10 +136,21 @@ class PairDataModule(pl.LightningDataModule):
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         iterable = isinstance(ds, IterableDataset)
+        if hp.compact_batches and isinstance(ds, SyntheticPairs):
+            ds = ds.compact_view()
         return DataLoader(
             ds, batch_size=hp.batch_size, shuffle=shuffle and not iterable,
             num_workers=hp.num_workers, pin_memory=hp.pin_memory,
             persistent_workers=hp.num_workers > 0, drop_last=shuffle)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Compact pixels -> the float32 contract, on the device; then the precision's input
+        conversion, which Lightning ran before the transfer, when floats were not there yet."""
+        if not isinstance(batch, dict):
+            return batch
+        batch = decode_pixels(batch)
+        trainer = self.trainer
+        return trainer.precision_plugin.convert_input(batch) if trainer is not None else batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

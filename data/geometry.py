@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from data.objects import ObjectView, random_colour
+from data.masks import mask_bbox
+from data.objects import Box, ObjectView, merge_planes, random_colour
 
 FIXED_POINT_ITERS = 20
 FIXED_POINT_TOL = 1e-2  # pixels; cv2.remap quantises lookups to 1/32 px anyway
@@ -47,17 +48,26 @@ class SmoothField:
 
     def on_grid(self, height: int, width: int) -> np.ndarray:
         """Field sampled at every pixel centre, float32 [H, W, 2] (separable, so it is cheap)."""
-        xs = np.arange(width, dtype=np.float64)
-        ys = np.arange(height, dtype=np.float64)
-        out = np.zeros((height, width, 2), np.float64)
-        for k in range(self.amp.shape[0]):
-            for c in range(2):
-                ax = self.freq[k, c, 0] * xs + self.phase[k, c]
-                by = self.freq[k, c, 1] * ys
-                # sin(a + b) = sin a cos b + cos a sin b
-                out[..., c] += self.amp[k, c] * (
-                    np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax)))
-        return out.astype(np.float32)
+        dx, dy = self.planes(height, width)
+        return cv2.merge([dx, dy])
+
+    def planes(self, height: int, width: int, window: Box | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """`on_grid` as its x and y planes, float32 [H, W] each (the same values); only the
+        pixels in `window` (x0, y0, x1, y1) when given, each computed as on the whole grid."""
+        x0, y0, x1, y1 = window or (0, 0, width, height)
+        xs = np.arange(x0, x1, dtype=np.float64)
+        ys = np.arange(y0, y1, dtype=np.float64)
+        # every (term, channel) at once; sin(a + b) = sin a cos b + cos a sin b
+        ax = self.freq[..., 0, None] * xs + self.phase[..., None]  # [K, 2, W]
+        by = self.freq[..., 1, None] * ys  # [K, 2, H]
+        terms = np.cos(by)[..., :, None] * np.sin(ax)[..., None, :]
+        terms += np.sin(by)[..., :, None] * np.cos(ax)[..., None, :]
+        terms *= self.amp[..., None, None]
+        out = np.zeros((2, y1 - y0, x1 - x0), np.float64)
+        for term in terms:  # summed in term order, as on_grid always has
+            out += term
+        return out[0].astype(np.float32), out[1].astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"amp": self.amp.tolist(), "freq": self.freq.tolist(), "phase": self.phase.tolist()}
@@ -78,9 +88,12 @@ def _apply_h(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
                      (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w], axis=-1)
 
 
-def _grid(height: int, width: int) -> np.ndarray:
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    return np.stack([xs, ys], axis=-1)
+def _apply_h_planes(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`_apply_h` on float64 coordinate planes, float32 [..., 2] (the same roundings)."""
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    w[np.abs(w) < 1e-9] = 1e-9
+    return cv2.merge([((h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w).astype(np.float32),
+                      ((h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w).astype(np.float32)])
 
 
 def _pull(src: np.ndarray, coords: np.ndarray, interp: int = cv2.INTER_LINEAR,
@@ -112,9 +125,12 @@ class Warp:
     def from_params(homography: np.ndarray, smooth: SmoothField, target_shape: tuple[int, int],
                     reference_shape: tuple[int, int]) -> Warp:
         h = np.asarray(homography, np.float64)
-        grid = _grid(*target_shape)
-        disp = smooth.on_grid(*target_shape)
-        t2r = _apply_h(np.linalg.inv(h), (grid + disp).astype(np.float64)).astype(np.float32)
+        height, width = target_shape
+        dx, dy = smooth.planes(height, width)
+        # p + d(p) in float32, as the [H, W, 2] pixel grid plus the field
+        x = (np.arange(width, dtype=np.float32)[None, :] + dx).astype(np.float64)
+        y = (np.arange(height, dtype=np.float32)[:, None] + dy).astype(np.float64)
+        t2r = _apply_h_planes(np.linalg.inv(h), x, y)
         return Warp(t2r, tuple(reference_shape), h, smooth)
 
     @property
@@ -130,8 +146,11 @@ class Warp:
         if self.homography is None:
             raise ValueError("warp has no parameters; use map_mask_to_reference")
         x0, y0, x1, y1 = box
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
-        hq = _apply_h(self.homography, np.stack([xs, ys], axis=-1)).astype(np.float32)
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 2), np.float32)
+        xs = np.broadcast_to(np.arange(x0, x1, dtype=np.float64)[None, :], (y1 - y0, x1 - x0))
+        ys = np.broadcast_to(np.arange(y0, y1, dtype=np.float64)[:, None], (y1 - y0, x1 - x0))
+        hq = _apply_h_planes(self.homography, xs, ys)
         smooth = self.displacement
         if smooth is None or smooth.amp.shape[0] == 0:
             return hq
@@ -139,17 +158,25 @@ class Warp:
         # the field is smooth, so bilinear lookup on a grid is exact to ~1e-2 px; the grid is
         # padded by more than |d| so points landing just outside the frame converge as well
         pad = int(np.ceil(np.abs(smooth.amp).sum(0).max())) + 4
-        if self._disp_grid is None:
-            self._disp_grid = _shifted_field(smooth, ht, wt, pad)
+        grid = self._disp_grid
+        if grid is None:
+            window = _lookup_window(hq, pad, float(np.abs(smooth.amp).sum(0).max()),
+                                    (ht + 2 * pad, wt + 2 * pad))
+            grid = _shifted_field(smooth, ht, wt, pad, window)
+            if window is None:
+                self._disp_grid = grid
         # convergence is judged near the frame: far-away points are large numbers whose
         # float32 rounding exceeds the tolerance
         near = ((hq[..., 0] > -pad) & (hq[..., 0] < wt + pad)
                 & (hq[..., 1] > -pad) & (hq[..., 1] < ht + pad))
+        far = ~np.repeat(near[..., None], 2, axis=-1)
         p = hq
         for _ in range(FIXED_POINT_ITERS):
             # replicating the border keeps the lookup a contraction far outside too
-            p_next = hq - _pull(self._disp_grid, p + pad, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
-            step = float(np.abs(p_next - p)[near].max(initial=0.0))
+            p_next = hq - _pull(grid, p + pad, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
+            moved = cv2.absdiff(p_next, p)
+            moved[far] = 0.0
+            step = float(moved.max(initial=0.0))
             p = p_next
             if step < FIXED_POINT_TOL:
                 break
@@ -162,12 +189,13 @@ class Warp:
         hr, wr = self.reference_shape
         out = np.zeros((hr, wr), bool)
         pts = self.target_to_reference[mask]
-        pts = pts[np.isfinite(pts).all(-1)]
+        pts = pts[np.isfinite(pts[:, 0]) & np.isfinite(pts[:, 1])]
         if len(pts) == 0:
             return out
         # the forward map bounds the region, so the inverse is only needed on that box
-        x0, y0 = np.floor(pts.min(0)).astype(int) - 2
-        x1, y1 = np.ceil(pts.max(0)).astype(int) + 3
+        lo, hi = _column_range(pts)
+        x0, y0 = np.floor(lo).astype(int) - 2
+        x1, y1 = np.ceil(hi).astype(int) + 3
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, wr), min(y1, hr)
         if x1 <= x0 or y1 <= y0:
             return out
@@ -199,10 +227,48 @@ class Warp:
                                 tuple(d["target_shape"]), tuple(d["reference_shape"]))
 
 
-def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int) -> np.ndarray:
-    """Field on the grid of pixels (-pad .. W+pad-1, -pad .. H+pad-1), origin moved by phase."""
+def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int,
+                   window: Box | None = None) -> np.ndarray:
+    """Field on the grid of pixels (-pad .. W+pad-1, -pad .. H+pad-1), origin moved by phase;
+    with a `window` of that grid, zero outside it (for lookups known to stay inside)."""
     phase = smooth.phase - pad * (smooth.freq[..., 0] + smooth.freq[..., 1])
-    return SmoothField(smooth.amp, smooth.freq, phase).on_grid(ht + 2 * pad, wt + 2 * pad)
+    shifted = SmoothField(smooth.amp, smooth.freq, phase)
+    height, width = ht + 2 * pad, wt + 2 * pad
+    if window is None:
+        return shifted.on_grid(height, width)
+    x0, y0, x1, y1 = window
+    out = np.zeros((height, width, 2), np.float32)
+    out[y0:y1, x0:x1] = cv2.merge(shifted.planes(height, width, window))
+    return out
+
+
+def _column_range(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of each column of [N, 2] points (numpy reduces a column at a time many
+    times faster than along axis 0 of the two)."""
+    return (np.array([pts[:, 0].min(), pts[:, 1].min()]),
+            np.array([pts[:, 0].max(), pts[:, 1].max()]))
+
+
+def _lookup_window(hq: np.ndarray, pad: int, reach: float, shape: tuple[int, int]
+                   ) -> Box | None:
+    """The part of the padded field grid that the fixed point's lookups can read, or None
+    for all of it.
+
+    Lookups sit at p + pad with |p - H(q)| <= `reach` (the field's largest magnitude); a
+    bilinear read (OpenCV rounds coordinates to 1/32 px) touches the two pixels around,
+    replicated ones included when it falls outside. A pixel of margin covers rounding.
+    """
+    height, width = shape
+    lo, hi = _column_range(hq.reshape(-1, 2))
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None
+    x0, y0 = (np.floor(lo + pad - reach) - 2).astype(int)
+    x1, y1 = (np.ceil(hi + pad + reach) + 3).astype(int)
+    x0, x1 = min(max(x0, 0), width - 1), min(max(x1, 1), width)
+    y0, y1 = min(max(y0, 0), height - 1), min(max(y1, 1), height)
+    if (x0, y0, x1, y1) == (0, 0, width, height):
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) -> np.ndarray:
@@ -224,9 +290,13 @@ def _splat(mask: np.ndarray, t2r: np.ndarray, reference_shape: tuple[int, int]) 
     return out.astype(bool)
 
 
-def _bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
-    ys, xs = np.nonzero(mask)
-    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+def _pixel_centre_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the first and last covered pixel centres."""
+    box = mask_bbox(mask)
+    if box is None:
+        raise ValueError("empty mask has no box")
+    x0, y0, x1, y1 = box
+    return float(x0), float(y0), float(x1 - 1), float(y1 - 1)
 
 
 def random_homography(
@@ -240,7 +310,7 @@ def random_homography(
     placements the one whose box overlaps the reference box least is kept, so the position
     of a region in the target says little about its position in the reference.
     """
-    x0, y0, x1, y1 = _bbox(reference_footprint)
+    x0, y0, x1, y1 = _pixel_centre_box(reference_footprint)
     rs = reference_footprint.shape[0]
     corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
     centre = corners.mean(0)
@@ -258,7 +328,7 @@ def random_homography(
         for a in range(2):
             a_lo, a_hi = -lo[a], target_size - 1 - hi[a]
             shift[a] = rng.uniform(a_lo, a_hi) if a_hi > a_lo else (a_lo + a_hi) / 2
-        box = np.r_[lo + shift, hi + shift]
+        box = np.concatenate([lo + shift, hi + shift])
         iou = _box_iou(box, ref_box)
         if iou < best_iou:
             best, best_iou = shift, iou
@@ -287,17 +357,20 @@ def target_background(size: int, rng: np.random.Generator) -> np.ndarray:
     kind = rng.integers(0, 3)
     c0 = np.array(random_colour(rng), np.float32)
     c1 = np.array(random_colour(rng), np.float32)
+    dc = c1 - c0
+    # per channel plane (see objects.merge_planes), with the dtypes of the [S,S,3] arithmetic
     if kind == 0:  # low-frequency coloured noise
         small = rng.random((max(2, size // 16), max(2, size // 16), 3)).astype(np.float32)
-        t = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
-        img = c0 + (c1 - c0) * t
+        t = cv2.split(cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC))
+        planes = [c0[c] + dc[c] * t[c] for c in range(3)]  # float32
     elif kind == 1:  # gradient
         ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
         a = rng.uniform(0, 2 * np.pi)
-        t = np.clip(np.cos(a) * ramp[None, :] + np.sin(a) * ramp[:, None], 0, 1)
-        img = c0 + (c1 - c0) * t[..., None] / max(1e-6, float(t.max()))
+        t = np.clip(np.cos(a) * ramp[None, :] + np.sin(a) * ramp[:, None], 0, 1)  # float64
+        top = max(1e-6, float(t.max()))
+        planes = [c0[c] + dc[c] * t / top for c in range(3)]  # float64
     else:  # random shapes
-        img = np.broadcast_to(c0, (size, size, 3)).copy()
+        img = cv2.merge([np.full((size, size), v, np.float32) for v in c0])
         for _ in range(int(rng.integers(3, 9))):
             col = tuple(float(v) for v in rng.integers(0, 256, 3))
             cx, cy = rng.integers(0, size, 2)
@@ -307,8 +380,9 @@ def target_background(size: int, rng: np.random.Generator) -> np.ndarray:
             else:
                 cv2.rectangle(img, (int(cx - r), int(cy - r // 2)), (int(cx + r), int(cy + r)),
                               col, -1)
-    img = img + rng.standard_normal((size, size, 1), dtype=np.float32) * rng.uniform(0, 6)
-    return np.clip(img, 0, 255).astype(np.uint8)
+        planes = cv2.split(img)
+    grain = rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(0, 6)
+    return merge_planes(planes, grain)
 
 
 @dataclass
@@ -326,10 +400,12 @@ def render_target(reference: ObjectView, warp: Warp, background: np.ndarray) -> 
     """Warp the reference object into the target frame and composite over `background`."""
     alpha = warp.warp_image(reference.footprint.astype(np.float32))
     obj = warp.warp_image(reference.rgb).astype(np.float32)
-    out = background.astype(np.float32) * (1 - alpha[..., None]) + obj * alpha[..., None]
+    alpha3 = cv2.merge([alpha] * 3)  # same-shape operands: numpy's fast loops, same values
+    out = background.astype(np.float32) * (1 - alpha3) + obj * alpha3
     footprint = alpha >= 0.5
     detail = warp.map_mask_to_target(reference.detail) & footprint
-    rgb = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    out += 0.5
+    rgb = np.clip(out, 0, 255, out=out).astype(np.uint8)
     return TargetView(rgb=rgb, geometric_rgb=rgb, footprint=footprint, detail=detail)
 
 
@@ -339,13 +415,13 @@ def photometric_jitter(rgb: np.ndarray, rng: np.random.Generator, brightness: fl
     b = rng.uniform(-brightness, brightness) * 255
     c = rng.uniform(1 - contrast, 1 + contrast)
     dh = rng.uniform(-hue, hue)
-    x = rgb.astype(np.float32)
-    x = (x - 128.0) * c + 128.0 + b
-    x = np.clip(x, 0, 255).astype(np.uint8)
+    # per-value maps: the float32 arithmetic applied to the 256 possible values, not each pixel
+    v = np.arange(256, dtype=np.float32)
+    x = cv2.LUT(rgb, np.clip((v - 128.0) * c + 128.0 + b, 0, 255).astype(np.uint8))
     if abs(dh) >= 0.5:
-        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
-        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + int(round(dh))) % 180).astype(np.uint8)
-        x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        hue, sat, val = cv2.split(cv2.cvtColor(x, cv2.COLOR_RGB2HSV))
+        turn = ((np.arange(256, dtype=np.int16) + int(round(dh))) % 180).astype(np.uint8)
+        x = cv2.cvtColor(cv2.merge([cv2.LUT(hue, turn), sat, val]), cv2.COLOR_HSV2RGB)
     return x, {"brightness": b, "contrast": c, "hue": dh}
 
 

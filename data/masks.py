@@ -34,9 +34,16 @@ class MaskConfig:
         return p / p.sum()
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight box (x0, y0, x1, y1), end exclusive, of a mask; None when empty."""
+    if mask.size == 0:
+        return None
+    x, y, w, h = cv2.boundingRect(
+        mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8)
+    )
+    if not w:
+        return None
+    return x, y, x + w, y + h
 
 
 def detail_mask(footprint: np.ndarray, detail: np.ndarray, rng: np.random.Generator
@@ -61,7 +68,7 @@ def detail_mask(footprint: np.ndarray, detail: np.ndarray, rng: np.random.Genera
         if rng.random() < 0.3:  # only part of the element is broken
             out &= _random_box(out, rng, 0.4, 0.8)
         return out
-    x0, y0, x1, y1 = _bbox(element)
+    x0, y0, x1, y1 = mask_bbox(element)
     w, h = x1 - x0, y1 - y0
     frac = rng.uniform(0.4, 1.0, size=2)
     bw, bh = max(2, int(w * frac[0])), max(2, int(h * frac[1]))
@@ -75,7 +82,7 @@ def detail_mask(footprint: np.ndarray, detail: np.ndarray, rng: np.random.Genera
 
 def _random_box(region: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
     """A box covering `lo`-`hi` of the region's bounding box sides, placed inside it."""
-    x0, y0, x1, y1 = _bbox(region)
+    x0, y0, x1, y1 = mask_bbox(region)
     w, h = x1 - x0, y1 - y0
     bw = max(2, int(w * rng.uniform(lo, hi)))
     bh = max(2, int(h * rng.uniform(lo, hi)))
@@ -91,7 +98,7 @@ def brush_mask(footprint: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     size = footprint.shape[0]
     out = np.zeros(footprint.shape, np.uint8)
     ys, xs = np.nonzero(footprint)
-    x0, y0, x1, y1 = _bbox(footprint)
+    x0, y0, x1, y1 = mask_bbox(footprint)
     extent = max(x1 - x0, y1 - y0)
     for _ in range(int(rng.integers(1, 4))):
         i = int(rng.integers(0, len(xs)))
@@ -112,7 +119,7 @@ def brush_mask(footprint: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def box_mask(footprint: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A box of varied size and aspect ratio centred on an object pixel."""
     ys, xs = np.nonzero(footprint)
-    x0, y0, x1, y1 = _bbox(footprint)
+    x0, y0, x1, y1 = mask_bbox(footprint)
     extent = max(x1 - x0, y1 - y0)
     i = int(rng.integers(0, len(xs)))
     w = max(2, int(extent * rng.uniform(0.1, 0.6)))

@@ -11,6 +11,10 @@ Sample contract (what models/ and train.py rely on):
   reference       float32 [3,R,R] in [0,1] (the encoder normalises)
   reference_mask  float32 [1,R,R] in {0,1}, region of `reference` matching `mask`
   mode            int64 scalar, 0 = alignment, 1 = refinement
+Compact samples (`to_sample(..., compact=True)`, what the DataModule's synthetic loaders
+send through worker processes) hold the same pixels in a quarter of the bytes: `target` and
+`reference` uint8 [3,*,*], `mask` and `reference_mask` bool; `decode_pixels` turns them (or a
+batch of them, on any device) into exactly the float32 values above.
 Latent shards (data/latent_shards.py) carry `latents` and `masked_latents` [C,h,w] instead
 of `target`. Samples say where they came from, so a failing batch can be named: shard
 samples carry webdataset's `__key__` (str), synthetic pairs `index` (int64 scalar: the item
@@ -19,9 +23,13 @@ number, which with the dataset's seed regenerates the sample).
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import torch
+
+from data.masks import mask_bbox
 
 ALIGNMENT = 0
 REFINEMENT = 1
@@ -33,14 +41,6 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
     """Samples in a collated batch, whichever source (pixels or latents) it came from."""
     return len(batch["mode"])
-
-
-def mask_bbox(mask: np.ndarray) -> Box | None:
-    """Tight box of a bool mask, None when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 TRAINING_CROP_MARGIN = (0.1, 0.4)
@@ -110,7 +110,10 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
     interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
-    return np.clip(cv2.resize(img, (size, size), interpolation=interp), 0, 255).astype(img.dtype)
+    out = cv2.resize(img, (size, size), interpolation=interp)
+    if img.dtype == np.uint8:  # saturated by OpenCV already
+        return out
+    return np.clip(out, 0, 255).astype(img.dtype)
 
 
 def resize_mask(mask: np.ndarray, size: int, keep_nonempty: bool = True) -> np.ndarray:
@@ -158,17 +161,68 @@ def to_sample(
     image_size: int,
     reference_size: int,
     rng: np.random.Generator | None = None,
+    compact: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Build the tensor contract from working-resolution arrays (see module docstring)."""
+    """Build the tensor contract from working-resolution arrays (see module docstring);
+    `compact`: uint8 / bool pixels, for `decode_pixels` to turn into the contract later."""
     tgt = resize_image(target_rgb, image_size)
     msk = resize_mask(target_mask, image_size)
     ref, ref_mask, _ = make_reference(reference_rgb, reference_region, mode, reference_size, rng)
-    tgt = np.ascontiguousarray(tgt.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1.0
-    ref = np.ascontiguousarray(ref.transpose(2, 0, 1), dtype=np.float32) / 255.0
-    return {
-        "target": torch.from_numpy(tgt),
-        "mask": torch.from_numpy(msk[None].astype(np.float32)),
-        "reference": torch.from_numpy(ref),
-        "reference_mask": torch.from_numpy(ref_mask[None].astype(np.float32)),
+    sample = {
+        "target": torch.from_numpy(np.ascontiguousarray(tgt.transpose(2, 0, 1))),
+        "mask": torch.from_numpy(msk[None]),
+        "reference": torch.from_numpy(np.ascontiguousarray(ref.transpose(2, 0, 1))),
+        "reference_mask": torch.from_numpy(ref_mask[None]),
         "mode": torch.tensor(mode, dtype=torch.int64),
     }
+    return sample if compact else decode_pixels(sample)
+
+
+# uint8 value -> float32 model input, computed as the per-pixel float arithmetic would be;
+# a table lookup gives those exact values on any device (a GPU may divide by multiplying
+# with a reciprocal, one rounding away)
+PIXEL_VALUES = {
+    "target": np.arange(256, dtype=np.float32) / 127.5 - 1.0,  # [-1, 1]
+    "reference": np.arange(256, dtype=np.float32) / 255.0,  # [0, 1]
+}
+MASK_KEYS = ("mask", "reference_mask")
+_MASK_VALUES = (np.arange(256) > 0).astype(np.float32)  # a bool viewed as uint8 is 0 or 1
+_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _lookup_on_cpu(values: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """OpenCV's table lookup: one single-threaded pass, faster than a gather or float
+    arithmetic in numpy or torch (whose threads cost more than the work on small tensors)."""
+    a = np.ascontiguousarray(x.numpy()).view(np.uint8)
+    if a.size == 0:
+        return torch.zeros(x.shape, dtype=torch.float32)
+    return torch.from_numpy(
+        cv2.LUT(a.reshape(-1, a.shape[-1] if a.ndim else 1), values).reshape(a.shape)
+    )
+
+
+def _lookup(key: str, values: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        return _lookup_on_cpu(values, x)
+    table = _tables.get((key, x.device))
+    if table is None:
+        table = _tables[key, x.device] = torch.from_numpy(values).to(x.device)
+    return table[x.int()]
+
+
+def decode_pixels(batch: dict[str, Any]) -> dict[str, Any]:
+    """Compact pixels (uint8 images, bool masks) of a sample or batch -> the float32 contract.
+
+    Anything else, float pixels included, is passed through unchanged, so decoding twice is
+    harmless. Runs where the tensors are (the training process, after the device transfer).
+    """
+    out = dict(batch)
+    for key, values in PIXEL_VALUES.items():
+        x = out.get(key)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            out[key] = _lookup(key, values, x)
+    for key in MASK_KEYS:
+        x = out.get(key)
+        if isinstance(x, torch.Tensor) and x.dtype == torch.bool:
+            out[key] = _lookup_on_cpu(_MASK_VALUES, x) if x.device.type == "cpu" else x.float()
+    return out

@@ -8,12 +8,14 @@ placed there.
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -77,7 +79,7 @@ def contrasting_colour(
     best, best_d = base, -1.0
     for _ in range(12):
         c = random_colour(rng)
-        d = float(np.linalg.norm(np.subtract(c, base)))
+        d = math.sqrt(sum((a - b) ** 2 for a, b in zip(c, base, strict=True)))  # exact
         if d >= min_dist:
             return c
         if d > best_d:
@@ -89,14 +91,31 @@ def make_background(size: int, rng: np.random.Generator,
                     textured: bool | None = None) -> np.ndarray:
     """Plain studio background, optionally with a faint gradient and grain (uint8 [S,S,3])."""
     base = np.array(random_colour(rng, 150, 256), np.float32)
-    img = np.broadcast_to(base, (size, size, 3)).copy()
-    if textured if textured is not None else rng.random() < 0.5:
-        ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-        angle = rng.uniform(0, 2 * np.pi)
-        grad = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
-        img += grad[..., None] * rng.uniform(5, 20)
-        img += rng.standard_normal((size, size, 1), dtype=np.float32) * rng.uniform(1, 4)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    if not (textured if textured is not None else rng.random() < 0.5):
+        return cv2.merge([np.full((size, size), v, np.uint8) for v in base.astype(np.uint8)])
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    grad = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]  # float64
+    grad *= rng.uniform(5, 20)
+    # float32 planes: the roundings of adding the float64 gradient to a float32 image
+    planes = [(grad + float(v)).astype(np.float32) for v in base]
+    grain = rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(1, 4)
+    return merge_planes(planes, grain)
+
+
+def merge_planes(planes: Sequence[np.ndarray], grain: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [S,S,3] from 3 float planes [S,S] (+ grain [S,S]), clipped and truncated.
+
+    Channel-last float images cost numpy several times more per pixel than planes (its
+    inner loops run over 3 values), and give the same values: every step is per pixel.
+    """
+    out = []
+    for plane in planes:
+        if grain is not None:
+            plane = plane + grain
+        out.append(np.clip(plane, 0, 255, out=plane if grain is not None else None)
+                   .astype(np.uint8))
+    return cv2.merge(out)
 
 
 def _draw_body(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill, rng) -> Box:
@@ -172,13 +191,16 @@ def draw_text_fitted(
     font_idx = int(rng.integers(0, len(font_paths())))
     size = max(6, int(h * rng.uniform(0.55, 0.95)))
     font = load_font(font_idx, size)
+    measured = None  # the font that (l, t, r, b) measure
     for _ in range(8):  # shrink until it fits the box width
         l, t, r, b = font.getbbox(text)
+        measured = font
         if r - l <= w and b - t <= h or size <= 6:
             break
         size = max(6, int(size * min(0.9, w / max(1, r - l))))
         font = load_font(font_idx, size)
-    l, t, r, b = font.getbbox(text)
+    if font is not measured:
+        l, t, r, b = font.getbbox(text)
     px = x0 + (w - (r - l)) // 2 - l
     py = y0 + (h - (b - t)) // 2 - t
     for d, f in zip(draws, fills, strict=True):
@@ -311,11 +333,17 @@ def render_object(size: int, rng: np.random.Generator) -> ObjectView:
 
     footprint = np.asarray(fp_img) > 127
     detail = (np.asarray(det_img) > 127) & footprint
-    body_np = np.asarray(body, dtype=np.float32)
-    # gentle shading across the body so it does not look like a flat sticker
+    # gentle shading across the body so it does not look like a flat sticker; only the body's
+    # box is shaded (float64, as the pixels outside the footprint are the background's)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     shade = 1.0 + rng.uniform(0.0, 0.12) * (ramp[None, :] * rng.choice([-1, 1]))
-    body_np = np.clip(body_np * shade[..., None], 0, 255)
-    rgb = np.where(footprint[..., None], body_np.astype(np.uint8), bg)
+    rgb = bg
+    fp8 = footprint.view(np.uint8)
+    x, y, w, h = cv2.boundingRect(fp8)
+    if w and h:
+        shaded = np.asarray(body)[y:y + h, x:x + w].astype(np.float64)
+        shaded *= shade[0, x:x + w, None]
+        np.clip(shaded, 0, 255, out=shaded)
+        cv2.copyTo(shaded.astype(np.uint8), fp8[y:y + h, x:x + w], rgb[y:y + h, x:x + w])
     meta = {"shape": shape, "body_colour": list(body_colour), "elements": elements}
     return ObjectView(rgb=rgb, footprint=footprint, detail=detail, meta=meta)

@@ -36,8 +36,8 @@ import webdataset as wds
 from PIL import Image
 
 from data.geometry import Warp, make_target
-from data.masks import MaskConfig, make_mask
-from data.modes import mask_bbox, resize_image, resize_mask, to_sample
+from data.masks import MaskConfig, make_mask, mask_bbox
+from data.modes import resize_image, resize_mask, to_sample
 from data.objects import ObjectView
 from data.synthetic import SyntheticPairs, draw_mode, working_sizes
 

@@ -13,6 +13,7 @@ first word was the seed, when that seed was 0).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,7 @@ class SyntheticPairs(Dataset):
         force_mode: int | None = None,
         mask_config: MaskConfig | None = None,
         namespace: str = "train",
+        compact: bool = False,
     ) -> None:
         if namespace not in SEED_NAMESPACES:
             raise ValueError(f"namespace must be one of {sorted(SEED_NAMESPACES)}")
@@ -110,10 +112,17 @@ class SyntheticPairs(Dataset):
         self.align_ratio = align_ratio
         self.force_mode = force_mode
         self.mask_config = mask_config
+        self.compact = compact  # uint8 / bool pixels (data.modes.decode_pixels)
         self.reference_res, self.target_res = working_sizes(image_size, reference_size)
 
     def __len__(self) -> int:
         return self.length
+
+    def compact_view(self) -> SyntheticPairs:
+        """The same items with compact pixels: a quarter of the bytes through worker IPC."""
+        view = copy.copy(self)
+        view.compact = True
+        return view
 
     def pair(self, index: int) -> Pair:
         """The full un-tensorised pair behind item `index` (benchmark writer, debugging)."""
@@ -127,5 +136,5 @@ class SyntheticPairs(Dataset):
         p = make_pair(content, self.reference_res, self.target_res, self.mask_config)
         mode = draw_mode(mode_rng, self.align_ratio, self.force_mode)
         sample = to_sample(p.target.rgb, p.mask, p.reference.rgb, p.reference_region, mode,
-                           self.image_size, self.reference_size, mode_rng)
+                           self.image_size, self.reference_size, mode_rng, self.compact)
         return {**sample, "index": torch.tensor(index, dtype=torch.int64)}

@@ -36,12 +36,14 @@ CACHE_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 # config keys that select or present results without changing any cached one: the paths of
 # the export and benchmark (their contents are fingerprinted instead), which methods and
-# read-outs run (each is cached on its own), logging, threads, figures, external systems
+# read-outs run (each is cached on its own), logging, threads, figures, external systems, the
+# denoising gain (not cached)
 UNFINGERPRINTED = (
     "bench_dir", "ckpt_path", "run_dir", "task_name", "paths", "logger", "progress",
     "num_threads", "qualitative", "write_alignment_to_export", "train_overlap",
     "run_refinement", "cache", "external_methods", "refinement.methods",
-    "sweep.compare_readouts", "baselines.paint_by_example",  # its stages carry its digest
+    "sweep.compare_readouts", "denoising_gain",
+    "baselines.paint_by_example",  # its stages carry its digest
 )
 
 

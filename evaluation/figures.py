@@ -3,6 +3,8 @@
 - ``timestep_curve.png``: mIoU per timestep index (0 = noisiest), averaged over blocks.
 - ``layer_curve.png``: mIoU per block, averaged over timesteps.
 - ``heatmap.png``: the T x L mask-mIoU table with the best cell marked.
+- ``denoising_gain.png``: one-step x0 prediction vs the noisy input per timestep (PSNR, gms)
+  and their difference, the denoising gain (models/denoising_gain.py).
 - :func:`correspondence_overlay` draws one reference with its heat map, the ground-truth
   contour and the predicted box; :func:`correspondence_image` renders that alone at the
   reference's pixel size; :func:`qualitative_grid` lays out whole cases.
@@ -81,6 +83,47 @@ def table_heatmap(table: np.ndarray, best: dict[str, Any], layers: Sequence[int]
     ax.set_ylabel("timestep index (0 = noisiest)")
     ax.set_title(f"{title}\nbest: t={best['t']} (index {best['t_index']}), block "
                  f"{best['layer']}, {best['miou_mask']:.3f}")
+    return _save(fig, path)
+
+
+def denoising_gain_curve(section: dict[str, Any], path: str | Path) -> Path:
+    """PSNR and gms of the noisy input (dashed) and the x0 prediction per reference against
+    t (top), and the gain with its standard error (bottom); ``section`` as
+    evaluation.denoising_gain.measure_cases returns it."""
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    labels = {"psnr": "PSNR in the mask's box (dB)", "gms": "gms in the mask"}
+    drawn_noisy = False
+    for ref, node in section["references"].items():
+        rows = node["rows"]
+        if not rows:
+            continue
+        t = [r["t"] for r in rows]
+        for col, metric in enumerate(("psnr", "gms")):
+            top, bottom = axes[0, col], axes[1, col]
+            if not drawn_noisy:
+                top.plot(t, [r[f"{metric}_noisy"] for r in rows], "--", color="grey",
+                         marker="o", markersize=3, label="noisy input")
+            top.plot(t, [r[f"{metric}_x0"] for r in rows], marker="o", markersize=3,
+                     label=f"x0 prediction ({ref} reference, {node['num_cases']} cases)")
+            bottom.errorbar(t, [r[f"{metric}_gain"] for r in rows],
+                            yerr=[r[f"{metric}_gain_se"] for r in rows], marker="o",
+                            markersize=3, capsize=2, label=f"{ref} reference")
+            top.set_ylabel(labels[metric])
+            bottom.set_ylabel(f"gain ({'dB' if metric == 'psnr' else 'gms'})")
+        drawn_noisy = True
+    ticks = section["timesteps"]
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("timestep t (training schedule)")
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle(f"Denoising gain: one-step x0 vs the noisy input "
+                 f"({section['prediction_type']}, {section['space']} space)")
     return _save(fig, path)
 
 

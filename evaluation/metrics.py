@@ -1,13 +1,12 @@
 """Refinement metrics: ground truth in the mask, reference identity (CLIP / DINO) and FID.
 
 Ground-truth metrics (PSNR, SSIM in the mask's bounding box, L1 and gradient magnitude
-similarity inside the mask) need only ``target.png``. PSNR, SSIM and L1 reward a smooth fill
-(OpenCV Telea beats a correct but 1 px shifted sharp fill on PSNR); gradient magnitude
-similarity does not: a fill without the target's edges scores low wherever the target has
-detail. The paper's identity and realism metrics need pretrained networks, loaded by name
-through their own libraries (CLIP: open_clip model + tag; DINO: transformers DINOv2 hub id;
-FID: torchmetrics on torch-fidelity's Inception), which download into their caches unless
-offline mode is on (models/hub.py); a local path overrides the name. Weights that cannot be
+similarity inside the mask) need only ``target.png``; their arithmetic lives in
+models/image_metrics.py (training diagnostics score with it too). The paper's identity and
+realism metrics need pretrained networks, loaded by name through their own libraries (CLIP:
+open_clip model + tag; DINO: transformers DINOv2 hub id; FID: torchmetrics on
+torch-fidelity's Inception), which download into their caches unless offline mode is on
+(models/hub.py); a local path overrides the name. Weights that cannot be
 had (offline and not cached, or the download failed) give one warning line naming what to
 fetch, and the metric's value is a note (:data:`NOT_CACHED`, :data:`DOWNLOAD_FAILED`) instead
 of a number, so a score from random weights is never reported under the paper's name. Weights
@@ -27,14 +26,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from models.hub import (
     in_hub_cache,
@@ -45,6 +39,15 @@ from models.hub import (
     offline_reason,
     snapshot_command,
 )
+
+# mask_bbox, to_tensor used here; the ground-truth metrics re-exported (their home is
+# models/image_metrics.py, which training diagnostics can import)
+from models.image_metrics import gradient_similarity as gradient_similarity
+from models.image_metrics import ground_truth_metrics as ground_truth_metrics
+from models.image_metrics import mask_bbox, to_tensor
+from models.image_metrics import masked_l1 as masked_l1
+from models.image_metrics import psnr_in_box as psnr_in_box
+from models.image_metrics import ssim_in_box as ssim_in_box
 
 log = logging.getLogger(__name__)
 
@@ -59,83 +62,6 @@ CLIP_HUB_PREFIX, CLIP_DIR_PREFIX = "hf-hub:", "local-dir:"  # open_clip's model-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Value = float | str
-
-
-# ----------------------------------------------------------------------------- ground truth
-def mask_bbox(mask: np.ndarray) -> tuple[slice, slice]:
-    """(rows, cols) slices of the mask's bounding box; the metrics' region of interest."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        raise ValueError("empty mask")
-    return slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
-
-
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float [1,3,H,W] in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-
-
-def psnr_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """PSNR (dB, data range 1) inside the mask's bounding box; inf when identical there."""
-    rows, cols = mask_bbox(mask)
-    value = peak_signal_noise_ratio(_to_tensor(output[rows, cols]), _to_tensor(target[rows, cols]),
-                                    data_range=1.0)
-    return float(value)
-
-
-def ssim_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """Gaussian SSIM inside the mask's bounding box, the window shrunk to fit small boxes."""
-    rows, cols = mask_bbox(mask)
-    side = min(rows.stop - rows.start, cols.stop - cols.start)
-    kernel = min(11, side if side % 2 else side - 1)  # odd, and its pad < side for reflection
-    value = structural_similarity_index_measure(
-        _to_tensor(output[rows, cols]), _to_tensor(target[rows, cols]), data_range=1.0,
-        kernel_size=kernel, sigma=1.5 * kernel / 11,
-    )
-    return float(value)
-
-
-def masked_l1(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """Mean absolute error in [0,1] units over the mask's pixels and channels."""
-    if not mask.any():
-        raise ValueError("empty mask")
-    diff = np.abs(output.astype(np.float64) - target.astype(np.float64)) / 255.0
-    return float(diff[mask].mean())
-
-
-GMS_C = 170 / 255**2  # GMSD's stability constant (170 on 0..255 images)
-
-
-def gradient_magnitude(image: np.ndarray) -> np.ndarray:
-    """Sobel gradient magnitude of the luminance in [0,1] units per pixel (Sobel / 4)."""
-    gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32)
-    gray /= 255.0
-    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT) / 4
-    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT) / 4
-    return np.hypot(gx, gy)
-
-
-def gradient_similarity(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """Mean gradient magnitude similarity inside the mask (1 = every edge as the target's).
-
-    The per-pixel map of GMSD (Xue et al., 2014), (2 g_o g_t + c) / (g_o^2 + g_t^2 + c) on
-    Sobel magnitudes of the whole images (so mask-border pixels see their real neighbours),
-    averaged over the mask's pixels. Missing detail (g_o << g_t) and invented edges
-    (g_o >> g_t) both lower it; flat regions filled flat keep 1.
-    """
-    if not mask.any():
-        raise ValueError("empty mask")
-    g_o, g_t = gradient_magnitude(output), gradient_magnitude(target)
-    similarity = (2 * g_o * g_t + GMS_C) / (g_o**2 + g_t**2 + GMS_C)
-    return float(similarity[mask].mean())
-
-
-def ground_truth_metrics(output: np.ndarray, target: np.ndarray, mask: np.ndarray
-                         ) -> dict[str, float]:
-    """PSNR / SSIM in the mask's box, L1 and gradient similarity in the mask, vs the target."""
-    return {"psnr": psnr_in_box(output, target, mask), "ssim": ssim_in_box(output, target, mask),
-            "l1": masked_l1(output, target, mask),
-            "gms": gradient_similarity(output, target, mask)}
 
 
 # ----------------------------------------------------------------------------- identity
@@ -172,7 +98,7 @@ class DinoScorer:
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         batch = torch.cat([
-            F.interpolate(_to_tensor(im), size=(self.size, self.size), mode="bicubic",
+            F.interpolate(to_tensor(im), size=(self.size, self.size), mode="bicubic",
                           antialias=True, align_corners=False) for im in images
         ]).clamp(0, 1).to(self.device)
         out = self.model(pixel_values=(batch - self.mean) / self.std)

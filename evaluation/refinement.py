@@ -45,8 +45,8 @@ from data.benchmark import BenchmarkCase
 from evaluation import metrics as M
 from evaluation import paint_by_example as pbe
 from evaluation.cache import CaseRecord, RunCache, stage
-from evaluation.sweep import case_noise_seed
-from models.alignment import Alignment, crop, reference_crop_box
+from models.alignment import Alignment, case_noise_seed, crop, reference_crop_box
+from models.image_metrics import ground_truth_metrics
 from models.image_processor import ImageProcessor, reference_tensor
 from models.pipeline import (
     ALIGNMENT_KEYS,
@@ -217,8 +217,8 @@ def score_outputs(
     for case in scored:
         if case.target is not None:
             try:
-                per_case[case.id].update(M.ground_truth_metrics(outputs[case.id], case.target,
-                                                                case.mask))
+                per_case[case.id].update(ground_truth_metrics(outputs[case.id], case.target,
+                                                              case.mask))
             except Exception as err:
                 raise _failed("ground-truth metrics", [case.id], err) from err
     for name in ("clip", "dino"):

@@ -1,10 +1,11 @@
 """report.json / report.md of an eval.py run, and the schema check the tests (and you) can use.
 
-report.json schema (version 3; also in docs/report_schema.md)::
+report.json schema (version 3.1; also in docs/report_schema.md)::
 
-    schema_version: 3          (2: the refinement method ours_whole_reference was whole_reference,
-                                the name of a correspondence baseline; :func:`upgrade_report`
-                                reads older reports with today's names)
+    schema_version: 3.1        (3.1: + denoising_gain; 3: no denoising_gain; 2: the refinement
+                                method ours_whole_reference was whole_reference, the name of a
+                                correspondence baseline; :func:`upgrade_report` reads older
+                                reports with today's names)
     warnings:    [str]     what makes the headline less clean (training-data overlap, unknown
                            provenance, no held-out split, a failed stage); report.md starts here
     meta:        {checkpoint, bench_dir, command, device, date, versions: {package: version},
@@ -55,6 +56,11 @@ report.json schema (version 3; also in docs/report_schema.md)::
     refinement_paired: {name: {difference: "ours - <name>", vs: {our method: {metric:
                         {cases, mean_difference, ci95: [low, high], ours_better_cases}}}}}
                         for each external method and Paint-by-Example row
+    denoising_gain: null (not run), else (evaluation/denoising_gain.py, report cases with a
+                 target) {timesteps [T], seed, psnr_cap, prediction_type, space, image_size,
+                 crop_margin, cases_without_target,
+                 references: {whole | crop: {num_cases, rows: [{t, psnr_noisy, psnr_x0,
+                 psnr_gain, psnr_gain_se, gms_noisy, gms_x0, gms_gain, gms_gain_se}]}}}
     alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
 
@@ -70,10 +76,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 3.1  # a number, so versions compare; .1: + denoising_gain (nothing renamed)
 # refinement methods renamed at a schema version: {version: {old name: new name}}
 RENAMED_METHODS = {3: {"whole_reference": "ours_whole_reference"}}
 BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
+GAIN_KEYS = tuple(f"{m}_{k}" for m in ("psnr", "gms")
+                  for k in ("noisy", "x0", "gain", "gain_se"))
 COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
               "without_reference_mask", "with_target", "sweep_cases", "calibration_cases",
               "report_cases", "feature_matching_failures")
@@ -230,6 +238,31 @@ def _check_correspondence(corr: Mapping, problems: list[str]) -> None:
             _check_pair(row, f"correspondence.topk.in_sample[{i}]", problems)
 
 
+def _check_denoising_gain(gain: Any, problems: list[str]) -> None:
+    """null, or rows of numbers per reference, one per timestep in order."""
+    where = "denoising_gain"
+    if gain is None:
+        return
+    if not isinstance(gain, Mapping) or not isinstance(gain.get("timesteps"), list) or \
+            not isinstance(gain.get("references"), Mapping):
+        problems.append(f"{where}: expected null or {{timesteps, references, ...}}")
+        return
+    for ref, node in gain["references"].items():
+        rows = node.get("rows") if isinstance(node, Mapping) else None
+        if not isinstance(rows, list) or not isinstance(node.get("num_cases"), int):
+            problems.append(f"{where}.references.{ref}: expected {{num_cases, rows}}")
+            continue
+        if rows and [r.get("t") if isinstance(r, Mapping) else None for r in rows] != \
+                gain["timesteps"]:
+            problems.append(f"{where}.references.{ref}.rows: one per timestep, in order")
+            continue
+        for i, row in enumerate(rows):
+            bad = [k for k in GAIN_KEYS if not _is_number(row.get(k))]
+            if bad:
+                problems.append(f"{where}.references.{ref}.rows[{i}]: {', '.join(bad)} "
+                                "not numbers")
+
+
 def validate_report(report: Mapping[str, Any]) -> None:
     """Raise :class:`ReportError` listing every way ``report`` departs from the schema."""
     problems: list[str] = []
@@ -294,6 +327,10 @@ def validate_report(report: Mapping[str, Any]) -> None:
     if not isinstance(status, Mapping) or not isinstance(status.get("run"), bool) or \
             not {"reason", "error"} <= set(status):
         problems.append("refinement_status: expected {run: bool, reason, error}")
+    if "denoising_gain" not in report:
+        problems.append("denoising_gain: missing (null when not run)")
+    else:
+        _check_denoising_gain(report["denoising_gain"], problems)
     alignment = report.get("alignment")
     if not isinstance(alignment, Mapping) or not {"timestep", "block", "threshold",
                                                   "margin"} <= set(alignment):
@@ -463,6 +500,30 @@ def _correspondence_lines(corr: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def denoising_gain_table(node: Mapping[str, Any]) -> TableRows:
+    """One reference's rows: noisy input, x0 prediction and gain (+- standard error) per t."""
+    return (["t", "PSNR noisy", "PSNR x0", "gain dB", "gms noisy", "gms x0", "gain gms"],
+            [[r["t"], f"{r['psnr_noisy']:.2f}", f"{r['psnr_x0']:.2f}",
+              f"{r['psnr_gain']:+.2f} +- {r['psnr_gain_se']:.2f}", r["gms_noisy"], r["gms_x0"],
+              f"{r['gms_gain']:+.3f} +- {r['gms_gain_se']:.3f}"] for r in node["rows"]])
+
+
+def denoising_gain_lines(gain: Mapping[str, Any]) -> list[str]:
+    """report.md's section: what was measured, then a table per reference."""
+    out = ["## Denoising gain (one denoiser step)", "",
+           f"The target noised to t (fixed per-case noise, seed {gain['seed']}), one denoiser "
+           f"forward, its x0 prediction ({gain['prediction_type']}, {gain['space']} space) "
+           "pasted into the mask; PSNR in the mask's box (capped at "
+           f"{gain['psnr_cap']:g} dB) and gms in the mask against the target, at "
+           f"{gain['image_size']} px. Gain = x0 minus the noisy input: 0 = the step removes "
+           "no noise.", ""]
+    for ref, node in gain["references"].items():
+        what = "whole reference" if ref == "whole" else "ground-truth crop"
+        out += [f"### {what} ({node['num_cases']} case(s))", ""]
+        out += _table(*denoising_gain_table(node)) if node["rows"] else ["No case.", ""]
+    return out
+
+
 def paired_table(node: Mapping[str, Any]) -> TableRows:
     """One external method paired with each of ours: per metric, mean of ours minus it
     [95% interval], and cases ours wins / cases paired."""
@@ -557,6 +618,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for cat, methods in report.get("refinement_by_category", {}).items():
         out += [f"### {cat}", ""] + _table(*metric_table(methods))
     out += _external_lines(report)
+    if report.get("denoising_gain"):
+        out += denoising_gain_lines(report["denoising_gain"])
     align = report["alignment"]
     out += ["## Chosen alignment (alignment.yaml)", "",
             f"timestep {align['timestep']}, block {align['block']}, threshold "

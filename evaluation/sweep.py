@@ -24,7 +24,6 @@ it finishes and reused by a resumed run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from data.benchmark import BenchmarkCase
 from evaluation.cache import CaseRecord, Store
-from models.alignment import attention_vectors, resize_reference
+from models.alignment import attention_vectors, case_noise_seed, resize_reference
 from models.attention_capture import cross_attention_blocks
 from models.correspondence import (
     boxes_to_masks,
@@ -177,13 +176,6 @@ def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], li
 
 
 # ----------------------------------------------------------------------------- capture
-def case_noise_seed(seed: int, case_id: str) -> int:
-    """The noise seed of case ``case_id`` under seed ``seed``: a function of the case alone,
-    so it does not depend on batching, on run order or on the other cases."""
-    digest = hashlib.sha256(f"{int(seed)}/{case_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
-
-
 @torch.no_grad()
 def collect_vectors(
     pipe: RefineByAlignPipeline,

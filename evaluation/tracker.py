@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from evaluation.report import (
     TableRows,
+    denoising_gain_table,
     headline_table,
     in_sample_table,
     metric_table,
@@ -212,6 +213,9 @@ def report_tables(report: Mapping[str, Any]) -> dict[str, TableRows]:
             ["category", *header],
             [[cat, *(dict(zip(cols, row, strict=True)).get(c, float("nan")) for c in header)]
              for cat, (cols, rows) in parts.items() for row in rows])
+    for ref, node in ((report.get("denoising_gain") or {}).get("references") or {}).items():
+        if node["rows"]:
+            tables[f"denoising_gain_{ref}"] = denoising_gain_table(node)
     return tables
 
 
@@ -243,6 +247,9 @@ def summary_values(report: Mapping[str, Any]) -> dict[str, Any]:
         out.update({f"refinement/{method}/{m}": v for m, v in metrics.items()
                     if isinstance(v, int | float) and not isinstance(v, bool)
                     and not math.isnan(v)})
+    for ref, node in ((report.get("denoising_gain") or {}).get("references") or {}).items():
+        out.update({f"denoising_gain/{ref}/{m}_t{r['t']}": r[f"{m}_gain"]
+                    for r in node["rows"] for m in ("psnr", "gms")})
     return {f"{PREFIX}/{k}": v for k, v in out.items()}
 
 

@@ -10,6 +10,7 @@ steps for one case: :func:`attention_vectors`, then :func:`from_vector` (:func:`
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,14 @@ from models.correspondence import (
 from models.refinement import build_sampler, denoiser_input, latent_mask
 
 READOUTS = ("forward_noise", "trajectory")
+
+
+def case_noise_seed(seed: int, case_id: str | int) -> int:
+    """The noise seed of case ``case_id`` under seed ``seed`` (the sweep, refinement, the
+    denoising gain): a function of the case alone, so it does not depend on batching, on run
+    order or on the other cases."""
+    digest = hashlib.sha256(f"{int(seed)}/{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
 
 
 def case_noise(

@@ -65,14 +65,23 @@ class VAE(nn.Module):
 
 def build_vae(
     pretrained: str | None = None, subfolder: str | None = "vae",
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None, downsample: int | None = None,
 ) -> VAE:
-    """The VAE from a local directory or hub id, or randomly initialised from ``config``."""
+    """The VAE from a local directory or hub id, or randomly initialised from ``config``.
+
+    ``downsample`` states the pixel-to-latent factor the config expects (8 for the SD VAE), so
+    that data resolution can be checked before loading; a VAE with another factor is refused.
+    """
     if pretrained:
-        return VAE.from_pretrained(pretrained, subfolder)
-    if config is None:
+        vae = VAE.from_pretrained(pretrained, subfolder)
+    elif config is None:
         raise ValueError("build_vae needs either `pretrained` (path or hub id) or `config`")
-    return VAE.from_config(dict(config))
+    else:
+        vae = VAE.from_config(dict(config))
+    if downsample is not None and vae.downsample != downsample:
+        raise ValueError(f"VAE downsamples by {vae.downsample}, the config's downsample is "
+                         f"{downsample} (model.autoencoder.downsample)")
+    return vae
 
 
 Autoencoder = PixelSpace | VAE

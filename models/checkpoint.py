@@ -11,6 +11,9 @@ checkpoint itself (train.py stores the resolved ``cfg.model`` under :data:`MODEL
 the Hydra run folder around it (``<run>/checkpoints/x.ckpt`` -> ``<run>/.hydra/config.yaml``).
 Lightning's own ``hyper_parameters`` cannot serve: the module is handed built components, so
 they hold only its scalar settings.
+
+:class:`ExportAtTrainEnd` is how train.py exports when fitting ends: the same weights
+(``inference_state_dict`` inside the EMA swap) handed to a writer of train.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.distributed import fsdp_root
+from models.ema import CHECKPOINT_KEY as EMA_KEY
+from models.ema import EMA, ema_weights
 from models.export import (
     CONFIG,
     check_finite,
@@ -55,6 +63,27 @@ class ModelConfigInCheckpoint(pl.Callback):
         checkpoint[MODEL_CONFIG_KEY] = self.model_cfg
 
 
+class ExportAtTrainEnd(pl.Callback):
+    """When fitting ends, hand the inference weights (the EMA ones when kept) and the trainer
+    to ``write`` on global rank 0; what it returns is kept in ``written``.
+
+    Not after an error (Lightning calls no ``on_train_end`` then): a diverged run exports
+    nothing. Under FSDP every rank joins the gathering of the weights (a collective).
+    """
+
+    def __init__(self, write: Callable[[dict[str, torch.Tensor], pl.Trainer], Any]) -> None:
+        self.write = write
+        self.written: Any = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (trainer.is_global_zero or fsdp_root(trainer) is not None):
+            return
+        with ema_weights(trainer, pl_module):
+            weights = pl_module.inference_state_dict()
+        if trainer.is_global_zero:
+            self.written = self.write(weights, trainer)
+
+
 def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
     """Load a pipeline folder's denoiser and reference-encoder weights into ``module``
     (strict), and restart its EMA from them: a warm start needs no optimizer state."""
@@ -71,9 +100,9 @@ def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
         except RuntimeError as err:
             raise ValueError(f"init_from {export_dir}: its {name} does not fit this model "
                              f"config ({str(err).splitlines()[0]})") from err
-    if getattr(module, "ema", None) is not None:
-        module.ema.shadow_params = [p.detach().clone() for p in module.trainable_parameters()]
-        module.ema.optimization_step = 0
+    for callback in module.configure_callbacks() or []:
+        if isinstance(callback, EMA):
+            callback.restart(module)
     log.info("warm start from %s", export_dir)
 
 
@@ -152,14 +181,17 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit the model config from {source}: "
                          f"{err}") from err
-    use_ema = ema and "ema" in checkpoint
+    use_ema = ema and EMA_KEY in checkpoint
+    if ema and not use_ema:
+        log.info("%s holds no EMA weights: exporting the trained weights", path)
+    swap = nullcontext()
     if use_ema:
-        module.on_load_checkpoint(checkpoint)
-    else:
-        if ema:
-            log.info("%s holds no EMA weights: exporting the trained weights", path)
-        module.ema = None  # else inference_state_dict swaps in the never-trained EMA copy
-    out = save_pretrained(module.inference_state_dict(), model_cfg, Path(out_dir))
+        average = EMA(checkpoint[EMA_KEY]["decay"])
+        average.track(module).load_state_dict(checkpoint[EMA_KEY])
+        swap = average.swapped_in(module)
+    with swap:
+        weights = module.inference_state_dict()
+    out = save_pretrained(weights, model_cfg, Path(out_dir))
     (out / SOURCE).write_text(json.dumps({
         "checkpoint": str(path.resolve()), "global_step": checkpoint.get("global_step"),
         "weights": "ema" if use_ema else "raw", "model_config": source}, indent=1))

@@ -17,11 +17,15 @@ def build_denoiser(
     in_channels: int = 9,
     cross_attention_dim: int | None = None,
     gradient_checkpointing: bool = False,
+    sample_size: int | None = None,
 ) -> UNet2DConditionModel:
     """Load (local dir or hub id) or randomly initialise the UNet, then fit its inputs.
 
     A text-to-image checkpoint (4 input channels) is widened to ``in_channels``: the new
     ``conv_in`` weights are zero so the widened model starts as the original one.
+    ``sample_size`` states the latent size the config expects of the weights (64 for SD-1.5),
+    so that data resolution can be checked before loading (models/resolution.py); loaded
+    weights of another size are refused.
     """
     if pretrained:
         require_cached("UNet", pretrained, "set paths.sd15_inpainting=/local/folder",
@@ -31,6 +35,9 @@ def build_denoiser(
         unet = UNet2DConditionModel(**config)
     else:
         raise ValueError("build_denoiser needs either `pretrained` (path or hub id) or `config`")
+    if sample_size is not None and unet.config.sample_size != sample_size:
+        raise ValueError(f"UNet sample_size {unet.config.sample_size} != the config's "
+                         f"sample_size {sample_size} (model.denoiser.sample_size)")
     if unet.config.in_channels != in_channels:
         widen_conv_in(unet, in_channels)
     if cross_attention_dim is not None and unet.config.cross_attention_dim != cross_attention_dim:

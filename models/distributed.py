@@ -9,20 +9,27 @@ job's output directory. Under SLURM (``hydra/launcher=slurm``) nothing is re-lau
 task is one rank already, and this patch is never called.
 
 FSDP. :func:`check_config` refuses what fails later; :class:`ValidateAtLastStep` moves the
-final validation inside the fit.
+final validation inside the fit. Outside a training or validation step the submodules hold only
+this rank's shards: :func:`call_with_full_weights` runs code on the whole weights (through
+Lightning's private forward redirection, here and nowhere else), :func:`full_state_dict`
+gathers them for an export. Without FSDP both are plain calls.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_REDIRECTED = "_call_with_full_weights"  # the module attribute Lightning's redirection calls
 
 
 def job_subprocess_command(local_rank: int) -> tuple[Sequence[str], str]:
@@ -86,3 +93,55 @@ class ValidateAtLastStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True  # the loop validates on a stop request, then ends
+
+
+def fsdp_root(trainer: pl.Trainer | None) -> Any:
+    """The FSDP wrapper that shards the trainer's module, or None (no trainer, no FSDP)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = trainer.strategy.model if trainer is not None else None
+    return model if isinstance(model, FullyShardedDataParallel) else None
+
+
+def call_with_full_weights(pl_module: pl.LightningModule, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` with ``pl_module``'s whole weights, from code outside a training or
+    validation step (e.g. a callback that samples).
+
+    Under FSDP the call is routed as Lightning routes ``validation_step``: through the root's
+    forward (which gathers the weights, in the run's precision) inside the precision plugin's
+    step context, without gradients. That is a collective: every rank must make the same call.
+    Without FSDP, a plain call.
+    """
+    root = fsdp_root(pl_module._trainer)
+    if root is None:
+        return fn(*args)
+    strategy = pl_module.trainer.strategy
+    setattr(pl_module, _REDIRECTED, fn)
+    try:
+        with torch.no_grad(), strategy.precision_plugin.val_step_context():
+            # Lightning's (private) redirection, the one its FSDP training/validation steps use
+            return strategy._forward_redirection(root, pl_module, _REDIRECTED, *args)
+    finally:
+        delattr(pl_module, _REDIRECTED)
+
+
+def full_state_dict(pl_module: pl.LightningModule, prefixes: tuple[str, ...] = ("",)
+                    ) -> dict[str, torch.Tensor]:
+    """CPU copies of ``pl_module``'s state-dict entries whose names start with ``prefixes``.
+
+    Under FSDP the whole weights are gathered to global rank 0 and the other ranks get an empty
+    dict: a collective that every rank must call.
+    """
+    root = fsdp_root(pl_module._trainer)
+    gather = nullcontext()
+    if root is not None:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        gather = FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config)
+    with gather:
+        # copied here: without FSDP the entries are the parameters themselves, which a caller
+        # inside an EMA swap gets back as the trained weights when the swap ends
+        state = (root or pl_module).state_dict()
+        return {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(prefixes)}

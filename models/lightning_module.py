@@ -1,28 +1,48 @@
 """LightningModule: reference-guided object-completion training over the two data modes.
 
-It receives built components (denoiser, reference encoder, autoencoder, schedulers) and only
-wires the training objective, EMA, validation metrics and sample grids.
+It receives built components (denoiser, reference encoder, autoencoder, schedulers, optimizer
+and LR-schedule factories) and holds the objective: one shared ``model_step`` (diffusion loss,
+captured cross-attention), the training losses and their logging, the validation loss and
+correspondence score (:class:`models.correspondence_metric.CorrespondenceMIoU`), and the
+optimizer configuration. What serves the objective without being it lives in callbacks that
+the module asks for in :meth:`RefineByAlignModule.configure_callbacks`, so that any Trainer
+gets them: the EMA (:mod:`models.ema`) and the validation sample grid
+(:mod:`models.sample_grid`). The export at the end of training is train.py's
+(:class:`models.checkpoint.ExportAtTrainEnd`); FSDP plumbing is in :mod:`models.distributed`.
+
+Adding a validation-time diagnostic: write a ``pl.Callback`` and list it in
+``configs/callbacks/default.yaml`` (or return it from ``configure_callbacks`` when it needs the
+model's settings). Its ``on_validation_batch_end(trainer, pl_module, outputs, batch,
+batch_idx)`` receives each validation batch (collated, on the device); from
+``on_validation_epoch_start`` to ``on_validation_end`` the EMA weights are in ``pl_module``
+already (the EMA callback swaps them in at ``on_validation_start`` and back at
+``on_validation_end``, also when validation raises), so ``pl_module.model_step(batch, ...)``
+there runs the EMA model. Outside validation, ``with models.ema.ema_weights(trainer,
+pl_module):`` gives the same. ``ValidationSampleGrid`` is the example: it keeps the first batch
+and samples at ``on_validation_epoch_end``, through ``models.distributed.call_with_full_weights``
+so that it also works under FSDP (call it on every rank). Log with ``pl_module.log`` /
+``log_dict`` (``sync_dist=True`` for per-rank values) or to ``trainer.loggers``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers import SchedulerMixin
-from diffusers.training_utils import EMAModel
 from torch import nn
-from torchmetrics import MeanMetric
 
 from models.attention_capture import capture_cross_attention, cross_attention_blocks
 from models.autoencoder import Autoencoder, check_autoencoder
-from models.correspondence import baseline_scores, correspondence_scores
+from models.correspondence_metric import BASELINES, KINDS, CorrespondenceMIoU
 from models.denoiser import compile_denoiser
+from models.distributed import full_state_dict
+from models.ema import EMA
 from models.losses import (
     attention_alignment_loss,
     diffusion_loss,
@@ -32,11 +52,12 @@ from models.losses import (
     sample_timesteps,
 )
 from models.reference_encoder import ReferenceEncoder
-from models.refinement import denoiser_input, latent_mask, sample_inpaint
+from models.refinement import denoiser_input, latent_mask
+from models.sample_grid import ValidationSampleGrid
 
 log = logging.getLogger(__name__)
 MODES = ("alignment", "refinement")
-BASELINES = ("whole_reference", "same_position_box")
+INFERENCE_PARTS = ("denoiser.", "reference_encoder.")  # what an export holds
 
 
 class RefineByAlignModule(pl.LightningModule):
@@ -62,9 +83,10 @@ class RefineByAlignModule(pl.LightningModule):
         val_timestep: int = 300,
         val_block: int = 0,
         val_threshold: float = 0.5,
-        val_sample_steps: int = 20,
+        val_sample_steps: int | None = None,
         val_num_samples: int = 4,
-        val_guidance_scale: float = 2.0,
+        val_guidance_scale: float | None = None,
+        val_sampler: str | None = None,
         compile_denoiser: bool | str = False,
         seed: int = 0,
     ) -> None:
@@ -92,23 +114,13 @@ class RefineByAlignModule(pl.LightningModule):
         self.attn_loss_blocks = (
             list(range(len(self.blocks))) if attn_loss_blocks is None else list(attn_loss_blocks)
         )
-        self.ema = (
-            # foreach: one multi-tensor kernel per step instead of ~3 per parameter tensor
-            EMAModel(self.trainable_parameters(), decay=ema_decay, use_ema_warmup=True,
-                     foreach=True)
-            if ema_decay
-            else None
-        )
-        self.val_miou = nn.ModuleDict(
-            {f"{kind}_{b.index}": MeanMetric() for b in self.blocks for kind in ("mask", "box")}
-        )
-        self.val_baselines = nn.ModuleDict(
-            {f"{name}_{kind}": MeanMetric() for name in BASELINES for kind in ("mask", "box")}
-        )
+        self.val_correspondence = CorrespondenceMIoU(
+            [b.index for b in self.blocks], reference_encoder.grid,
+            reference_encoder.num_prefix_tokens, val_threshold)
         self.val_table: dict[str, Any] = {}
         self.val_step = -1  # global step of the last completed validation
         self.loss_terms: dict[str, torch.Tensor] = {}
-        self._val_batch: dict[str, torch.Tensor] | None = None
+        self._callbacks: list[pl.Callback] | None = None
 
     def setup(self, stage: str) -> None:
         # in place: parameter names (checkpoints, EMA, export) stay those of the eager module
@@ -213,45 +225,13 @@ class RefineByAlignModule(pl.LightningModule):
         losses = [attention_alignment_loss(attention[b][chosen], goal) for b in attention]
         return torch.stack(losses).mean()
 
-    def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema.to(self.device)
-            # process-private copies: a CPU ddp_spawn launch shares them between ranks
-            self.ema.shadow_params = [p.clone() for p in self.ema.shadow_params]
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        # here, not in on_train_batch_end: ModelCheckpoint saves in the callbacks' batch-end
-        # hook, which runs before the module's, so a step checkpoint would hold the EMA of
-        # the previous step; and with gradient accumulation the EMA follows optimizer steps
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.step(self.trainable_parameters())
-
     # --- validation -----------------------------------------------------------------------
-    @contextmanager
-    def ema_weights(self):
-        """Temporarily swap in the EMA weights (no-op without EMA)."""
-        if self.ema is None:
-            yield
-            return
-        params = self.trainable_parameters()
-        self.ema.to(self.device)
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
-
     def on_validation_epoch_start(self) -> None:
         # Fresh, process-private metric states. torchmetrics states are neither parameters nor
         # buffers, so a CPU ddp_spawn launch (whose arguments travel through shared memory)
         # leaves them shared by every rank: each rank would accumulate every rank's updates,
         # and the first validation would be right with or without the cross-rank sync.
-        for metric in [*self.val_miou.values(), *self.val_baselines.values()]:
-            metric.reset()
-        self._ema_context = self.ema_weights()
-        self._ema_context.__enter__()
+        self.val_correspondence.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         batch_size = batch["target"].shape[0]
@@ -260,130 +240,32 @@ class RefineByAlignModule(pl.LightningModule):
         capture = list(range(len(self.blocks))) if self.has_token_grid else None
         out = self.model_step(batch, generator, capture, timesteps)
         self.log("val/loss", out["diffusion"].mean(), batch_size=batch_size, sync_dist=True)
-        if batch_idx == 0:
-            self._val_batch = {k: v[: self.hparams.val_num_samples] for k, v in batch.items()}
-
         aligned = batch["mode"] == 0
-        if not (aligned.any() and self.has_token_grid):
-            return
-        enc = self.reference_encoder
-        ref_mask = batch["reference_mask"][aligned]
-        for index, vectors in out["attention"].items():
-            scores = correspondence_scores(vectors[aligned], ref_mask, enc.grid,
-                                           enc.num_prefix_tokens, self.hparams.val_threshold)
-            for kind in ("mask", "box"):
-                self.val_miou[f"{kind}_{index}"].update(scores[kind])
-        for name, scores in baseline_scores(batch["mask"][aligned], ref_mask).items():
-            for kind in ("mask", "box"):
-                self.val_baselines[f"{name}_{kind}"].update(scores[kind])
+        if aligned.any() and self.has_token_grid:
+            self.val_correspondence.update(
+                {index: vectors[aligned] for index, vectors in out["attention"].items()},
+                batch["mask"][aligned], batch["reference_mask"][aligned])
 
     def on_validation_epoch_end(self) -> None:
+        self.val_step = self.global_step
         if not self.has_token_grid:
-            self._finish_validation()
             return
-        per_block = {
-            b.index: {kind: float(self.val_miou[f"{kind}_{b.index}"].compute())
-                      for kind in ("mask", "box")}
-            for b in self.blocks
-        }
-        baselines = {
-            name: {kind: float(self.val_baselines[f"{name}_{kind}"].compute())
-                   for kind in ("mask", "box")}
-            for name in BASELINES
-        }
-        for metric in [*self.val_miou.values(), *self.val_baselines.values()]:
-            metric.reset()
+        scores = self.val_correspondence.compute()
+        self.val_correspondence.reset()
+        per_block, baselines = scores["blocks"], scores["baselines"]
         best = max(per_block, key=lambda i: per_block[i]["mask"])
         chosen = per_block[self.hparams.val_block]
         logged = {
             "val/miou_mask": chosen["mask"], "val/miou_box": chosen["box"],
             "val/best_block": float(best), "val/best_miou_mask": per_block[best]["mask"],
             **{f"val/miou_{kind}_block{i}": v[kind] for i, v in per_block.items()
-               for kind in ("mask", "box")},
+               for kind in KINDS},
             **{f"val/baseline_{n}_{k}": v[k] for n, v in baselines.items() for k in v},
         }
         self.log_dict(logged)
         self.val_table = val_table_from_metrics(logged, self.hparams.val_timestep)
-        self._finish_validation()
 
-    def _finish_validation(self) -> None:
-        self.val_step = self.global_step
-        if self._val_batch is not None and not self.trainer.sanity_checking:
-            self.log_sample_grid(self._val_batch)  # on every rank (a collective under FSDP)
-        self._val_batch = None
-        self._ema_context.__exit__(None, None, None)
-
-    @torch.no_grad()
-    def log_sample_grid(self, batch: dict[str, torch.Tensor]) -> None:
-        """Log rows of (target, mask, reference, prediction) to every logger that takes images."""
-        from torchvision.utils import make_grid
-
-        pred = self.call_with_full_weights("sample_predictions", batch)
-        # float32: under FSDP with bf16 the batch (cast by the root's forward) and pred are bf16
-        target, mask, reference, pred = (x.float() for x in (
-            batch["target"], batch["mask"], batch["reference"], pred))
-        size = target.shape[-2:]
-        resize = torch.nn.functional.interpolate
-        columns = [
-            (target + 1) / 2,
-            mask.expand(-1, 3, -1, -1),
-            resize(reference, size=size, mode="bilinear", antialias=True),
-            (pred + 1) / 2,
-        ]
-        grid = make_grid(torch.stack(columns, 1).flatten(0, 1), nrow=4).clamp(0, 1)
-        for logger in self.loggers:
-            log_image = getattr(logger, "log_image", None)
-            experiment = getattr(logger, "experiment", None)
-            if log_image is not None:
-                log_image("val/samples", [grid], step=self.global_step)
-            elif hasattr(experiment, "add_image"):
-                experiment.add_image("val/samples", grid, self.global_step)
-            elif getattr(logger, "log_dir", None):
-                from pathlib import Path
-
-                from torchvision.utils import save_image
-
-                out = Path(logger.log_dir) / "samples"
-                out.mkdir(parents=True, exist_ok=True)
-                save_image(grid, out / f"step{self.global_step:07d}.png")
-
-    @torch.no_grad()
-    def sample_predictions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The sample grid's inpainted targets (in [-1, 1]), with a fixed seed."""
-        generator = torch.Generator(device="cpu").manual_seed(self.hparams.seed)
-        context = self.reference_encoder(batch["reference"])
-        return sample_inpaint(
-            self.denoiser, self.autoencoder, self.sampling_scheduler, batch["target"],
-            batch["mask"], context, self.reference_encoder.null(len(context)),
-            self.hparams.val_sample_steps, self.hparams.val_guidance_scale, generator,
-        )
-
-    # --- sharded weights (FSDP) -----------------------------------------------------------
-    def fsdp_root(self) -> Any:
-        """The FSDP wrapper that shards this module's weights, or None (no trainer, no FSDP)."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        model = self._trainer.strategy.model if self._trainer is not None else None
-        return model if isinstance(model, FullyShardedDataParallel) else None
-
-    def call_with_full_weights(self, method: str, *args: Any) -> Any:
-        """``getattr(self, method)(*args)`` for code outside a training or validation step.
-
-        Under FSDP the submodules hold only this rank's shards outside a forward of the FSDP
-        root, so the call is routed as Lightning routes ``validation_step``: through the root's
-        forward (which gathers the weights, in the run's precision) inside the precision
-        plugin's step context. That is a collective: every rank must make the same call.
-        Without FSDP, a plain call.
-        """
-        root = self.fsdp_root()
-        if root is None:
-            return getattr(self, method)(*args)
-        strategy = self.trainer.strategy
-        with torch.no_grad(), strategy.precision_plugin.val_step_context():
-            # Lightning's (private) redirection, the one its FSDP training/validation steps use
-            return strategy._forward_redirection(root, self, method, *args)
-
-    # --- optimisation and checkpoints -----------------------------------------------------
+    # --- optimisation, callbacks, export --------------------------------------------------
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.trainable_parameters())
         if self.lr_scheduler_factory is None:
@@ -392,34 +274,26 @@ class RefineByAlignModule(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The validation sample grid and, with ``ema_decay``, the EMA. Built once, so that a
+        ``trainer.validate`` after ``fit`` finds the EMA that fit averaged."""
+        if self._callbacks is None:
+            hp = self.hparams
+            self._callbacks = [ValidationSampleGrid(hp.val_num_samples, hp.val_sample_steps,
+                                                    hp.val_guidance_scale, hp.seed,
+                                                    hp.val_sampler)]
+            if hp.ema_decay:
+                self._callbacks.append(EMA(hp.ema_decay))
+        return self._callbacks
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        """Denoiser and reference-encoder weights (EMA if kept) for export.
+        """CPU copies of the denoiser and reference-encoder weights in place now: wrap the
+        call in ``models.ema.ema_weights`` for the EMA ones (what an export holds).
 
         Under FSDP a collective that every rank must call: the whole weights are gathered to
-        global rank 0 (on the CPU) and the other ranks get an empty dict.
+        global rank 0 and the other ranks get an empty dict.
         """
-        root = self.fsdp_root()
-        gather = nullcontext()
-        if root is not None:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-            gather = FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config)
-        with self.ema_weights(), gather:
-            # copied inside: the state dict's tensors are the parameters, which leaving
-            # ema_weights() restores in place to the trained weights
-            state = (root or self).state_dict()
-            return {k: v.detach().cpu().clone() for k, v in state.items()
-                    if k.startswith(("denoiser.", "reference_encoder."))}
+        return full_state_dict(self, INFERENCE_PARTS)
 
 
 def val_table_from_metrics(metrics: Mapping[str, float], timestep: int) -> dict[str, Any]:

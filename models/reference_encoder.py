@@ -24,15 +24,25 @@ _BACKBONE_META = ("transformers_version", "model_type", "architectures", "_name_
 
 
 def build_dinov2(
-    pretrained: str | None = None, config: dict[str, Any] | None = None
+    pretrained: str | None = None, config: dict[str, Any] | None = None,
+    patch_size: int | None = None,
 ) -> Dinov2Model:
-    """DINOv2 from a local directory or hub id, or randomly initialised from ``config``."""
+    """DINOv2 from a local directory or hub id, or randomly initialised from ``config``.
+
+    ``patch_size`` states the patch the config expects (14 for DINOv2), so that the reference
+    size can be checked before loading; a backbone with another patch is refused.
+    """
     if pretrained:
         require_cached("DINOv2", pretrained, "set paths.dinov2=/local/folder")
-        return Dinov2Model.from_pretrained(pretrained)
-    if config is None:
+        model = Dinov2Model.from_pretrained(pretrained)
+    elif config is None:
         raise ValueError("build_dinov2 needs either `pretrained` (path or hub id) or `config`")
-    return Dinov2Model(Dinov2Config(**config))
+    else:
+        model = Dinov2Model(Dinov2Config(**config))
+    if patch_size is not None and model.config.patch_size != patch_size:
+        raise ValueError(f"DINOv2 patch size {model.config.patch_size} != the config's "
+                         f"patch_size {patch_size} (model.reference_encoder.backbone.patch_size)")
+    return model
 
 
 class ReferenceEncoder(nn.Module):

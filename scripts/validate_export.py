@@ -1,39 +1,52 @@
-"""Re-measure an export's held-out correspondence mIoU exactly as training validation does.
+"""Re-measure an export: held-out correspondence mIoU as training validation does, and the
+denoising gain per timestep on benchmark cases.
 
-    python scripts/validate_export.py [--ckpt PIPELINE_DIR] [--val-length 256] [--timestep 300]
+    python scripts/validate_export.py [--ckpt FOLDER] [--measure correspondence denoising_gain]
+        correspondence: [--val-length 256] [--timestep 300]
+        denoising gain: [--cases 100] [--timesteps 10 50 100 200 400 700] [--references whole crop]
+                        [--bench-dir DIR | --namespace benchmark --bench-seed 0] [--plot PNG]
+        [--out JSON]
 
-Rebuilds the LightningModule from the folder's model.yaml, loads its (EMA) weights and runs
-one validation epoch over the synthetic alignment-mode validation set (same seed as training),
-then prints the per-block table next to the two trivial baselines. This is how the numbers in
-checkpoints/tiny_synthetic/MODEL_CARD.md are reproduced on any machine.
+Correspondence: rebuilds the LightningModule from the folder's model.yaml, loads its (EMA)
+weights and runs one validation epoch over the synthetic alignment-mode validation set (same
+seed as training), then prints the per-block table next to the two trivial baselines. This is
+how the numbers in checkpoints/tiny_synthetic/MODEL_CARD.md are reproduced on any machine.
+
+Denoising gain (models/denoising_gain.py): the target noised to each t, one denoiser forward,
+its x0 prediction pasted into the mask; PSNR in the mask's box and gms in the mask against the
+target, for the noisy input and the x0 prediction, and their difference. Cases: ``--bench-dir``
+(those with a target.png), else ``--cases`` synthetic cases written as eval.py writes them, from
+the "benchmark" seed namespace (no training or validation item), or "validation" for choices.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from data.benchmark import load_benchmark, write_synthetic_benchmark
 from data.datamodule import PairDataModule
+from evaluation.denoising_gain import REFERENCES, GainConfig, measure_cases
+from evaluation.figures import denoising_gain_curve
 from evaluation.report import format_summary
-from models.export import CONFIG, DEFAULT_EXPORT, read_weights
+from models.denoising_gain import DEFAULT_TIMESTEPS, format_table
+from models.export import CONFIG, DEFAULT_EXPORT, load_pipeline, read_weights
+
+MEASURES = ("correspondence", "denoising_gain")
+DEFAULT_CASES = 100
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt", type=Path, default=DEFAULT_EXPORT)
-    parser.add_argument("--val-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="as in training: the validation noise is drawn per batch")
-    parser.add_argument("--timestep", type=int, default=None, help="default: the export's")
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="write the table as JSON")
-    args = parser.parse_args(argv)
-
+def correspondence(args: argparse.Namespace) -> dict:
+    """One validation epoch of the export's module; prints and returns its per-block table."""
     cfg = OmegaConf.load(args.ckpt / CONFIG)
     cfg.ema_decay = None  # the export already holds the EMA weights
     if args.timestep is not None:
@@ -54,9 +67,83 @@ def main(argv: list[str] | None = None) -> dict:
               "val_table": module.val_table, "export_dir": args.ckpt, "checkpoint_dir": None,
               "log_dir": None, "global_step": "(export)"}
     print(format_summary(result).replace("Training finished", f"Validation of {args.ckpt}"))
-    if args.out:
-        args.out.write_text(json.dumps(module.val_table, indent=1))
     return module.val_table
+
+
+def denoising_gain(args: argparse.Namespace) -> dict:
+    """The denoising gain of the export on benchmark cases; prints a table per reference."""
+    use_cuda = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    pipe = load_pipeline(args.ckpt, "cuda" if use_cuda else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = args.bench_dir
+        if bench is None:
+            bench = Path(tmp)
+            write_synthetic_benchmark(bench, args.cases or DEFAULT_CASES, args.bench_seed,
+                                      pipe.image_size, pipe.reference_encoder.image_size,
+                                      namespace=args.namespace)
+        cases, _ = load_benchmark(bench)
+    cases = cases[: args.cases] if args.bench_dir is not None and args.cases else cases
+    cfg = GainConfig(timesteps=args.timesteps, references=args.references, seed=args.seed,
+                     batch_size=args.gain_batch_size)
+    section = measure_cases(pipe, cases, cfg, progress=True, per_case=True)
+    section["cases"] = ({"bench_dir": str(args.bench_dir)} if args.bench_dir is not None else
+                        {"namespace": args.namespace, "bench_seed": args.bench_seed,
+                         "num": args.cases or DEFAULT_CASES})
+    section["device"] = "cuda" if use_cuda else f"cpu ({torch.get_num_threads()} threads)"
+    for ref, node in section["references"].items():
+        print(f"\nDenoising gain of {args.ckpt}, {ref} reference, {node['num_cases']} case(s) "
+              f"({section['prediction_type']}, PSNR capped at {section['psnr_cap']:g} dB):")
+        print(format_table(node["rows"]) if node["rows"] else "  no case")
+    if args.plot:
+        print(f"plot: {denoising_gain_curve(section, args.plot)}")
+    return section
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, default=DEFAULT_EXPORT)
+    parser.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES))
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write {correspondence, denoising_gain} (those measured) as JSON")
+    group = parser.add_argument_group("correspondence")
+    group.add_argument("--val-length", type=int, default=256)
+    group.add_argument("--batch-size", type=int, default=128,
+                       help="as in training: the validation noise is drawn per batch")
+    group.add_argument("--timestep", type=int, default=None, help="default: the export's")
+    group = parser.add_argument_group("denoising gain")
+    group.add_argument("--timesteps", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS))
+    group.add_argument("--cases", type=int, default=None,
+                       help=f"synthetic cases to write (default {DEFAULT_CASES}); with "
+                            "--bench-dir: the first N (default all)")
+    group.add_argument("--bench-dir", type=Path, default=None,
+                       help="a benchmark folder (docs/benchmark_format.md) instead")
+    group.add_argument("--namespace", choices=("benchmark", "validation"), default="benchmark",
+                       help="seed namespace of the synthetic cases (validation: for choices)")
+    group.add_argument("--bench-seed", type=int, default=0, help="as eval.py's bench_seed")
+    group.add_argument("--references", nargs="+", choices=REFERENCES, default=list(REFERENCES))
+    group.add_argument("--seed", type=int, default=0, help="per-case noise seed base")
+    group.add_argument("--gain-batch-size", type=int, default=16)
+    group.add_argument("--plot", type=Path, default=None, help="write the gain figure (PNG)")
+    args = parser.parse_args(argv)
+    if args.cases is not None and args.cases < 1:
+        parser.error("--cases must be >= 1")
+
+    export = args.ckpt.resolve()
+    result: dict = {  # the export relative to the working directory when it lies inside it
+        "export": str(export.relative_to(Path.cwd()) if export.is_relative_to(Path.cwd())
+                      else export),
+        "command": " ".join(["validate_export.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if "correspondence" in args.measure:
+        result["correspondence"] = correspondence(args)
+    if "denoising_gain" in args.measure:
+        result["denoising_gain"] = denoising_gain(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -72,3 +72,30 @@ def test_benchmark_infer_parts(tmp_path) -> None:
                "bf16_weights")
     assert "alignment" not in res and "sweep" not in res
     assert list(res["refinement"]) == ["bf16_weights"]
+
+
+def test_benchmark_data_probe_measures_the_compact_path() -> None:
+    """The before/after probe reads the training loader end to end: a quarter of float32's
+    bytes through the worker, float32 model inputs after the DataModule's hook."""
+    from benchmarks.benchmark_data import synthetic_path_rates
+
+    res = synthetic_path_rates(64, 56, items=2, batch_size=2, batches=1)
+    assert res["getitem"]["samples_per_cpu_s"] > 0 and res["loader"]["samples_per_s"] > 0
+    float_kib = (3 * 64 * 64 + 64 * 64 + 3 * 56 * 56 + 56 * 56) * 4 / 1024
+    assert res["loader"]["kib_per_sample_through_ipc"] < float_kib / 3
+    dtypes = res["loader"]["model_input_dtypes"]
+    assert {dtypes[k] for k in ("target", "mask", "reference", "reference_mask")} == {"float32"}
+
+
+@pytest.mark.slow
+def test_benchmark_data_baseline_compares_two_checkouts(tmp_path) -> None:
+    """--baseline: each side probed in its own process, medians and after/before ratios."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    res = _run("benchmark_data", tmp_path, "--baseline", root)
+    assert res["benchmark"] == "data_path_ab" and res["repeats"] == 1
+    assert set(res["runs"]) == {"before", "after"}
+    for key, ratio in res["ratios_after_over_before"].items():
+        before, after = res["medians"]["before"][key], res["medians"]["after"][key]
+        assert before > 0 and ratio == pytest.approx(after / before, rel=0.02), key

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from transformers import Dinov2Model
 
-from models.autoencoder import VAE, PixelSpace
+from models.autoencoder import VAE, PixelSpace, build_vae
 from models.denoiser import build_denoiser
 from models.export import load_pipeline, save_pretrained
 from models.reference_encoder import ReferenceEncoder, build_dinov2
@@ -63,6 +63,20 @@ def test_dinov2_and_vae_load_from_their_layouts(fake_checkpoints, tmp_path):
         build_dinov2()
 
 
+def test_loaders_refuse_weights_of_other_sizes_than_the_config_states(fake_checkpoints):
+    """What models/resolution.py checks data against before loading, loading then enforces."""
+    sd15, dino = str(fake_checkpoints["sd15_inpainting"]), str(fake_checkpoints["dinov2"])
+    assert build_denoiser(sd15, sample_size=64).config.sample_size == 64
+    with pytest.raises(ValueError, match="sample_size 64 != the config's sample_size 96"):
+        build_denoiser(sd15, sample_size=96)
+    assert build_vae(sd15, downsample=8).downsample == 8
+    with pytest.raises(ValueError, match="downsamples by 8, the config's downsample is 4"):
+        build_vae(sd15, downsample=4)
+    assert build_dinov2(dino, patch_size=14).config.patch_size == 14
+    with pytest.raises(ValueError, match="patch size 14 != the config's patch_size 16"):
+        build_dinov2(dino, patch_size=16)
+
+
 def test_reference_encoder_tokens_and_null():
     encoder = ReferenceEncoder(build_dinov2(config=TINY_DINO), context_dim=48)
     ref = torch.rand(3, 3, 224, 224)
@@ -112,7 +126,7 @@ def test_export_round_trip_reproduces_outputs(tmp_path, tiny_batch):
     save_pretrained(module.inference_state_dict(), cfg.model, tmp_path / "export")
     loaded = load_pipeline(tmp_path / "export")
     x = torch.randn(1, 7, 32, 32)
-    with torch.no_grad(), module.ema_weights():
+    with torch.no_grad():  # a new module: its EMA would be its own weights
         ctx = module.reference_encoder(tiny_batch["reference"][:1])
         expected = module.denoiser(x, 10, encoder_hidden_states=ctx).sample
     with torch.no_grad():

@@ -91,3 +91,41 @@ def test_crop_is_never_empty():
     dot[20, 20] = True
     assert min(crop(image, reference_crop_box(dot)).shape[1:]) >= 16
     assert reference_crop_box(torch.zeros(50, 60, dtype=torch.bool)) == (0, 0, 60, 50)
+
+
+def test_validation_metric_means_every_sample_and_merges_like_ranks():
+    """CorrespondenceMIoU: per block and baseline, the mean over every sample given to it;
+    two halves of unequal size merged (what the DDP sync does) give the whole set's mean."""
+    from models.correspondence_metric import BASELINES, CorrespondenceMIoU
+
+    g = torch.Generator().manual_seed(0)
+    n, grid = 7, (4, 4)
+    attention = {0: torch.rand(n, 16, generator=g), 3: torch.rand(n, 16, generator=g)}
+    mask, ref_mask = torch.zeros(n, 1, 32, 32), torch.zeros(n, 1, 56, 56)
+    for i in range(n):
+        mask[i, :, 2 * i:2 * i + 10, 4:16] = 1
+        ref_mask[i, :, 4 * i:4 * i + 20, 8:8 + 4 * i + 4] = 1
+
+    def metric(rows: slice) -> CorrespondenceMIoU:
+        m = CorrespondenceMIoU([0, 3], grid, threshold=0.5)
+        m.update({b: v[rows] for b, v in attention.items()}, mask[rows], ref_mask[rows])
+        return m
+
+    whole = metric(slice(0, n)).compute()
+    for block, vectors in attention.items():
+        scores = correspondence_scores(vectors, ref_mask, grid, 0, 0.5)
+        for kind in ("mask", "box"):
+            assert whole["blocks"][block][kind] == pytest.approx(float(scores[kind].mean()))
+    baselines = baseline_scores(mask, ref_mask)
+    for name in BASELINES:
+        for kind in ("mask", "box"):
+            assert whole["baselines"][name][kind] == pytest.approx(
+                float(baselines[name][kind].mean()))
+    first, second = metric(slice(0, 2)), metric(slice(2, n))
+    alone = metric(slice(0, 2)).compute()  # one rank's share is not the whole set
+    assert alone["blocks"][0]["mask"] != pytest.approx(whole["blocks"][0]["mask"])
+    first.merge_state(second)
+    merged = first.compute()
+    for part in ("blocks", "baselines"):
+        for name, scores in whole[part].items():
+            assert merged[part][name] == pytest.approx(scores)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 from data.geometry import SmoothField, Warp, _apply_h, make_target
-from data.masks import MaskConfig, make_mask
-from data.modes import mask_bbox
+from data.masks import MaskConfig, make_mask, mask_bbox
+from data.modes import ALIGNMENT, REFINEMENT
 from data.objects import render_object
 from data.synthetic import SyntheticPairs, item_generators, make_pair
 
@@ -220,3 +225,57 @@ def test_lettering_uses_only_the_pinned_matplotlib_fonts_and_renders_the_same_pi
     data_dir = Path(matplotlib.get_data_path()).resolve()
     assert opened and all(Path(p).resolve().is_relative_to(data_dir) for p in opened), opened
     assert rendered == LETTERING_SHA256
+
+
+GOLDEN = Path(__file__).parent / "fixtures" / "synthetic_item_digests.json"
+# sizes (image, reference) and forced mode of the recorded items: the tiny model's 64 / 224
+# (target supersampled to 128), a small reference, and target = reference resolution
+GOLDEN_SETS = {"64_224": (64, 224, None), "32_56": (32, 56, REFINEMENT),
+               "96_112": (96, 112, ALIGNMENT)}
+
+
+def item_digests(image_size: int, reference_size: int, mode: int | None, count: int
+                 ) -> list[dict[str, str]]:
+    """SHA-1 of every array of items 0..count-1 (seed 5): the pair and the float sample."""
+
+    def digest(*values) -> str:
+        h = hashlib.sha1()
+        for v in values:
+            v = v.numpy() if isinstance(v, torch.Tensor) else v
+            if isinstance(v, np.ndarray):
+                h.update(f"{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
+            else:
+                h.update(json.dumps(v, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    ds = SyntheticPairs(length=count, seed=5, image_size=image_size,
+                        reference_size=reference_size, force_mode=mode)
+    out = []
+    for i in range(count):
+        p, s = ds.pair(i), ds[i]
+        out.append({
+            "reference": digest(p.reference.rgb, p.reference.footprint, p.reference.detail,
+                                p.reference.meta),
+            "target": digest(p.target.rgb, p.target.geometric_rgb, p.target.footprint,
+                             p.target.detail, p.target.photometric),
+            "warp": digest(p.warp.target_to_reference, p.warp.homography),
+            "mask": digest(p.mask, p.mask_kind, p.reference_region),
+            "sample": digest(*(s[k] for k in sorted(s))),
+        })
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SETS))
+def test_items_are_bit_identical_to_the_recorded_generator(name):
+    """The generator's output is pinned: items recorded from the per-pixel float reference
+    implementation (before the speed work) must come out bit for bit. A deliberate change of
+    the generator rewrites the fixture: python -m tests.test_data_generator --write."""
+    recorded = json.loads(GOLDEN.read_text())[name]
+    got = item_digests(*GOLDEN_SETS[name], len(recorded))
+    for i, (want, have) in enumerate(zip(recorded, got, strict=True)):
+        assert have == want, (name, i, [k for k in want if want[k] != have[k]])
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    GOLDEN.write_text(json.dumps({name: item_digests(*spec, 12 if name == "64_224" else 6)
+                                  for name, spec in GOLDEN_SETS.items()}, indent=1) + "\n")

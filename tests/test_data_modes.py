@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+from pytorch_lightning.plugins.precision import HalfPrecision
+from torch.utils.data import default_collate
 
 from data.datamodule import PairDataModule
-from data.modes import ALIGNMENT, REFINEMENT, crop_box, make_reference, mask_bbox
+from data.masks import mask_bbox
+from data.modes import (
+    ALIGNMENT,
+    REFINEMENT,
+    crop_box,
+    decode_pixels,
+    make_reference,
+)
 from data.synthetic import SyntheticPairs, draw_mode, item_generators, make_pair
 
 R = 224
@@ -95,13 +106,54 @@ def test_refinement_reference_is_a_crop_containing_the_region(seed):
     assert abs(crop.astype(float).mean() - patch.mean()) < 3
 
 
+@pytest.mark.parametrize("mode", [ALIGNMENT, REFINEMENT])
+def test_compact_items_decode_to_the_float_items(mode):
+    """uint8 / bool pixels carry the same sample: decoded, it is the float item bit for bit,
+    and the decode table gives what per-pixel float32 arithmetic gives."""
+    floats = SyntheticPairs(length=3, seed=4, force_mode=mode)
+    compact = floats.compact_view()
+    for i in range(len(floats)):
+        c, f = compact[i], floats[i]
+        assert c["target"].dtype == c["reference"].dtype == torch.uint8
+        assert c["mask"].dtype == c["reference_mask"].dtype == torch.bool
+        assert c["target"].shape == (3, 64, 64) and c["reference"].shape == (3, R, R)
+        decoded = decode_pixels(c)
+        check_contract(decoded, 64, mode)
+        for k in f:
+            assert decoded[k].dtype == f[k].dtype and torch.equal(decoded[k], f[k]), k
+        np.testing.assert_array_equal(
+            decoded["target"].numpy(), c["target"].numpy().astype(np.float32) / 127.5 - 1.0)
+        np.testing.assert_array_equal(
+            decoded["reference"].numpy(), c["reference"].numpy().astype(np.float32) / 255.0)
+        assert decode_pixels(decoded) == decoded  # float samples pass through
+
+
+def test_datamodule_batches_are_compact_until_after_the_transfer():
+    dm = PairDataModule(batch_size=4, num_workers=0, train_length=8, val_length=4)
+    dm.setup("fit")
+    wire = next(iter(dm.val_dataloader()))
+    assert wire["target"].dtype == wire["reference"].dtype == torch.uint8
+    assert wire["mask"].dtype == wire["reference_mask"].dtype == torch.bool
+    batch = dm.on_after_batch_transfer(wire, 0)
+    expected = default_collate([dm.val_set[i] for i in range(4)])  # the float val_set
+    for k in expected:
+        assert batch[k].dtype == expected[k].dtype and torch.equal(batch[k], expected[k]), k
+    # with a true-half precision, the input conversion Lightning ran before the transfer
+    # (on uint8, a no-op) is applied to the decoded floats
+    dm.trainer = SimpleNamespace(precision_plugin=HalfPrecision("bf16-true"))
+    half = dm.on_after_batch_transfer(wire, 0)
+    assert half["target"].dtype == half["reference_mask"].dtype == torch.bfloat16
+    assert torch.equal(half["reference"], expected["reference"].bfloat16())
+    assert half["mode"].dtype == torch.int64
+
+
 def test_datamodule_batches():
     dm = PairDataModule(batch_size=4, num_workers=0, train_length=8, val_length=4)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["target"].shape == (4, 3, 64, 64)
     assert batch["reference"].shape == (4, 3, R, R)
-    val = next(iter(dm.val_dataloader()))
+    val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert (val["mode"] == ALIGNMENT).all()
     # held out: the validation pairs are not training pairs
     train_targets = torch.stack([dm.train_set[i]["target"] for i in range(4)])

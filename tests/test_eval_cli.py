@@ -38,7 +38,7 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
     cmd = [sys.executable, str(REPO / "eval.py"), f"bench_dir={bench}",
            f"ckpt_path={export_dir}", "sweep.num_timesteps=3", "sweep.topk=[1,3]",
            "refinement.methods=[input,telea]", "qualitative.num_cases=2", "num_threads=1",
-           "progress=false", f"hydra.run.dir={run_dir}"]
+           "denoising_gain.timesteps=[50,700]", "progress=false", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,6 +85,14 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
     assert report["alignment"]["readout"] == "forward_noise" and "Read-outs side by side" in md
     chosen = AlignmentConfig(**OmegaConf.load(run_dir / "alignment.yaml"))
     assert chosen.timestep == corr["best"]["t"] and chosen.block == corr["best"]["layer"]
+    # the denoising gain on the report cases, both references, its table and figure
+    gain = report["denoising_gain"]
+    assert gain["timesteps"] == [50, 700] and gain["prediction_type"] == "v_prediction"
+    for ref in ("whole", "crop"):
+        node = gain["references"][ref]
+        assert node["num_cases"] == 2 and [r["t"] for r in node["rows"]] == [50, 700]
+    assert "## Denoising gain" in md and "ground-truth crop (2 case(s))" in md
+    assert report["figures"]["denoising_gain"] == "figures/denoising_gain.png"
 
 
 def test_eval_generates_benchmark_when_bench_dir_is_null(tmp_path: Path,
@@ -110,7 +118,7 @@ def test_eval_generates_benchmark_when_bench_dir_is_null(tmp_path: Path,
 
 
 QUICK = ["sweep.num_timesteps=2", "sweep.topk=[1]", "sweep.bootstrap=20", "progress=false",
-         "num_threads=1", "qualitative.num_cases=1"]
+         "num_threads=1", "qualitative.num_cases=1", "denoising_gain.timesteps=[400]"]
 
 
 def _evaluate(overrides: list[str], run_dir: Path) -> Path:

@@ -24,8 +24,10 @@ from tests.wandb_offline import OfflineRun, offline_runs, read_finished_run
 
 QUICK = ["logger=wandb", "bench_cases=8", "sweep.num_timesteps=3", "refinement.num_steps=5",
          "sweep.bootstrap=20", "num_threads=1", "progress=false", "qualitative.num_cases=2",
-         "sweep.compare_readouts=[]", "refinement.methods=[input,telea,aligned_crop]"]
-FIGURES = {"heatmap_mask", "heatmap_box", "timestep_curve", "layer_curve", "qualitative"}
+         "sweep.compare_readouts=[]", "refinement.methods=[input,telea,aligned_crop]",
+         "denoising_gain.timesteps=[50,400]"]
+FIGURES = {"heatmap_mask", "heatmap_box", "timestep_curve", "layer_curve", "qualitative",
+           "denoising_gain"}
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +133,10 @@ def test_eval_logs_the_figures_tables_and_headline_numbers(linked) -> None:
     assert summary["eval/refinement/aligned_crop/psnr"] == pytest.approx(
         report["refinement"]["aligned_crop"]["psnr"])
     assert summary["eval/data_provenance"] == "disjoint"
+    rows = report["denoising_gain"]["references"]["whole"]["rows"]
+    assert len(_table(run, "eval/denoising_gain_whole")["data"]) == len(rows)
+    assert summary[f"eval/denoising_gain/whole/psnr_t{rows[0]['t']}"] == pytest.approx(
+        rows[0]["psnr_gain"])
     assert {"report.json", "report.md", "alignment.yaml"} <= set(run.files)
     assert not (run.folder / "files" / "report.json").is_symlink()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from evaluation import metrics as M
+from models import image_metrics as G
 
 
 def _pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -27,7 +28,7 @@ def _pair() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_identical_images_are_perfect() -> None:
     _, target, mask = _pair()
-    scores = M.ground_truth_metrics(target, target, mask)
+    scores = G.ground_truth_metrics(target, target, mask)
     assert math.isinf(scores["psnr"]) and scores["psnr"] > 0
     assert scores["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert scores["l1"] == 0.0
@@ -35,7 +36,7 @@ def test_identical_images_are_perfect() -> None:
 
 def test_known_noise_gives_expected_values() -> None:
     output, target, mask = _pair()
-    scores = M.ground_truth_metrics(output, target, mask)
+    scores = G.ground_truth_metrics(output, target, mask)
     assert scores["psnr"] == pytest.approx(20 * math.log10(255 / 10), abs=1e-3)
     assert scores["l1"] == pytest.approx(10 / 255, abs=1e-9)
     assert 0.0 < scores["ssim"] < 1.0
@@ -48,7 +49,7 @@ def test_masked_l1_ignores_box_pixels_outside_the_mask() -> None:
     output = target.copy()
     output[4, 4] = 151  # +51 in the mask
     output[6, 6] = 0  # in the box, not in the mask
-    assert M.masked_l1(output, target, mask) == pytest.approx(51 / 255 / 2)
+    assert G.masked_l1(output, target, mask) == pytest.approx(51 / 255 / 2)
 
 
 @pytest.mark.parametrize("side", [1, 2, 3, 4, 6, 11])
@@ -56,7 +57,7 @@ def test_ssim_small_boxes(side: int) -> None:
     target = np.random.default_rng(side).integers(0, 255, (20, 20, 3)).astype(np.uint8)
     mask = np.zeros((20, 20), bool)
     mask[2:2 + side, 3:3 + side] = True
-    assert M.ssim_in_box(target, target, mask) == pytest.approx(1.0, abs=1e-5)
+    assert G.ssim_in_box(target, target, mask) == pytest.approx(1.0, abs=1e-5)
 
 
 # Pretrained metrics. tests/conftest.py sets HF_HUB_OFFLINE=1 with empty HF_HOME / TORCH_HOME,
@@ -280,20 +281,20 @@ def test_gradient_similarity_rewards_detail_not_smoothness() -> None:
     blurred = inside(cv2.GaussianBlur(target, (0, 0), 2.0))
     smooth = telea(target, mask)
     flat = inside(np.broadcast_to(target[mask].mean(0).astype(np.uint8), target.shape))
-    gms = {name: M.gradient_similarity(out, target, mask) for name, out in
+    gms = {name: G.gradient_similarity(out, target, mask) for name, out in
            {"exact": target, "shifted": shifted, "blurred": blurred, "telea": smooth,
             "flat": flat}.items()}
     assert gms["exact"] == pytest.approx(1.0)
     for smooth_fill in ("blurred", "telea", "flat"):
         assert gms[smooth_fill] < gms["shifted"] - 0.15, gms
     # why the metric exists: PSNR prefers the blur to the correct sharp fill
-    assert M.psnr_in_box(blurred, target, mask) > M.psnr_in_box(shifted, target, mask)
+    assert G.psnr_in_box(blurred, target, mask) > G.psnr_in_box(shifted, target, mask)
     # invented edges on a flat target cost as much as missing ones
     noisy = inside(np.random.default_rng(1).integers(0, 256, target.shape).astype(np.uint8))
-    assert M.gradient_similarity(noisy, flat, mask) < 0.3
-    assert M.ground_truth_metrics(shifted, target, mask)["gms"] == gms["shifted"]
+    assert G.gradient_similarity(noisy, flat, mask) < 0.3
+    assert G.ground_truth_metrics(shifted, target, mask)["gms"] == gms["shifted"]
     with pytest.raises(ValueError):
-        M.gradient_similarity(target, target, np.zeros_like(mask))
+        G.gradient_similarity(target, target, np.zeros_like(mask))
 
 
 def test_mean_value() -> None:

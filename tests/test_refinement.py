@@ -125,7 +125,7 @@ def test_evaluate_refinement_all_methods(cases, pipe) -> None:
     assert counts["oracle_crop_skipped_no_reference_mask"] == 1
     assert counts["scored"]["oracle_crop"] == 2 and counts["scored"]["input"] == 3
     from evaluation.baselines import warp_reference_into_image
-    from evaluation.metrics import gradient_similarity, masked_l1
+    from models.image_metrics import gradient_similarity, masked_l1
 
     unmatched = [c.id for c in cases
                  if warp_reference_into_image(c.image, c.mask, c.reference)[0] is None]

@@ -22,6 +22,8 @@ from evaluation.report import (
 REPO = Path(__file__).resolve().parents[1]
 
 PAIR = {"miou_mask": 0.4, "miou_box": 0.5}
+GAIN_ROW = {"psnr_noisy": 38.9, "psnr_x0": 39.0, "psnr_gain": 0.1, "psnr_gain_se": 0.05,
+            "gms_noisy": 0.99, "gms_x0": 0.99, "gms_gain": 0.0, "gms_gain_se": 0.001}
 
 
 def good_report() -> dict:
@@ -74,6 +76,12 @@ def good_report() -> dict:
                                         "clip": "not available (no weights)"}},
         "refinement_by_category": {"synthetic": {"aligned_crop": {"psnr": 20.0}}},
         "refinement_status": {"run": True, "reason": None, "error": None},
+        "denoising_gain": {
+            "timesteps": [10, 700], "seed": 0, "psnr_cap": 100.0,
+            "prediction_type": "v_prediction", "space": "pixel", "image_size": 64,
+            "crop_margin": 0.25, "cases_without_target": 0,
+            "references": {"whole": {"num_cases": 2, "rows": [{"t": 10, **GAIN_ROW},
+                                                               {"t": 700, **GAIN_ROW}]}}},
         "alignment": {"timestep": 334, "block": 2, "threshold": 0.5, "margin": 0.1},
         "figures": {"heatmap_mask": "figures/heatmap_mask.png"},
     }
@@ -92,6 +100,7 @@ def test_good_report_validates_and_renders(tmp_path) -> None:
     assert md.index("WARNING:** UNKNOWN PROVENANCE") < md.index("## Cases")
     assert md.index("Headline (held-out report cases, 2 case(s))") < md.index("Secondary")
     assert "wins 61% of them" in md and "0.550 [0.300, 0.800]" in md
+    assert "## Denoising gain" in md and "| 700 | 38.90 | 39.00 | +0.10 +- 0.05 |" in md
 
 
 def test_report_without_correspondence_or_refinement_is_valid() -> None:
@@ -99,8 +108,10 @@ def test_report_without_correspondence_or_refinement_is_valid() -> None:
     report["correspondence"] = None
     report["refinement"], report["refinement_by_category"] = {}, {}
     report["refinement_status"] = {"run": False, "reason": "run_refinement=false", "error": None}
+    report["denoising_gain"] = None
     validate_report(report)
     assert "Not run" in render_markdown(report)
+    assert "Denoising gain" not in render_markdown(report)
 
 
 def _broken(path: str, value=None, delete: bool = False) -> dict:
@@ -139,6 +150,11 @@ def _broken(path: str, value=None, delete: bool = False) -> dict:
     (_broken("correspondence.baselines_all_cases", delete=True), "baselines_all_cases"),
     (_broken("refinement_status", {"run": False, "reason": "failed"}), "refinement_status"),
     (_broken("counts.report_cases", delete=True), "counts.report_cases"),
+    (_broken("denoising_gain", delete=True), "denoising_gain: missing"),
+    (_broken("denoising_gain.timesteps", [10, 50]), "one per timestep"),
+    (_broken("denoising_gain.references.whole.rows", [{"t": 10, **GAIN_ROW},
+                                                       {"t": 700, "psnr_gain": "x"}]),
+     "rows[1]: psnr_noisy"),
 ])
 def test_broken_reports_are_rejected(report: dict, expected: str) -> None:
     with pytest.raises(ReportError, match=expected.replace("[", r"\[")):

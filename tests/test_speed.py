@@ -56,9 +56,12 @@ def test_cpu_ddp_keeps_the_main_jobs_run():
 
 
 def test_module_ema_equals_a_per_parameter_ema():
-    """The module's EMA (foreach kernels) keeps the shadow weights of diffusers' per-tensor
-    loop over the same sequence of weights (warm-up decay included)."""
+    """The EMA callback's average (foreach kernels) keeps the shadow weights of diffusers'
+    per-tensor loop over the same sequence of weights (warm-up decay included)."""
+    from models.ema import EMA
+
     module = instantiate(compose_config(FAST).model)
+    ema = EMA(0.999).track(module)
     params = module.trainable_parameters()
     def copies() -> list[torch.Tensor]:  # requires_grad: EMAModel copies frozen tensors as is
         return [p.detach().clone().requires_grad_(True) for p in params]
@@ -69,10 +72,10 @@ def test_module_ema_equals_a_per_parameter_ema():
         for _ in range(3):
             for p in params:
                 p.add_(torch.randn(p.shape, generator=generator))
-            module.ema.step(params)
+            ema.step(params)
             reference.step(copies())
-    for ours, theirs in zip(module.ema.shadow_params, reference.shadow_params, strict=True):
+    for ours, theirs in zip(ema.shadow_params, reference.shadow_params, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    moved = sum(not torch.equal(s, p) for s, p in zip(module.ema.shadow_params, params,
+    moved = sum(not torch.equal(s, p) for s, p in zip(ema.shadow_params, params,
                                                       strict=True))
     assert moved == len(params)  # the averages lag the weights: the EMA did average

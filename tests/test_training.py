@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from models.ema import EMA, ema_callback
 from tests.conftest import compose_config
 
 FAST = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.val_length=4",
@@ -42,8 +43,9 @@ class _RecordStart(pl.Callback):
     def on_train_start(self, trainer, module):
         optimizer = trainer.optimizers[0]
         steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+        ema = ema_callback(trainer)
         self.seen = (trainer.global_step, steps[0] if steps else 0.0,
-                     module.ema.optimization_step if module.ema else None)
+                     ema.ema.optimization_step if ema else None)
 
 
 def _trainer(tmp_path: Path, max_steps: int, *callbacks, accumulate: int = 1) -> pl.Trainer:
@@ -61,13 +63,34 @@ class _CountBatches(pl.Callback):
         self.seen += 1
 
 
+class _KeepBatch(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.batch = batch
+
+
+def test_training_step_receives_the_float_contract_from_compact_batches(tmp_path):
+    """The synthetic loader sends uint8 / bool pixels; the step gets the float32 samples of
+    the dataset, exactly (decoded after the transfer by the DataModule's hook)."""
+    cfg = compose_config(FAST)
+    datamodule, kept = instantiate(cfg.data), _KeepBatch()
+    _trainer(tmp_path, 1, kept).fit(instantiate(cfg.model), datamodule=datamodule)
+    batch, size = kept.batch, cfg.data.image_size
+    items = [datamodule.train_set[int(i)] for i in batch["index"]]
+    assert batch["target"].shape == (4, 3, size, size)
+    assert batch["reference"].shape == (4, 3, cfg.data.reference_size, cfg.data.reference_size)
+    for k in ("target", "mask", "reference", "reference_mask", "mode", "index"):
+        expected = torch.stack([x[k] for x in items])
+        assert batch[k].dtype == expected.dtype and torch.equal(batch[k], expected), k
+    assert batch["target"].dtype == torch.float32 and batch["mode"].dtype == torch.int64
+
+
 def test_ema_steps_once_per_optimizer_step_under_accumulation(tmp_path):
     cfg = compose_config(FAST)
     module, batches = instantiate(cfg.model), _CountBatches()
     trainer = _trainer(tmp_path, 2, batches, accumulate=2)
     trainer.fit(module, datamodule=instantiate(cfg.data))
     assert batches.seen == 4 and trainer.global_step == 2
-    assert module.ema.optimization_step == 2
+    assert ema_callback(trainer).ema.optimization_step == 2
 
 
 def test_resume_continues_step_count_optimizer_and_ema(tmp_path):
@@ -217,12 +240,43 @@ def test_compiled_denoiser_gives_the_eager_losses_and_gradients(tiny_batch):
 def test_ema_shadow_weights_become_private_to_the_process():
     """ddp_spawn on CPU hands ranks shared-memory tensors; each rank must average on its own."""
     module = instantiate(compose_config(FAST).model)
-    for p in module.ema.shadow_params:
+    ema = EMA(0.999)
+    for p in ema.track(module).shadow_params:
         p.share_memory_()
-    before = [p.clone() for p in module.ema.shadow_params]
-    module.on_fit_start()
-    assert not any(p.is_shared() for p in module.ema.shadow_params)
-    assert all(torch.equal(a, b) for a, b in zip(before, module.ema.shadow_params, strict=True))
+    before = [p.clone() for p in ema.ema.shadow_params]
+    ema.on_fit_start(None, module)
+    assert not any(p.is_shared() for p in ema.ema.shadow_params)
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.ema.shadow_params, strict=True))
+
+
+class _FailInValidation(pl.Callback):
+    """Records the trained weights before validation, then fails inside it."""
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.trained = [p.detach().clone() for p in module.trainable_parameters()]
+
+    def on_validation_batch_end(self, trainer, module, *args) -> None:
+        self.seen = [p.detach().clone() for p in module.trainable_parameters()]
+        raise RuntimeError("failed inside validation")
+
+
+def test_a_validation_that_raises_leaves_the_trained_weights_in_place(tmp_path):
+    """The EMA weights are swapped in for validation; an error there must not leave them in
+    the module (a resumed or continued run would train on the average)."""
+    cfg = compose_config(FAST)
+    module, spy = instantiate(cfg.model), _FailInValidation()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path, limit_val_batches=1, val_check_interval=3,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, callbacks=[spy])
+    with pytest.raises(RuntimeError, match="failed inside validation"):
+        trainer.fit(module, datamodule=instantiate(cfg.data))
+    shadow = ema_callback(trainer).ema.shadow_params
+    # validation did run on the EMA weights, which differ from the trained ones
+    assert all(torch.equal(a, b) for a, b in zip(spy.seen, shadow, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(spy.trained, shadow, strict=True))
+    now = module.trainable_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(now, spy.trained, strict=True))
 
 
 def test_val_table_rebuilt_from_logged_metrics_equals_the_modules(tmp_path):

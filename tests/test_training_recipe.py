@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler
 
 from data.provenance import check_overlap, read_training_data, write_training_data
 from models.checkpoint import warm_start
+from models.ema import EMA
 from models.export import save_pretrained
 from models.losses import min_snr_weights, sample_timesteps
 from tests.conftest import compose_config
@@ -65,15 +66,17 @@ def test_warm_start_loads_the_export_and_restarts_ema(tmp_path: Path) -> None:
     for name in ("denoiser", "reference_encoder"):
         ours, theirs = getattr(module, name).state_dict(), getattr(source, name).state_dict()
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    for shadow, param in zip(module.ema.shadow_params, module.trainable_parameters(),
+    (ema,) = [c for c in module.configure_callbacks() if isinstance(c, EMA)]
+    assert ema.ema.optimization_step == 0  # the average the trainer will keep starts here
+    for shadow, param in zip(ema.ema.shadow_params, module.trainable_parameters(),
                              strict=True):
         assert torch.equal(shadow, param)
 
 
 def test_warm_start_refuses_another_architecture(tmp_path: Path) -> None:
     cfg = compose_config([])
-    export = save_pretrained(hydra.utils.instantiate(cfg.model).inference_state_dict(), cfg.model,
-                         tmp_path / "export")
+    export = save_pretrained(hydra.utils.instantiate(cfg.model).inference_state_dict(),
+                             cfg.model, tmp_path / "export")
     wider = compose_config(["model.denoiser.config.block_out_channels=[32,64,64]"])
     with pytest.raises(ValueError, match="init_from .*denoiser does not fit"):
         warm_start(hydra.utils.instantiate(wider.model), export)

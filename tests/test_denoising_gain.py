@@ -1,0 +1,231 @@
+"""Denoising gain: exact on constructed denoisers (identity gains 0, an oracle reaches the
+cap), the x0 formulas are diffusers', a wrong parametrisation shows, and every place that
+reports it (validation callback, eval.py's report, validate_export.py) does."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from hydra.utils import instantiate
+from torch import nn
+
+from data.modes import decode_pixels
+from models.alignment import case_noise, case_noise_seed
+from models.autoencoder import VAE, PixelSpace
+from models.denoising_gain import (
+    PSNR_CAP,
+    LogDenoisingGain,
+    gain_rows,
+    predicted_x0,
+    score_batch,
+)
+from models.ema import EMA
+from models.image_metrics import gradient_similarity, psnr_in_box
+from models.pipeline import to_uint8
+from models.refinement import blend
+from tests.conftest import compose_config
+
+KINDS = ("epsilon", "v_prediction", "sample")
+TIMESTEPS = [10, 100, 400, 700, 999]
+SEEDS = [case_noise_seed(0, str(i)) for i in range(3)]
+
+
+def _scheduler(kind: str) -> DDPMScheduler:
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=kind,
+                         clip_sample=False)
+
+
+def _case() -> tuple[torch.Tensor, torch.Tensor]:
+    """3 targets of uint8 values in [-1,1] (a textured square on a gradient), box masks."""
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(-0.8, 0.8, 32)
+    target = ramp.view(1, 1, 1, 32).expand(3, 3, 32, 32).clone()
+    target[:, :, 8:24, 8:24] = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    target = (((target + 1) * 127.5).round() / 127.5 - 1).float()
+    mask = torch.zeros(3, 1, 32, 32)
+    mask[:, :, 6:22, 10:26] = 1
+    return target, mask
+
+
+class _Constructed(nn.Module):
+    """A denoiser built from the truth: ``identity`` outputs what makes its x0 prediction its
+    own noisy input; ``oracle`` outputs the true noise, velocity or clean sample (as
+    ``emits``, whatever the scheduler it is scored with says)."""
+
+    def __init__(self, scheduler: DDPMScheduler, kind: str, emits: str, clean: torch.Tensor,
+                 noise: torch.Tensor) -> None:
+        super().__init__()
+        self.scheduler, self.kind, self.emits = scheduler, kind, emits
+        self.clean, self.noise = clean, noise
+        self.anchor = nn.Parameter(torch.zeros(1))  # the dtype score_batch casts inputs to
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor
+                ) -> SimpleNamespace:
+        noisy = x[:, : self.clean.shape[1]]
+        if self.kind == "identity":
+            alpha = self.scheduler.alphas_cumprod[int(t[0])].double()
+            a, b = alpha.sqrt(), (1 - alpha).sqrt()
+            out = {"epsilon": noisy.double() * (1 - a) / b,
+                   "v_prediction": noisy.double() * (a - 1) / b,
+                   "sample": noisy}[self.emits]
+        else:
+            out = {"epsilon": self.noise,
+                   "v_prediction": self.scheduler.get_velocity(self.clean, self.noise, t),
+                   "sample": self.clean}[self.emits]
+        return SimpleNamespace(sample=out)
+
+
+def _run(kind: str, emits: str, prediction_type: str, autoencoder=None) -> dict:
+    autoencoder = autoencoder or PixelSpace()
+    scheduler = _scheduler(prediction_type)
+    target, mask = _case()
+    with torch.no_grad():
+        clean = autoencoder.encode(target)
+    noise = case_noise(clean.shape, noise_seeds=SEEDS)
+    denoiser = _Constructed(scheduler, kind, emits, clean, noise)
+    return score_batch(denoiser, autoencoder, scheduler, target, mask, torch.zeros(3, 4, 8),
+                       TIMESTEPS, SEEDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_predicted_x0_is_diffusers_pred_original_sample(kind):
+    scheduler = _scheduler(kind)
+    g = torch.Generator().manual_seed(1)
+    sample, output = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    for t in (1, 10, 500, 999):
+        expected = scheduler.step(output, t, sample, generator=g).pred_original_sample
+        assert torch.allclose(predicted_x0(scheduler, output, sample, t).float(), expected,
+                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_denoiser_that_returns_its_input_gains_exactly_zero(kind):
+    scores = _run("identity", kind, kind)
+    for metric in ("psnr", "gms"):
+        assert np.array_equal(scores[f"{metric}_x0"], scores[f"{metric}_noisy"])
+    assert all(r["psnr_gain"] == 0.0 and r["gms_gain"] == 0.0
+               for r in gain_rows(scores, TIMESTEPS))
+    # and the noisy input really is noisy: its score falls with t
+    assert np.all(np.diff(scores["psnr_noisy"].mean(0)) < 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_oracle_reaches_the_cap_at_every_timestep(kind):
+    scores = _run("oracle", kind, kind)
+    assert np.all(scores["psnr_x0"] == PSNR_CAP) and np.all(scores["gms_x0"] == 1.0)
+    rows = gain_rows(scores, TIMESTEPS)
+    for row in rows:
+        assert row["psnr_gain"] == pytest.approx(PSNR_CAP - row["psnr_noisy"])
+        assert row["gms_gain"] == pytest.approx(1.0 - row["gms_noisy"])
+    assert rows[-1]["psnr_gain"] > rows[0]["psnr_gain"] > 0
+
+
+@pytest.mark.parametrize(("emits", "read_as"), [("epsilon", "v_prediction"),
+                                                 ("v_prediction", "epsilon")])
+def test_a_wrong_x0_formula_shows_as_a_far_lower_score(emits, read_as):
+    """The true noise read as a velocity (and the reverse) is far from the target at high t."""
+    scores = _run("oracle", emits, read_as)
+    high = [TIMESTEPS.index(t) for t in (400, 700, 999)]
+    assert np.all(scores["psnr_x0"][:, high] < 40)
+
+
+def test_latent_models_score_the_decoded_prediction():
+    """Through a VAE the oracle's x0 is the autoencoder's reconstruction, not the target."""
+    torch.manual_seed(0)
+    vae = VAE(AutoencoderKL(block_out_channels=[8, 8], latent_channels=4, norm_num_groups=4,
+                            down_block_types=["DownEncoderBlock2D"] * 2,
+                            up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1))
+    target, mask = _case()
+    with torch.no_grad():
+        recon = blend(target, vae.decode(vae.encode(target)), mask)
+    masks = (mask[:, 0] > 0).numpy()
+    expected = [min(psnr_in_box(to_uint8(r), to_uint8(t), m), PSNR_CAP)
+                for r, t, m in zip(recon, target, masks, strict=True)]
+    expected_gms = [gradient_similarity(to_uint8(r), to_uint8(t), m)
+                    for r, t, m in zip(recon, target, masks, strict=True)]
+    scores = _run("oracle", "v_prediction", "v_prediction", vae)
+    for i in range(len(TIMESTEPS)):
+        assert scores["psnr_x0"][:, i] == pytest.approx(expected, abs=1e-3)
+        assert scores["gms_x0"][:, i] == pytest.approx(expected_gms, abs=1e-4)
+    assert max(expected) < 40  # a random VAE: far from the cap, so the check means something
+    identity = _run("identity", "v_prediction", "v_prediction", vae)
+    assert np.array_equal(identity["psnr_x0"], identity["psnr_noisy"])
+
+
+# ----------------------------------------------------------------------------- training
+FAST = ["data.image_size=32", "data.batch_size=2", "data.num_workers=0", "data.val_length=4",
+        "model.val_sample_steps=1", "model.val_num_samples=1"]
+
+
+def test_callback_is_registered_and_logs_under_the_ema_weights(tmp_path):
+    cfg = compose_config(FAST)
+    torch.manual_seed(0)
+    module = instantiate(cfg.model)
+    (ema,) = [c for c in module.configure_callbacks() if isinstance(c, EMA)]
+    # EMA weights far from the trained ones: the logged gain must be the EMA model's
+    for p in ema.track(module).shadow_params:
+        p.add_(torch.randn_like(p) * 0.05)
+    callback = instantiate(cfg.callbacks.denoising_gain, timesteps=[50, 400], num_cases=3)
+    assert isinstance(callback, LogDenoisingGain)
+    data = instantiate(cfg.data)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback],
+                         default_root_dir=tmp_path)
+    trainer.validate(module, datamodule=data)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()
+              if k.startswith("val/denoise_gain_")}
+    assert set(logged) == {f"val/denoise_gain_{m}_t{t}" for m in ("psnr", "gms")
+                           for t in (50, 400)}
+
+    module.eval()
+    batches = [decode_pixels(b) for b in data.val_dataloader()]
+    target = torch.cat([b["target"] for b in batches])[:3]
+    mask = torch.cat([b["mask"] for b in batches])[:3]
+    reference = torch.cat([b["reference"] for b in batches])[:3]
+    index = torch.cat([b["index"] for b in batches])[:3].tolist()
+
+    def expected() -> list[dict]:
+        with torch.no_grad():
+            context = module.reference_encoder(reference)
+            scores = score_batch(module.denoiser, module.autoencoder, module.noise_scheduler,
+                                 target, mask, context, [50, 400],
+                                 [case_noise_seed(0, str(i)) for i in index])
+        return gain_rows(scores, [50, 400])
+
+    with ema.swapped_in(module):
+        averaged = expected()
+    raw = expected()
+    for row in averaged:
+        assert logged[f"val/denoise_gain_psnr_t{row['t']}"] == pytest.approx(row["psnr_gain"],
+                                                                             abs=1e-4)
+        assert logged[f"val/denoise_gain_gms_t{row['t']}"] == pytest.approx(row["gms_gain"],
+                                                                            abs=1e-5)
+    assert any(abs(r["psnr_gain"] - o["psnr_gain"]) > 1e-3 for r, o in zip(averaged, raw,
+                                                                           strict=True))
+
+
+# ----------------------------------------------------------------------------- the script
+def test_validate_export_prints_the_table_on_the_shipped_export(tmp_path, capsys):
+    from scripts.validate_export import main
+
+    out, plot = tmp_path / "gain.json", tmp_path / "gain.png"
+    main(["--measure", "denoising_gain", "--cases", "4", "--references", "whole",
+          "--timesteps", "10", "400", "--out", str(out), "--plot", str(plot)])
+    printed = capsys.readouterr().out
+    assert "whole reference, 4 case(s)" in printed and "PSNR noisy" in printed
+    result = json.loads(out.read_text())
+    gain = result["denoising_gain"]
+    assert gain["cases"] == {"namespace": "benchmark", "bench_seed": 0, "num": 4}
+    rows = gain["references"]["whole"]["rows"]
+    assert [r["t"] for r in rows] == [10, 400]
+    for r in rows:  # the printed table is the JSON's
+        assert f"{r['t']:>5} {r['psnr_noisy']:>11.2f} {r['psnr_x0']:>9.2f}" in printed
+    assert len(gain["references"]["whole"]["per_case"]) == 4
+    assert rows[1]["psnr_gain"] > 1  # the shipped model denoises at t=400
+    assert plot.stat().st_size > 0 and "correspondence" not in result

@@ -1,0 +1,123 @@
+"""Every experiment and model preset composes to data that fits its model, and train.py refuses
+compositions that do not fit before it builds anything (models/resolution.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from benchmarks.bench_common import FULL_MODEL_OVERRIDES, SMOKE_MODEL_OVERRIDES
+from tests.conftest import CONFIG_DIR, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml"))
+# each model preset with the data it is made for (a new preset must be added here)
+MODEL_RUNS = {
+    "tiny": [[]],
+    "sd15_dinov2": [["experiment=sd15"]],
+    "sd15_dinov2_random": [["experiment=sd15", "model=sd15_dinov2_random"],
+                           FULL_MODEL_OVERRIDES, SMOKE_MODEL_OVERRIDES],
+}
+SD15_RUNS = ("sd15", "sd15_24gb", "sd15_16gb")
+
+
+def _check(overrides: list[str]):
+    from models.resolution import check_data_fits_model, model_resolution
+
+    cfg = compose_config(overrides)
+    OmegaConf.to_container(cfg.model, resolve=True)  # every interpolation resolves
+    check_data_fits_model(cfg.model, cfg.data)
+    want = model_resolution(cfg.model)
+    # every size is stated, so nothing was skipped
+    assert want.image_size == cfg.data.image_size, overrides
+    assert want.reference_size == cfg.data.reference_size, overrides
+    assert want.patch_size and want.reference_size % want.patch_size == 0, overrides
+    return cfg, want
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_to_sizes_that_fit(experiment):
+    _check([f"experiment={experiment}"])
+
+
+def test_every_model_preset_has_data_that_fits():
+    presets = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml"))
+    assert presets == sorted(MODEL_RUNS)
+    for preset, runs in MODEL_RUNS.items():
+        for overrides in runs:
+            cfg, _ = _check([f"model={preset}", *overrides])
+            assert cfg.model.denoiser._target_  # the preset itself, composed
+
+
+@pytest.mark.parametrize("experiment", SD15_RUNS)
+def test_sd15_experiments_are_one_512px_run(experiment):
+    cfg, want = _check([f"experiment={experiment}"])
+    base = compose_config(["experiment=sd15"])
+    assert (cfg.data.image_size, want.latent_size, want.downsample) == (512, 64, 8)
+    assert (want.reference_size // want.patch_size) ** 2 == 256  # DINOv2 tokens at 224 px
+    assert cfg.model.denoiser.pretrained and cfg.model.reference_encoder.backbone.pretrained
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    # the smaller cards run the same optimisation: batch per step, steps, LR, validation
+    effective = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+    assert effective == base.data.batch_size * base.trainer.accumulate_grad_batches == 32
+    for key in ("trainer.max_steps", "trainer.val_check_interval", "model.optimizer.lr",
+                "model.lr_scheduler.num_warmup_steps", "data.val_length", "model.val_block",
+                "model.val_timestep"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(base, key), key
+
+
+def test_sd15_model_preset_stands_alone():
+    """model=sd15_dinov2 is not the tiny preset with patches: nothing of tiny.yaml leaks in."""
+    assert "defaults" not in OmegaConf.load(Path(CONFIG_DIR, "model", "sd15_dinov2.yaml"))
+    model = compose_config(["experiment=sd15"]).model
+    assert model.autoencoder._target_.endswith("build_vae") and model.denoiser.config is None
+
+
+def test_shrunk_random_preset_builds_to_the_sizes_its_config_states():
+    """What the check reads from the config is what the built model has."""
+    cfg, want = _check(SMOKE_MODEL_OVERRIDES)
+    module = instantiate(cfg.model)
+    assert module.denoiser.config.sample_size == want.latent_size
+    assert module.autoencoder.downsample == want.downsample
+    assert module.reference_encoder.image_size == want.reference_size
+    side = want.reference_size // want.patch_size
+    assert module.reference_encoder.grid == (side, side)
+
+
+@pytest.fixture
+def no_building(monkeypatch):
+    """Anything train() instantiates fails the test: refusals must come first."""
+    import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("train() built something before refusing the config")
+
+    monkeypatch.setattr(train, "instantiate", refuse)
+    return train
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    # the SD-1.5 layout on the default 64 px data: 8x8 latents for a 64x64-latent UNet
+    (["model=sd15_dinov2_random"], ("data.image_size=64", "512 px", "/8")),
+    (["model=sd15_dinov2"], ("data.image_size=64", "512 px")),
+    (["experiment=sd15", "data.image_size=256"], ("data.image_size=256", "512 px")),
+    (["experiment=sd15", "data.reference_size=112"], ("data.reference_size=112", "224 px")),
+    (["experiment=sd15", "model.reference_encoder.image_size=230", "data.reference_size=230"],
+     ("image_size=230", "patch size 14")),
+])
+def test_mismatched_sizes_are_refused_in_one_line_before_building(no_building, overrides,
+                                                                  named):
+    cfg = compose_config(overrides)
+    with pytest.raises(ValueError) as refused:
+        no_building.train(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and all(part in message for part in named), message
+
+
+def test_the_entry_point_refuses_with_the_message_alone(no_building):
+    cfg = compose_config(["model=sd15_dinov2_random"])
+    with pytest.raises(SystemExit) as refused:
+        no_building.main.__wrapped__(cfg)
+    assert str(refused.value).startswith("train.py: data.image_size=64 px does not fit")
