@@ -12,7 +12,7 @@
    (evaluation/refinement.py);
 4. report.json, report.md, figures/, alignment.yaml (from the calibration part) and
    qualitative.png in the run folder; with ``write_alignment_to_export=true`` the calibrated
-   alignment.yaml is also written into the evaluated export and its diffusers folder (so
+   read-out is also written into the evaluated pipeline folder's ``model_index.json`` (so
    scripts/refine.py and ``RefineByAlignPipeline.from_pretrained`` deploy it). Off by
    default: with no ``ckpt_path`` the export is the shipped, tracked checkpoint;
 5. with ``logger=wandb``: all of that logged into the wandb run that trained the export
@@ -51,7 +51,6 @@ import importlib.metadata
 import json
 import logging
 import platform
-import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -104,18 +103,11 @@ from evaluation.tracker import (
     wandb_settings,
 )
 from models.alignment import Alignment, from_vector, region_mask
-from models.checkpoint import as_export
+from models.checkpoint import as_pipeline_folder
 from models.config import register_configs
 from models.correspondence import mask_boxes, mask_iou, mask_iou_box_target
-from models.export import (
-    DEFAULT_EXPORT,
-    DIFFUSERS_SUBDIR,
-    PIPELINE_INDEX,
-    WEIGHTS,
-    Components,
-    load_export,
-)
-from models.pipeline import ALIGNMENT_FILE, AlignmentConfig, RefineByAlign
+from models.export import DEFAULT_EXPORT, load_pipeline, write_alignment
+from models.pipeline import AlignmentConfig, RefineByAlignPipeline
 
 log = logging.getLogger(__name__)
 register_configs()  # configs/eval.yaml's external_methods node
@@ -124,6 +116,7 @@ OmegaConf.register_new_resolver("run_dir_or", lambda given, default: given or de
                                 replace=True)
 
 TRAIN_OVERLAP = ("error", "warn")
+ALIGNMENT_FILE = "alignment.yaml"  # the run's calibrated read-out (scripts/refine.py --alignment)
 
 
 class EvalError(RuntimeError):
@@ -155,7 +148,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_benchmark(cfg: DictConfig, components: Components, run_dir: Path) -> Path:
+def prepare_benchmark(cfg: DictConfig, pipe: RefineByAlignPipeline, run_dir: Path) -> Path:
     """The benchmark to evaluate: ``bench_dir``, or a synthetic one written into the run."""
     if cfg.bench_dir:
         return Path(cfg.bench_dir)
@@ -164,31 +157,31 @@ def prepare_benchmark(cfg: DictConfig, components: Components, run_dir: Path) ->
     with tqdm(total=int(cfg.bench_cases), desc="benchmark", unit="case",
               disable=not cfg.progress) as bar:
         write_synthetic_benchmark(out, int(cfg.bench_cases), int(cfg.bench_seed),
-                                  components.image_size,
-                                  components.reference_encoder.image_size, progress=bar.update)
+                                  pipe.image_size, pipe.reference_encoder.image_size,
+                                  progress=bar.update)
     return out
 
 
-def compute_alignments(pipeline: RefineByAlign, cases: Sequence[BenchmarkCase], seed: int,
-                       progress: bool = True, store: Store | None = None
-                       ) -> dict[str, Alignment]:
-    """The deployed alignment stage (fixed t*, block*, same seed) on every case; with a
-    ``store``, each case's attention vector is kept and a resumed run rebuilds from it."""
-    size, encoder = pipeline.components.image_size, pipeline.components.reference_encoder
-    cfg = pipeline.alignment
+def compute_alignments(pipe: RefineByAlignPipeline, cfg: AlignmentConfig,
+                       cases: Sequence[BenchmarkCase], seed: int, progress: bool = True,
+                       store: Store | None = None) -> dict[str, Alignment]:
+    """The alignment stage at the read-out ``cfg`` (fixed t*, block*, same seed) on every
+    case, on the sweep's view of it (its faithful mask); with a ``store``, each case's
+    attention vector is kept and a resumed run rebuilds from it."""
+    size, encoder = pipe.image_size, pipe.reference_encoder
     out = {}
     for case in tqdm(cases, desc="align", unit="case", disable=not progress):
         try:
             image, mask, reference = case_tensors(case, size)
             found = store.get([case.id]) if store is not None else None
             if found is None:
-                out[case.id] = pipeline.align_tensors(image, mask, reference, seed)
+                out[case.id] = pipe.align_tensors(image, mask, reference, seed, cfg)
                 if store is not None:
                     vector = out[case.id].vector.float().cpu().numpy()
                     store.put(case.id, {case.id: CaseRecord(arrays={"vector": vector})})
             else:
-                vector = torch.from_numpy(found[0].arrays["vector"]).to(pipeline.device)
-                out[case.id] = from_vector(vector, reference.to(pipeline.device), encoder.grid,
+                vector = torch.from_numpy(found[0].arrays["vector"]).to(pipe.device)
+                out[case.id] = from_vector(vector, reference.to(pipe.device), encoder.grid,
                                            encoder.num_prefix_tokens, cfg.threshold, cfg.margin)
         except Exception as err:
             raise EvalError("alignment", f"case {case.id}: {err.__class__.__name__}: {err}"
@@ -241,7 +234,7 @@ def baseline_means(baselines: dict[str, Any], ids: Sequence[str]) -> dict[str, d
             for name in BASELINES}
 
 
-def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
+def run_refinement(cases: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
                    alignments: dict[str, Alignment], cfg: DictConfig,
                    cache: RunCache | None = None,
                    external: dict[str, ExternalOutputs] | None = None
@@ -257,7 +250,7 @@ def run_refinement(cases: Sequence[BenchmarkCase], components: Components,
                         sorted(external))
         return None, {"run": False, "reason": "run_refinement=false", "error": None}
     try:
-        result = evaluate_refinement(cases, components, alignments, cfg.refinement,
+        result = evaluate_refinement(cases, pipe, alignments, cfg.refinement,
                                      bool(cfg.progress), cache,
                                      {n: e.outputs for n, e in (external or {}).items()},
                                      cfg.baselines.get("paint_by_example"))
@@ -317,31 +310,6 @@ def write_alignment_yaml(chosen: AlignmentConfig, path: Path, note: str) -> Path
     return path
 
 
-def alignment_homes(export_dir: Path) -> list[Path]:
-    """Every folder that deploys this export's read-out: the export itself and its twin (the
-    diffusers folder inside an export, or the export around a diffusers folder), so that
-    the two layouts of one model never disagree on (t*, block*)."""
-    homes = [export_dir]
-    inner = export_dir / DIFFUSERS_SUBDIR
-    if (inner / PIPELINE_INDEX).is_file():
-        homes.append(inner)
-    outer = export_dir.parent
-    if (export_dir.name == DIFFUSERS_SUBDIR and (export_dir / PIPELINE_INDEX).is_file()
-            and (outer / WEIGHTS).is_file()):
-        homes.append(outer)
-    return homes
-
-
-def write_alignment_to_export(calibrated: Path, export_dir: Path) -> list[Path]:
-    """Copy the run's calibrated alignment.yaml into the export and its twin; returns the
-    files written."""
-    written = []
-    for home in alignment_homes(export_dir):
-        shutil.copyfile(calibrated, home / ALIGNMENT_FILE)
-        written.append(home / ALIGNMENT_FILE)
-    return written
-
-
 def split_cases(cases: Sequence[BenchmarkCase], cfg: DictConfig
                 ) -> tuple[list[BenchmarkCase], list[str], list[BenchmarkCase], bool]:
     """(sweepable cases, calibration ids, report cases, held out?).
@@ -376,7 +344,7 @@ def report_warnings(verdict: dict[str, Any], held_out: bool, sweep: SweepResult 
     return warnings
 
 
-def compare_readouts(components: Components, cases: Sequence[BenchmarkCase],
+def compare_readouts(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
                      sweep_cfg: SweepConfig, sweep: SweepResult, calibration_ids: Sequence[str],
                      others: Sequence[str], progress: bool, cache: RunCache | None = None
                      ) -> dict[str, dict[str, Any]]:
@@ -390,7 +358,7 @@ def compare_readouts(components: Components, cases: Sequence[BenchmarkCase],
         if readout == sweep_cfg.readout:
             continue
         try:
-            other = run_sweep(components, cases, replace(sweep_cfg, readout=readout, bootstrap=0),
+            other = run_sweep(pipe, cases, replace(sweep_cfg, readout=readout, bootstrap=0),
                               progress=progress, calibration_ids=calibration_ids,
                               store=stage(cache, f"sweep/{readout}"))
         except Exception as err:
@@ -487,9 +455,10 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
     ckpt = export_path(cfg)
-    export_dir = as_export(ckpt, run_dir / "export")  # a .ckpt is exported into the run
-    components = load_export(export_dir, device)
-    bench_dir = prepare_benchmark(cfg, components, run_dir)
+    # a .ckpt (or an older-layout export) is exported into the run
+    export_dir = as_pipeline_folder(ckpt, run_dir / "export")
+    pipe = load_pipeline(export_dir, device)
+    bench_dir = prepare_benchmark(cfg, pipe, run_dir)
     cases, skipped = load_benchmark(bench_dir)
     for case_id, reason in skipped:
         log.warning("skipped case %s: %s", case_id, reason)
@@ -517,7 +486,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         sweep_cfg = SweepConfig(**{**OmegaConf.to_container(cfg.sweep, resolve=True),
                                    "threshold": chosen.threshold})
         try:
-            sweep = run_sweep(components, sweepable, sweep_cfg, progress=cfg.progress,
+            sweep = run_sweep(pipe, sweepable, sweep_cfg, progress=cfg.progress,
                               calibration_ids=calibration_ids,
                               store=stage(cache, f"sweep/{sweep_cfg.readout}"))
             baselines = run_baselines(sweepable, match_config(cfg.baselines), cfg.progress)
@@ -527,7 +496,7 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
         chosen.timestep, chosen.block = sweep.best["t"], sweep.best["layer"]
         chosen.readout, chosen.num_steps = sweep_cfg.readout, sweep_cfg.num_timesteps
         scored_ids = sweep.split["report_ids"]
-        readouts = compare_readouts(components, sweepable, sweep_cfg, sweep, calibration_ids,
+        readouts = compare_readouts(pipe, sweepable, sweep_cfg, sweep, calibration_ids,
                                     list(cfg.sweep.get("compare_readouts") or []), cfg.progress,
                                     cache)
         correspondence = {**sweep.to_dict(), "readouts": readouts,
@@ -554,9 +523,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
     else:
         log.warning("no case has a reference_mask: no sweep; alignment stays at %s", chosen)
 
-    pipeline = RefineByAlign(components, chosen)
     seed = int(cfg.refinement.get("seed", cfg.seed))
-    alignments = compute_alignments(pipeline, report_cases, seed, cfg.progress,
+    alignments = compute_alignments(pipe, chosen, report_cases, seed, cfg.progress,
                                     stage(cache, "alignment"))
     if correspondence is not None:
         deployed = list(alignment_scores(alignments, report_cases).values())
@@ -564,11 +532,11 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
 
     refine_cfg = cfg.copy()
     OmegaConf.update(refine_cfg, "refinement.alignment", asdict(chosen), merge=True)
-    result, status = run_refinement(report_cases, components, alignments, refine_cfg, cache,
+    result, status = run_refinement(report_cases, pipe, alignments, refine_cfg, cache,
                                     external)
     outputs = result.pop("outputs", {}) if result else {}
     try:
-        gain = run_denoising_gain(components, report_cases, cfg.get("denoising_gain"),
+        gain = run_denoising_gain(pipe, report_cases, cfg.get("denoising_gain"),
                                   cfg.progress)
     except Exception as err:
         raise EvalError("denoising_gain", f"{err.__class__.__name__}: {err}") from err
@@ -582,14 +550,14 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, tracker: dict[str, Any] | Non
     note = (f"calibrated by eval.py on {len(calibration_ids)} calibration case(s) of "
             f"{bench_dir}" + ("" if held_out else " (in-sample: no held-out split)")
             if sweep else "no reference_mask in the benchmark: defaults, not calibrated")
-    calibrated = write_alignment_yaml(chosen, run_dir / ALIGNMENT_FILE, note)
+    write_alignment_yaml(chosen, run_dir / ALIGNMENT_FILE, note)
     if cfg.get("write_alignment_to_export"):
         if sweep is None:  # defaults are not a calibration: never overwrite one with them
             log.warning("write_alignment_to_export: nothing calibrated (no case has a "
                         "reference_mask), %s left as it is", export_dir)
         else:
-            for path in write_alignment_to_export(calibrated, export_dir):
-                log.info("calibrated read-out written to %s", path)
+            path = write_alignment(export_dir, chosen, note)
+            log.info("calibrated read-out written to %s", path)
     report = {
         "schema_version": SCHEMA_VERSION,
         "warnings": report_warnings(verdict, held_out, sweep, status)

@@ -3,15 +3,12 @@
 With no arguments: the tiny model on on-the-fly synthetic data on CPU (about 10 minutes on
 2 cores), then a summary with the checkpoint, logs, final loss and correspondence mIoU.
 
-What a run writes (``export_dir``, default ``<run>/export``):
-
-- ``model.safetensors`` + ``model.yaml`` + ``training_data.yaml``: the export that eval.py,
-  scripts/refine.py and the notebook load (:func:`models.export.load_export`);
-- ``diffusers/`` (unless ``export_diffusers=false``): the same EMA weights in diffusers'
-  pipeline layout, as ``scripts/convert_export.py`` writes it (``model_index.json``, ``unet/``,
-  ``reference_encoder/``, ``scheduler/``, ``vae/`` for latent models, ``model.yaml``); load it
-  with ``RefineByAlignPipeline.from_pretrained(<export_dir>/diffusers)``. It has no
-  ``alignment.yaml`` until eval.py calibrates the export (``write_alignment_to_export=true``).
+What a run writes (``export_dir``, default ``<run>/export``): the EMA weights as a pipeline
+folder (models/export.py: ``model_index.json``, ``unet/``, ``reference_encoder/``,
+``scheduler/``, ``vae/`` for latent models, ``model.yaml``, ``training_data.yaml``), which
+eval.py, scripts/refine.py, the demo and the notebook load with
+``RefineByAlignPipeline.from_pretrained``. Its alignment read-out is the preset's uncalibrated
+default until eval.py calibrates it (``write_alignment_to_export=true``).
 
 Hyperparameter search: ``main`` returns the logged metric named by ``optimized_metric``
 (None when unset), which Hydra sweepers optimize, e.g.
@@ -42,7 +39,6 @@ from data.provenance import UNKNOWN, read_training_data, write_training_data
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
 from models.checkpoint import ExportAtTrainEnd, ModelConfigInCheckpoint, warm_start
-from models.diffusers_pipeline import convert_export
 from models.distributed import (
     ValidateAtLastStep,
     check_config,
@@ -50,7 +46,7 @@ from models.distributed import (
     use_job_command_for_ddp_children,
     uses_fsdp,
 )
-from models.export import DIFFUSERS_SUBDIR, save_export
+from models.export import save_pretrained
 from models.lightning_module import val_table_from_metrics
 from models.resolution import check_data_fits_model
 
@@ -103,17 +99,13 @@ def intra_op_threads(cfg: DictConfig) -> int | None:
 
 
 def write_export(cfg: DictConfig, export_dir: Path, inherited: dict[str, Any] | None,
-                 weights: dict[str, torch.Tensor], trainer: pl.Trainer
-                 ) -> tuple[Path, Path | None]:
-    """Write the run's export (see the module docstring); returns (export, diffusers folder).
+                 weights: dict[str, torch.Tensor], trainer: pl.Trainer) -> Path:
+    """Write the run's pipeline folder (see the module docstring) and its records; returns it.
     ``inherited``: the training-data record of the export a warm start began from."""
-    export_dir = save_export(weights, cfg.model, export_dir)
+    export_dir = save_pretrained(weights, cfg.model, export_dir)
     write_training_data(cfg.data, export_dir, inherited)
     write_tracker_record(trainer.loggers, export_dir)  # eval.py logger=wandb resumes it
-    diffusers_dir = None
-    if cfg.get("export_diffusers", True):
-        diffusers_dir = convert_export(export_dir, export_dir / DIFFUSERS_SUBDIR)
-    return export_dir, diffusers_dir
+    return export_dir
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -157,10 +149,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         module.val_step)
 
     # written by global rank 0 when fitting ended (a ddp_spawn parent only sees its children)
-    export_dir, diffusers_dir = exporter.written or (None, None)
+    export_dir = exporter.written
     val_table = module.val_table or val_table_from_metrics(metrics, cfg.model.val_timestep)
     return {"metrics": metrics, "val_table": val_table, "export_dir": export_dir,
-            "diffusers_dir": diffusers_dir,
             "checkpoint_dir": getattr(trainer.checkpoint_callback, "dirpath", None),
             "log_dir": cfg.paths.output_dir, "global_step": trainer.global_step}
 

@@ -60,6 +60,12 @@ class LatentShapeEncoder(torch.nn.Module):
         b, _, h, w = images.shape
         return torch.randn(b, self.latent_channels, h // self.downsample, w // self.downsample)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the latent-shard manifest records of its autoencoder."""
+        return {"kind": type(self).__name__, "latent_channels": self.latent_channels,
+                "downsample": self.downsample, "scaling_factor": self.scaling_factor,
+                "name_or_path": ""}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

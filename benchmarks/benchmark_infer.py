@@ -1,13 +1,14 @@
 """Inference cost at real scale: alignment forward, calibration sweep, guided refinement.
 
-Components come from ``model=sd15_dinov2_random`` (random weights, the SD-1.5 / DINOv2-L
-layouts), run under bf16 autocast on the GPU. Measured:
+The pipeline is built from ``model=sd15_dinov2_random`` (random weights, the SD-1.5 /
+DINOv2-L layouts), run under bf16 autocast on the GPU. Measured:
   * alignment: one UNet forward capturing only block l* (the rest keep SDPA) against a plain
-    forward of the same UNet and inputs (target <= 1.05x), and ``models.alignment.align``
+    forward of the same UNet and inputs (target <= 1.05x), and the pipeline's ``align_tensors``
     end to end (DINOv2, two VAE encodes, forward, map -> region -> box -> crop);
   * the calibration sweep: all L blocks at T timesteps = T forwards per batch of cases;
-  * refinement: ``RefineByAlign.refine``, 50 DDIM steps with CFG at 512 px, VAE encode and
-    decode and blending included (target <= 1.0 s), in up to three variants: fp32 weights
+  * refinement: the pipeline with given references (``align=False``), 50 DDIM steps with CFG
+    at 512 px, VAE encode and decode and blending included (target <= 1.0 s), in up to three
+    variants: fp32 weights
     under bf16 autocast (what the pipeline does), all components cast to bf16 (fewer cast
     kernels: a batch-2 forward is launch-bound), and bf16 plus ``torch.compile`` of the UNet
     with CUDA graphs (``mode="reduce-overhead"``; compiling takes about a minute).
@@ -44,15 +45,15 @@ from benchmarks.bench_common import (
     time_it,
     write_json,
 )
-from models.alignment import align, attention_vectors
+from models.alignment import attention_vectors
 from models.attention_capture import capture_cross_attention, cross_attention_blocks
 from models.denoiser import COMPILE_SCOPES, compile_denoiser
-from models.export import Components
-from models.pipeline import RefineByAlign, RefinementConfig, to_uint8
+from models.image_processor import to_uint8
+from models.pipeline import AlignmentConfig, RefineByAlignPipeline, RefinementConfig
 from models.refinement import denoiser_input, latent_mask
 
 log = logging.getLogger(__name__)
-PARTS = ("denoiser", "reference_encoder", "autoencoder", "noise_scheduler", "sampling_scheduler")
+PARTS = ("denoiser", "reference_encoder", "autoencoder", "noise_scheduler")
 ALIGN_TARGET, REFINE_TARGET_S = 1.05, 1.0
 REFINE_VARIANTS = ("autocast", "bf16_weights", "bf16_weights_compiled")
 
@@ -103,25 +104,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = list(SMOKE_MODEL_OVERRIDES if args.smoke else FULL_MODEL_OVERRIDES)
     cfg = compose(overrides + args.override)
     torch.manual_seed(0)
-    parts = build_on(device, lambda: {name: instantiate(cfg.model[name]) for name in PARTS})
-    comp = Components(**parts, config=cfg.model).to(device).eval()
     size, block, timestep = cfg.data.image_size, int(cfg.model.val_block), 500
-    n_blocks = len(cross_attention_blocks(comp.denoiser))
+    pipe = build_on(device, lambda: RefineByAlignPipeline.from_modules(
+        **{name: instantiate(cfg.model[name]) for name in PARTS},
+        alignment=AlignmentConfig(timestep=timestep, block=block))).to(device)
+    for part in (pipe.unet, pipe.reference_encoder, pipe.vae):
+        if part is not None:
+            part.eval().requires_grad_(False)
+    n_blocks = len(cross_attention_blocks(pipe.unet))
     result: dict[str, Any] = {**environment(device), "benchmark": "infer", "smoke": args.smoke,
                               "image_size": size, "block": block, "n_blocks": n_blocks,
                               "overrides": overrides + args.override}
     log.info("inference benchmark at %d px on %s: %s", size, result["device"], args.parts)
     if "align" in args.parts:
-        result["alignment"] = measure_alignment(comp, args, size, block, timestep, device)
+        result["alignment"] = measure_alignment(pipe, args, size, block, timestep, device)
         write_json(result, args.out)
     if "sweep" in args.parts:
-        result["sweep"] = measure_sweep(comp, args, size, device)
+        result["sweep"] = measure_sweep(pipe, args, size, device)
         write_json(result, args.out)
     if "refine" in args.parts:
         result["refinement"] = {}
         for variant in args.refine_variants:
             log.info("refinement, %s", variant)
-            result["refinement"][variant] = measure_refinement(comp, args, size, variant,
+            result["refinement"][variant] = measure_refinement(pipe, args, size, variant,
                                                                device)
             write_json(result, args.out)
 
@@ -151,10 +156,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def measure_alignment(comp: Components, args: argparse.Namespace, size: int, block: int,
-                      timestep: int, device: torch.device) -> dict[str, Any]:
+def measure_alignment(pipe: RefineByAlignPipeline, args: argparse.Namespace, size: int,
+                      block: int, timestep: int, device: torch.device) -> dict[str, Any]:
     """One forward capturing block l* (and all blocks) against a plain one, in alternation."""
-    unet, encoder, ae = comp.denoiser, comp.reference_encoder, comp.autoencoder
+    unet, encoder, ae = pipe.unet, pipe.reference_encoder, pipe.autoencoder
     image, mask, reference = inputs(args.forward_batch, size, encoder.image_size, device)
     with torch.no_grad(), autocast(device):
         context = encoder(reference)
@@ -177,10 +182,9 @@ def measure_alignment(comp: Components, args: argparse.Namespace, size: int, blo
         times = interleaved_times({"plain": plain, "one": captured, "all": captured_all},
                                   device, args.iters)
         plain_s, capture_s, capture_all_s = times["plain"], times["one"], times["all"]
-    gen = torch.Generator()
     with autocast(device):
-        align_s = time_it(lambda: align(comp, image[:1], mask[:1], reference[:1], timestep, block,
-                                        generator=gen.manual_seed(0)), device, args.iters // 2, 1)
+        align_s = time_it(lambda: pipe.align_tensors(image[:1], mask[:1], reference[:1]),
+                          device, args.iters // 2, 1)
     return {
         "batch": args.forward_batch, "timing": "interleaved, median of 6 x iters",
         "plain_forward_ms": round(plain_s * 1e3, 2),
@@ -193,51 +197,56 @@ def measure_alignment(comp: Components, args: argparse.Namespace, size: int, blo
     }
 
 
-def measure_sweep(comp: Components, args: argparse.Namespace, size: int,
+def measure_sweep(pipe: RefineByAlignPipeline, args: argparse.Namespace, size: int,
                   device: torch.device) -> dict[str, Any]:
     """The calibration sweep: T timesteps x all L blocks = T forwards per batch of cases."""
     cases, steps = args.sweep_cases, args.sweep_timesteps
-    image, mask, reference = inputs(cases, size, comp.reference_encoder.image_size, device)
+    image, mask, reference = inputs(cases, size, pipe.reference_encoder.image_size, device)
     timesteps = torch.linspace(999, 0, steps).round().long().tolist()
     reset_peak_memory(device)
     gen = torch.Generator()
     with torch.no_grad(), autocast(device):
-        context = comp.reference_encoder(reference)
-        sweep_s = time_it(lambda: attention_vectors(comp, image, mask, context, timesteps, None,
+        context = pipe.reference_encoder(reference)
+        sweep_s = time_it(lambda: attention_vectors(pipe.unet, pipe.autoencoder, pipe.scheduler,
+                                                    image, mask, context, timesteps, None,
                                                     gen.manual_seed(0)), device, 1, 1)
     return {
-        "cases": cases, "timesteps": steps, "blocks": len(cross_attention_blocks(comp.denoiser)),
+        "cases": cases, "timesteps": steps, "blocks": len(cross_attention_blocks(pipe.unet)),
         "forwards_per_batch": steps, "seconds_per_batch": round(sweep_s, 3),
         "seconds_per_case": round(sweep_s / cases, 4), "peak_memory_gib": peak_memory_gib(device),
     }
 
 
-def measure_refinement(comp: Components, args: argparse.Namespace, size: int, variant: str,
-                       device: torch.device) -> dict[str, Any]:
-    """``RefineByAlign.refine`` end to end. The bf16 variants cast ``comp`` in place (and the
-    compiled one compiles its UNet in place), so they run after the autocast variant."""
+def measure_refinement(pipe: RefineByAlignPipeline, args: argparse.Namespace, size: int,
+                       variant: str, device: torch.device) -> dict[str, Any]:
+    """The refinement stage end to end (the pipeline with ``align=False``). The bf16 variants
+    cast the pipeline in place (and the compiled one compiles its UNet in place), so they run
+    after the autocast variant."""
     amp = autocast(device)
     if variant != "autocast":
-        comp.to(torch.bfloat16)
+        pipe.to(torch.bfloat16)
         amp = torch.autocast(device.type, dtype=torch.bfloat16)  # casts the fp32 inputs
     first_s = None
     if variant == "bf16_weights_compiled":
-        compile_denoiser(comp.denoiser, args.compile_scope,
+        compile_denoiser(pipe.unet, args.compile_scope,
                          mode="reduce-overhead" if device.type == "cuda" else "default")
-    pipe = RefineByAlign(comp, refinement=RefinementConfig(num_steps=args.steps,
-                                                           guidance_scale=args.guidance))
-    image, mask, reference = inputs(1, size, comp.reference_encoder.image_size, device)
-    # what a user hands the pipeline: uint8 arrays (refine() converts, samples, pastes back)
-    case = ([to_uint8(image[0])], [mask[0, 0].bool().cpu().numpy()],
-            [(reference[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy()])
+    refinement = RefinementConfig(num_steps=args.steps, guidance_scale=args.guidance)
+    image, mask, reference = inputs(1, size, pipe.reference_encoder.image_size, device)
+    # what a user hands the pipeline: uint8 arrays (it converts, samples, pastes back)
+    case = (to_uint8(image[0]), mask[0, 0].bool().cpu().numpy(),
+            (reference[0] * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+    def refine() -> None:
+        pipe(*case, refinement, align=False)
+
     reset_peak_memory(device)
     with torch.no_grad(), amp:
         if variant == "bf16_weights_compiled":
             t0 = time.perf_counter()
-            pipe.refine(*case)  # compiles
+            refine()  # compiles
             sync(device)
             first_s = round(time.perf_counter() - t0, 2)
-        refine_s = time_it(lambda: pipe.refine(*case), device, 1 if args.smoke else 3, 1)
+        refine_s = time_it(refine, device, 1 if args.smoke else 3, 1)
     return {
         "steps": args.steps, "guidance_scale": args.guidance, "seconds": round(refine_s, 3),
         "target_seconds": REFINE_TARGET_S, "meets_target": refine_s <= REFINE_TARGET_S,

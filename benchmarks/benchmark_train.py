@@ -143,6 +143,12 @@ class ShapeOnlyEncoder(nn.Module):
         b, _, h, w = images.shape
         return torch.randn(b, self.latent_channels, h // self.downsample, w // self.downsample)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the latent-shard manifest records of its autoencoder."""
+        return {"kind": type(self).__name__, "latent_channels": self.latent_channels,
+                "downsample": self.downsample, "scaling_factor": float(self.scaling_factor),
+                "name_or_path": ""}
+
 
 def latent_batches(cfg: Any, args: argparse.Namespace, device: torch.device,
                    autoencoder: nn.Module, folder: str) -> Iterator[dict[str, torch.Tensor]]:

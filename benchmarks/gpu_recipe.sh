@@ -8,7 +8,7 @@
 #   packages the machine lacks in .whl/)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_recipe.sh
 # EVAL=0 stops after training (evaluate the exports here, on the CPU machine, instead).
-# Files back in $OUT: <variant>.safetensors.partNN (cat them), <variant>.yaml, runs.tar.gz
+# Files back in $OUT: <variant>.tar.partNN (cat them, then untar: the pipeline folder), runs.tar.gz
 # (train logs, metrics, sample grids, eval reports and figures, sampler comparisons).
 set -u -o pipefail
 PY=${PYTHON:-python3}
@@ -53,9 +53,8 @@ wait
 for variant in $VARIANTS; do
   name=${variant%%:*}; run=$(ls -d "$RUNS/$name"/*/ | head -1)
   stamp "$name trained: $(grep -E 'best block|steps' "$RUNS/$name.train.log" | tail -3 | tr '\n' ' ')"
-  # output files stay under 16 MiB each: the weights are split into parts (cat them to reassemble)
-  split -b 15M -d "$run/export/model.safetensors" "$OUT/$name.safetensors.part"
-  cp "$run/export/model.yaml" "$OUT/$name.yaml"
+  # output files stay under 16 MiB each: the pipeline folder is split into parts (cat, untar)
+  tar cf - -C "$run" export | split -b 15M -d - "$OUT/$name.tar.part"
 done
 
 if [ "${EVAL:-1}" = 0 ]; then  # training only: evaluate the exports on the CPU machine

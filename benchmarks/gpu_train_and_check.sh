@@ -3,8 +3,8 @@
 # (experiment=tiny_gpu, TRAIN_TIME of wall time), then the scale benchmarks (gpu_check.sh).
 #   OUT=DIR bash benchmarks/gpu_train_and_check.sh   (CUDA machine; wheels of missing packages in .whl/)
 #   CPU check: SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/o bash benchmarks/gpu_train_and_check.sh
-# Files in $OUT: model.safetensors.part00/01, model.yaml, train.tar.gz (log, metrics,
-# sample grids), bench.tar.gz (benchmark JSON and logs). The lettering fonts come from matplotlib
+# Files in $OUT: export.tar.part00/01 (cat them, then untar: the pipeline folder),
+# train.tar.gz (log, metrics, sample grids), bench.tar.gz (benchmark JSON and logs). The lettering fonts come from matplotlib
 # (its wheel must be in .whl), so the GPU sees the same data as the CPU machines.
 set -u -o pipefail
 PY=${PYTHON:-python3}
@@ -29,9 +29,8 @@ fi
   "${TRAIN_ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" > "$RUNS/train.log"
 echo "train rc=$? after $(( $(date +%s) - START ))s"; tail -25 "$RUNS/train.log"
 RUN=$(ls -d "$RUNS"/tiny_gpu/*/ | head -1)
-# output files stay under 16 MiB each: the weights are split into parts (cat them to reassemble)
-split -b 15M -d "$RUN"/export/model.safetensors "$OUT"/model.safetensors.part
-cp "$RUN"/export/model.yaml "$OUT"/
+# output files stay under 16 MiB each: the pipeline folder is split into parts (cat, untar)
+tar cf - -C "$RUN" export | split -b 15M -d - "$OUT"/export.tar.part
 tar czf "$OUT/train.tar.gz" -C "$RUNS" train.log -C "$RUN" csv .hydra 2>/dev/null
 ls -la "$OUT"
 

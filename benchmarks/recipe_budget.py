@@ -34,7 +34,7 @@ from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation.denoising_gain import GainConfig, measure_cases
 from evaluation.paired import paired_difference
 from models.checkpoint import export_checkpoint, read_checkpoint
-from models.export import load_export
+from models.export import load_pipeline
 
 log = logging.getLogger("recipe_budget")
 RUN_NAME = re.compile(r"^(?P<recipe>.+)_s(?P<seed>\d+)$")
@@ -73,7 +73,7 @@ def run_checkpoints(run: Path) -> dict[int, Path]:
 
 def score(export: Path, cases: list, cfg: GainConfig) -> dict[str, np.ndarray]:
     """Per-case gains {psnr: [cases, T], gms: [cases, T]} of one export."""
-    section = measure_cases(load_export(export), cases, cfg, progress=False, per_case=True)
+    section = measure_cases(load_pipeline(export), cases, cfg, progress=False, per_case=True)
     per_case = section["references"]["whole"]["per_case"]
     ids = [c.id for c in cases]
     return {m: np.array([np.array(per_case[i][f"{m}_x0"]) - np.array(per_case[i][f"{m}_noisy"])

@@ -46,7 +46,6 @@ from data.shards import (
     split_webdataset,
 )
 from data.synthetic import SyntheticPairs
-from models.autoencoder import autoencoder_fingerprint
 
 MANIFEST = "latents.json"
 LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -212,7 +211,11 @@ def write_latent_shards(
     total: int | None = None,
     source: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Encode ``(source key, seed, sample)`` triples into ``<out_dir>/latent-*.tar`` + manifest."""
+    """Encode ``(source key, seed, sample)`` triples into ``<out_dir>/latent-*.tar`` + manifest.
+
+    ``autoencoder`` is a module with ``encode`` and ``fingerprint()`` (models/autoencoder.py's
+    are); its fingerprint goes into the manifest, so training can refuse mismatched latents.
+    """
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(LATENT_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
@@ -228,7 +231,7 @@ def write_latent_shards(
             sink.write(latent_record(key, seed, sample, lat, mlat, LATENT_DTYPES[dtype]))
             count += 1
     manifest = {"count": count, "image_size": image_size, "reference_size": reference_size,
-                "dtype": dtype, "autoencoder": autoencoder_fingerprint(autoencoder),
+                "dtype": dtype, "autoencoder": autoencoder.fingerprint(),
                 "source": source or {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return sorted(out.glob("latent-*.tar"))

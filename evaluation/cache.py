@@ -74,14 +74,14 @@ def tree_digest(root: Path, skip: Iterable[str] = ()) -> str:
 
 
 def export_digests(export_dir: Path) -> dict[str, str]:
-    """sha256 of what loading the export reads: ``model.safetensors`` and ``model.yaml``, or
-    every file of a diffusers folder but its ``alignment.yaml`` (eval may write that one)."""
-    from models.export import CONFIG, WEIGHTS
-    from models.pipeline import ALIGNMENT_FILE
+    """sha256 of every file of the pipeline folder's components (weights and configs); not
+    its ``model_index.json``, whose read-out eval.py may write and does not use (it calibrates
+    its own)."""
+    from models.export import COMPONENTS
 
-    if (export_dir / WEIGHTS).is_file():
-        return {name: file_digest(export_dir / name) for name in (WEIGHTS, CONFIG)}
-    return {"diffusers": tree_digest(export_dir, skip=(ALIGNMENT_FILE,))}
+    files = sorted(p for part in COMPONENTS if (export_dir / part).is_dir()
+                   for p in (export_dir / part).rglob("*") if p.is_file())
+    return {p.relative_to(export_dir).as_posix(): file_digest(p) for p in files}
 
 
 def benchmark_listing(bench_dir: Path) -> dict[str, str]:

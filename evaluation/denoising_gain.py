@@ -31,8 +31,8 @@ from models.denoising_gain import (
     gain_rows,
     score_batch,
 )
-from models.export import Components
-from models.pipeline import reference_tensor, to_model_inputs
+from models.image_processor import reference_tensor
+from models.pipeline import RefineByAlignPipeline
 
 REFERENCES = ("whole", "crop")
 
@@ -61,43 +61,41 @@ def _reference(case: BenchmarkCase, kind: str, size: int, margin: float) -> torc
     return resize_reference(image[None], size)
 
 
-def score_cases(components: Components, cases: Sequence[BenchmarkCase], reference: str,
+def score_cases(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], reference: str,
                 cfg: GainConfig, progress: Callable[[int], None] | None = None) -> Scores:
     """Per-case scores of ``cases`` with the ``reference`` kind."""
-    device = next(components.denoiser.parameters()).device
-    encoder, size = components.reference_encoder, components.image_size
+    device, encoder, size = pipe.device, pipe.reference_encoder, pipe.image_size
     parts = []
     for start in range(0, len(cases), max(1, cfg.batch_size)):
         chunk = cases[start: start + cfg.batch_size]
-        inputs = [to_model_inputs(c.target, c.mask, size) for c in chunk]
-        target = torch.cat([i[0] for i in inputs]).to(device)
-        mask = torch.cat([i[1] for i in inputs]).to(device)
+        target = torch.cat([pipe.image_processor.preprocess(c.target, size)
+                            for c in chunk]).to(device)
+        mask = torch.cat([pipe.mask_processor.preprocess(c.mask, size) for c in chunk]).to(device)
         refs = torch.cat([_reference(c, reference, encoder.image_size, cfg.crop_margin)
                           for c in chunk]).to(device)
         with torch.no_grad():
             context = encoder(refs)
         seeds = [case_noise_seed(cfg.seed, c.id) for c in chunk]
-        parts.append(score_batch(components.denoiser, components.autoencoder,
-                                 components.noise_scheduler, target, mask, context,
-                                 cfg.timesteps, seeds))
+        parts.append(score_batch(pipe.unet, pipe.autoencoder, pipe.scheduler, target, mask,
+                                 context, cfg.timesteps, seeds))
         if progress is not None:
             progress(len(chunk))
     return concat_scores(parts)
 
 
-def measure_cases(components: Components, cases: Sequence[BenchmarkCase], cfg: GainConfig,
+def measure_cases(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], cfg: GainConfig,
                   progress: bool = True, per_case: bool = False) -> dict[str, Any]:
     """report.json's ``denoising_gain`` section (docs/report_schema.md); with ``per_case``,
     each reference also carries ``per_case: {case_id: {psnr_noisy: [T], ...}}``."""
-    check_timesteps(cfg.timesteps, components.noise_scheduler)
+    check_timesteps(cfg.timesteps, pipe.scheduler)
     scored = [c for c in cases if c.target is not None]
     chosen = {"whole": scored, "crop": [c for c in scored if c.reference_mask is not None]}
     out: dict[str, Any] = {
         "timesteps": [int(t) for t in cfg.timesteps], "seed": int(cfg.seed),
         "psnr_cap": PSNR_CAP,
-        "prediction_type": str(components.noise_scheduler.config.prediction_type),
-        "space": "pixel" if isinstance(components.autoencoder, PixelSpace) else "latent",
-        "image_size": components.image_size, "crop_margin": float(cfg.crop_margin),
+        "prediction_type": str(pipe.scheduler.config.prediction_type),
+        "space": "pixel" if isinstance(pipe.autoencoder, PixelSpace) else "latent",
+        "image_size": pipe.image_size, "crop_margin": float(cfg.crop_margin),
         "cases_without_target": len(cases) - len(scored), "references": {},
     }
     total = sum(len(chosen[r]) for r in cfg.references)
@@ -107,7 +105,7 @@ def measure_cases(components: Components, cases: Sequence[BenchmarkCase], cfg: G
             if not items:
                 out["references"][ref] = {"num_cases": 0, "rows": []}
                 continue
-            scores = score_cases(components, items, ref, cfg, bar.update)
+            scores = score_cases(pipe, items, ref, cfg, bar.update)
             node: dict[str, Any] = {"num_cases": len(items),
                                     "rows": gain_rows(scores, cfg.timesteps)}
             if per_case:
@@ -117,7 +115,7 @@ def measure_cases(components: Components, cases: Sequence[BenchmarkCase], cfg: G
     return out
 
 
-def run_section(components: Components, cases: Sequence[BenchmarkCase],
+def run_section(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
                 node: Mapping[str, Any] | None, progress: bool = True) -> dict[str, Any] | None:
     """eval.py's section from its ``denoising_gain`` config node; None when off or absent."""
     if not node:
@@ -125,4 +123,4 @@ def run_section(components: Components, cases: Sequence[BenchmarkCase],
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     cfg = GainConfig(**node)
-    return measure_cases(components, cases, cfg, progress) if cfg.run else None
+    return measure_cases(pipe, cases, cfg, progress) if cfg.run else None

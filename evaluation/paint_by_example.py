@@ -37,7 +37,7 @@ from data.benchmark import BenchmarkCase
 from evaluation.sweep import case_noise_seed
 from models.alignment import Alignment
 from models.hub import offline_reason, require_cached
-from models.pipeline import paste, to_model_inputs
+from models.image_processor import ImageProcessor, MaskProcessor
 
 PREFIX = "paint_by_example_"
 CROPS = ("oracle_crop", "aligned_crop")  # the reference each row gets, named as our methods
@@ -119,18 +119,18 @@ def refine(pipe, cases: Sequence[BenchmarkCase], references: Sequence[torch.Tens
            feather: int = 0) -> list[np.ndarray]:
     """Each case's image with its mask refined from its reference, pasted back; case ``i``'s
     noise comes from its own generator seeded ``seeds[i]``."""
-    inputs = [to_model_inputs(c.image, c.mask, size) for c in cases]
+    images_in, masks_in = ImageProcessor(), MaskProcessor()
     dtype = pipe.unet.dtype
     images = pipe(
         example_image=[_to_pil(r) for r in references],
-        image=torch.cat([i for i, _ in inputs]).to(dtype),
-        mask_image=torch.cat([m for _, m in inputs]).to(dtype),
+        image=torch.cat([images_in.preprocess(c.image, size) for c in cases]).to(dtype),
+        mask_image=torch.cat([masks_in.preprocess(c.mask, size) for c in cases]).to(dtype),
         height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
         generator=[torch.Generator().manual_seed(int(s)) for s in seeds], output_type="np",
     ).images
     generated = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-    return [paste(c.image, g, c.mask, dilate, feather) for c, g in zip(cases, generated,
-                                                                       strict=True)]
+    return [images_in.apply_overlay(c.mask, c.image, g, None, dilate, feather)
+            for c, g in zip(cases, generated, strict=True)]
 
 
 def run_batch(pipe, method: str, batch: Sequence[BenchmarkCase],

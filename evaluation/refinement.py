@@ -17,9 +17,10 @@ Methods (each a name in ``cfg.methods``, defaults in ``configs/refinement/defaul
   Paint-by-Example given the ground-truth crop / our aligned crop, when eval.py's
   ``baselines.paint_by_example.model`` is set (evaluation/paint_by_example.py).
 
-Images of any size go through the model at its own resolution and the generated content is
-upsampled and blended at the image's resolution, so pixels outside the (dilated) mask are the
-input's bit for bit, for every method.
+Images of any size go through the model at its own resolution (the whole image, or with
+``padding_mask_crop`` a padded crop around the mask) and the generated content is resized and
+blended at the image's resolution, so pixels outside the (dilated) mask are the input's bit
+for bit, for every method.
 
 Failures are loud: an exception in a method or a metric is re-raised as
 :class:`RefinementError` naming the method and case(s); only feature matching's own failure
@@ -45,19 +46,18 @@ from evaluation import metrics as M
 from evaluation import paint_by_example as pbe
 from evaluation.cache import CaseRecord, RunCache, stage
 from models.alignment import Alignment, case_noise_seed, crop, reference_crop_box
-from models.export import Components
 from models.image_metrics import ground_truth_metrics
+from models.image_processor import ImageProcessor, reference_tensor
 from models.pipeline import (
     ALIGNMENT_KEYS,
     AlignmentConfig,
-    RefineByAlign,
+    RefineByAlignPipeline,
     RefinementConfig,
-    paste,
-    reference_tensor,
 )
 from models.refinement import blend_weights
 
 log = logging.getLogger(__name__)
+
 
 class RefinementError(RuntimeError):
     """A method or metric failed on named case(s); the cause is chained."""
@@ -114,13 +114,21 @@ def copy_from_reference(image: np.ndarray, mask: np.ndarray, reference: np.ndarr
     if warped is None:
         log.debug("copy_from_reference fell back to the input: %s", info)
         return image.copy(), True
-    return paste(image, warped, mask, dilate, feather), False
+    return ImageProcessor().apply_overlay(mask, image, warped, None, dilate, feather), False
 
 
 # ----------------------------------------------------------------------------- evaluation
 def _alignment_config(cfg: DictConfig) -> AlignmentConfig:
     section = cfg.get("alignment") or {}
     return AlignmentConfig(**{k: section[k] for k in ALIGNMENT_KEYS if k in section})
+
+
+def refinement_config(cfg: DictConfig) -> RefinementConfig:
+    """The model methods' sampling and pasting settings from ``cfg`` (defaults filled in)."""
+    crop = cfg.get("padding_mask_crop")
+    return RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
+                            int(cfg.dilate), int(cfg.feather),
+                            None if crop is None else int(crop))
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -146,7 +154,7 @@ def reference_for(method: str, case: BenchmarkCase, alignments: Mapping[str, Ali
     return oracle_crop(case.reference, case.reference_mask, margin)
 
 
-def run_batch(method: str, batch: Sequence[BenchmarkCase], pipeline: RefineByAlign,
+def run_batch(method: str, batch: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
               alignments: Mapping[str, Alignment], cfg: DictConfig
               ) -> dict[str, tuple[np.ndarray | None, dict[str, bool]]]:
     """One method on a batch of cases: {case_id: (uint8 output or None, flags)}; flags say
@@ -179,9 +187,9 @@ def run_batch(method: str, batch: Sequence[BenchmarkCase], pipeline: RefineByAli
     results: list[np.ndarray] = []
     if todo:
         try:
-            results = pipeline.refine([c.image for c, _ in todo], [c.mask for c, _ in todo],
-                                      [r for _, r in todo],
-                                      [case_noise_seed(int(cfg.seed), c.id) for c, _ in todo])
+            results = pipe([c.image for c, _ in todo], [c.mask for c, _ in todo],
+                           [r for _, r in todo], refinement_config(cfg), align=False,
+                           seed=[case_noise_seed(int(cfg.seed), c.id) for c, _ in todo]).images
         except Exception as err:
             raise _failed(f"method {method}", [c.id for c, _ in todo], err) from err
     done = {c.id: image for (c, _), image in zip(todo, results, strict=True)}
@@ -243,7 +251,7 @@ def aggregate(per_case: Mapping[str, Mapping[str, M.Value]], ids: Sequence[str]
 
 def evaluate_refinement(
     cases: Sequence[BenchmarkCase],
-    components: Components,
+    pipe: RefineByAlignPipeline,
     alignments: Mapping[str, Alignment] | None,
     cfg: DictConfig | None = None,
     progress: bool = True,
@@ -278,7 +286,7 @@ def evaluate_refinement(
     """
     cfg = OmegaConf.merge(default_config(), cfg or {})
     check_methods(list(cfg.methods))
-    device = str(next(components.denoiser.parameters()).device)
+    device = str(pipe.device)
     loaded = M.load_metrics(cfg.metrics, device)
     baseline_methods = (pbe.method_names(paint_by_example) if pbe.enabled(paint_by_example)
                         else [])
@@ -286,19 +294,14 @@ def evaluate_refinement(
     pbe_pipe = (pbe.load_pipeline(str(paint_by_example.model), device,
                                   paint_by_example.get("dtype", "auto"))
                 if baseline_methods else None)
-    pipeline = RefineByAlign(
-        components, _alignment_config(cfg),
-        RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
-                         int(cfg.dilate), int(cfg.feather)),
-    )
     counts: dict[str, Any] = defaultdict(int)
     alignments = dict(alignments or {})
     if "aligned_crop" in methods or pbe.PREFIX + "aligned_crop" in methods:
         missing = [c for c in cases if c.id not in alignments]
         for case in tqdm(missing, desc="align (missing)", disable=not (missing and progress),
                          leave=False):
-            alignments[case.id] = pipeline.align(case.image, case.mask, case.reference,
-                                                 int(cfg.seed))
+            alignments[case.id] = pipe.align(case.image, case.mask, case.reference,
+                                             int(cfg.seed), _alignment_config(cfg))
         counts["aligned_on_the_fly"] = len(missing)
 
     outputs: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
@@ -325,7 +328,7 @@ def evaluate_refinement(
                     except RuntimeError as err:
                         raise RefinementError(str(err)) from err
                 else:
-                    produced = run_batch(method, batch, pipeline, alignments, cfg)
+                    produced = run_batch(method, batch, pipe, alignments, cfg)
                 images = {i: image for i, (image, _) in produced.items() if image is not None}
                 scores = score_outputs(batch, images, cfg, device, loaded)
                 found = [CaseRecord({"metrics": scores.get(i), "flags": produced[i][1]},

@@ -647,8 +647,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"  steps            : {result['global_step']}",
         f"  logs             : {result['log_dir']}",
         f"  checkpoints      : {result['checkpoint_dir']}",
-        f"  exported weights : {result['export_dir']}",
-        f"  diffusers folder : {result.get('diffusers_dir')}",
+        f"  exported pipeline: {result['export_dir']}",
         f"  final train loss : {metrics.get('train/loss', float('nan')):.4f}",
         f"  final val loss   : {metrics.get('val/loss', float('nan')):.4f}",
     ]

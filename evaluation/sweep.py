@@ -48,7 +48,7 @@ from models.correspondence import (
     threshold_region,
     tokens_to_grid,
 )
-from models.export import Components
+from models.pipeline import RefineByAlignPipeline
 from models.refinement import build_sampler, resize_mask
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,9 @@ class SweepResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-def sweep_timesteps(components: Components, num_timesteps: int) -> list[int]:
+def sweep_timesteps(pipe: RefineByAlignPipeline, num_timesteps: int) -> list[int]:
     """The DDIM schedule's timesteps over the training scheduler, noisiest first."""
-    scheduler = build_sampler("ddim", components.noise_scheduler.config, components.autoencoder)
+    scheduler = build_sampler("ddim", pipe.scheduler.config, pipe.autoencoder)
     scheduler.set_timesteps(num_timesteps)
     return [int(t) for t in scheduler.timesteps]
 
@@ -178,7 +178,7 @@ def sweep_cases(cases: Sequence[BenchmarkCase]) -> tuple[list[BenchmarkCase], li
 # ----------------------------------------------------------------------------- capture
 @torch.no_grad()
 def collect_vectors(
-    components: Components,
+    pipe: RefineByAlignPipeline,
     cases: Sequence[BenchmarkCase],
     timesteps: Sequence[int],
     blocks: Sequence[int],
@@ -192,9 +192,7 @@ def collect_vectors(
     One denoiser forward per (batch, seed, timestep) captures all ``blocks`` at once; with the
     ``trajectory`` read-out the timesteps are the sampling trajectory's own steps.
     """
-    device = next(components.denoiser.parameters()).device
-    encoder = components.reference_encoder
-    size = components.image_size
+    device, encoder, size = pipe.device, pipe.reference_encoder, pipe.image_size
     out = torch.zeros(len(cases), len(seeds), len(timesteps), len(blocks), encoder.num_tokens)
     starts = range(0, len(cases), batch_size)
     bar = tqdm(total=len(starts) * len(seeds) * len(timesteps), desc="sweep forwards",
@@ -208,7 +206,8 @@ def collect_vectors(
         context = encoder(refs.to(device))
         for s, seed in enumerate(seeds):
             noise_seeds = [case_noise_seed(seed, c.id) for c in chunk]
-            vectors = attention_vectors(components, image, mask, context, timesteps, blocks,
+            vectors = attention_vectors(pipe.unet, pipe.autoencoder, pipe.scheduler, image,
+                                        mask, context, timesteps, blocks,
                                         noise_seeds=noise_seeds, readout=readout,
                                         num_steps=len(timesteps))
             for ti, t in enumerate(timesteps):
@@ -423,13 +422,13 @@ def calibrate(scores: tuple[np.ndarray, np.ndarray], case_ids: Sequence[str],
 
 
 # ----------------------------------------------------------------------------- entry
-def scored_vectors(components: Components, cases: Sequence[BenchmarkCase],
+def scored_vectors(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
                    timesteps: Sequence[int], blocks: Sequence[int], cfg: SweepConfig,
                    progress: bool = True, store: Store | None = None
                    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Vectors [N, S, T, L, tokens] and IoU tables (mask, box) [N, S, T, L] of every case,
     batch by batch; with a ``store``, a batch found there is reused and a computed one kept."""
-    encoder = components.reference_encoder
+    encoder = pipe.reference_encoder
     n, s, t, l_ = len(cases), len(cfg.seeds), len(timesteps), len(blocks)
     vectors = torch.zeros(n, s, t, l_, encoder.num_tokens)
     scores_mask, scores_box = np.zeros((n, s, t, l_)), np.zeros((n, s, t, l_))
@@ -439,7 +438,7 @@ def scored_vectors(components: Components, cases: Sequence[BenchmarkCase],
         ids = [c.id for c in chunk]
         found = store.get(ids) if store is not None else None
         if found is None:
-            vec = collect_vectors(components, chunk, timesteps, blocks, cfg.seeds, len(chunk),
+            vec = collect_vectors(pipe, chunk, timesteps, blocks, cfg.seeds, len(chunk),
                                   False, cfg.readout)
             grids = normalised_grids(vec, encoder.grid, encoder.num_prefix_tokens)
             found = []
@@ -460,7 +459,7 @@ def scored_vectors(components: Components, cases: Sequence[BenchmarkCase],
     return vectors, scores_mask, scores_box
 
 
-def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
+def run_sweep(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase],
               cfg: SweepConfig | None = None, progress: bool = True,
               calibration_ids: Sequence[str] | None = None,
               store: Store | None = None) -> SweepResult:
@@ -484,11 +483,11 @@ def run_sweep(components: Components, cases: Sequence[BenchmarkCase],
     unknown = sorted(set(calibration_ids) - set(ids))
     if unknown:
         raise ValueError(f"calibration ids not among the swept cases: {unknown[:5]}")
-    all_blocks = [b.index for b in cross_attention_blocks(components.denoiser)]
+    all_blocks = [b.index for b in cross_attention_blocks(pipe.unet)]
     blocks = list(cfg.blocks) if cfg.blocks is not None else all_blocks
-    timesteps = sweep_timesteps(components, cfg.num_timesteps)
-    encoder = components.reference_encoder
-    vectors, scores_mask, scores_box = scored_vectors(components, usable, timesteps, blocks,
+    timesteps = sweep_timesteps(pipe, cfg.num_timesteps)
+    encoder = pipe.reference_encoder
+    vectors, scores_mask, scores_box = scored_vectors(pipe, usable, timesteps, blocks,
                                                       cfg, progress, store)
     grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
     ref_masks = [torch.from_numpy(np.array(c.reference_mask)) for c in usable]

@@ -3,7 +3,9 @@
 One denoiser forward at timestep t with the whole reference as context; the masked-query
 cross-attention of block l becomes a map over the reference tokens, then a region and a box.
 The same forward captures any set of blocks, so the calibration sweep costs one forward per
-(case batch, timestep), never one per block.
+(case batch, timestep), never one per block. The pipeline (models/pipeline.py) composes the
+steps for one case: :func:`attention_vectors`, then :func:`from_vector` (:func:`postprocess`,
+:func:`crop`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.schedulers import SchedulerMixin
 
 from data.modes import INFERENCE_CROP_MARGIN, square_crop
 from models.attention_capture import capture_cross_attention
+from models.autoencoder import Autoencoder
 from models.correspondence import (
     boxes_to_masks,
     heatmap,
@@ -24,7 +29,6 @@ from models.correspondence import (
     threshold_region,
     tokens_to_grid,
 )
-from models.export import Components
 from models.refinement import build_sampler, denoiser_input, latent_mask
 
 READOUTS = ("forward_noise", "trajectory")
@@ -54,7 +58,9 @@ def case_noise(
 
 @torch.no_grad()
 def attention_vectors(
-    components: Components,
+    unet: UNet2DConditionModel,
+    autoencoder: Autoencoder,
+    scheduler: SchedulerMixin,
     image: torch.Tensor,
     mask: torch.Tensor,
     context: torch.Tensor,
@@ -67,7 +73,8 @@ def attention_vectors(
 ) -> dict[int, dict[int, torch.Tensor]]:
     """Masked-query attention over reference tokens: {timestep: {block: [B, tokens]}}.
 
-    Two read-outs of A[t, l], one denoiser forward per requested timestep either way:
+    ``scheduler`` is the training noise schedule (a pipeline's ``scheduler``). Two read-outs
+    of A[t, l], one denoiser forward per requested timestep either way:
 
     - ``forward_noise`` (DIFT-like): ``image`` [B,3,H,W] in [-1,1] is noised to each timestep
       with the same noise, so timesteps differ only by noise level.
@@ -78,7 +85,7 @@ def attention_vectors(
     """
     if readout not in READOUTS:
         raise ValueError(f"unknown read-out {readout!r}; choose one of {READOUTS}")
-    ae, unet, scheduler = components.autoencoder, components.denoiser, components.noise_scheduler
+    ae = autoencoder
     masked_latent = ae.encode(image * (1 - mask))
     mask_lat = latent_mask(mask, masked_latent.shape[-2:])
     noise = case_noise(masked_latent.shape, generator, noise_seeds).to(masked_latent.device,
@@ -167,38 +174,12 @@ def resize_reference(reference: torch.Tensor, size: int) -> torch.Tensor:
                          align_corners=False).clamp(0, 1)
 
 
-@torch.no_grad()
-def align(
-    components: Components,
-    image: torch.Tensor,
-    mask: torch.Tensor,
-    reference: torch.Tensor,
-    timestep: int,
-    block: int,
-    threshold: float = 0.5,
-    margin: float = INFERENCE_CROP_MARGIN,
-    generator: torch.Generator | None = None,
-    readout: str = "forward_noise",
-    num_steps: int = 50,
-) -> Alignment:
-    """Run the alignment stage on one case.
-
-    ``image`` [1,3,H,W] in [-1,1], ``mask`` [1,1,H,W], ``reference`` [1,3,h,w] in [0,1] at
-    any size; the map, region, box and crop are on the reference's own grid.
-    """
-    encoder = components.reference_encoder
-    context = encoder(resize_reference(reference, encoder.image_size))
-    vector = attention_vectors(components, image, mask, context, [timestep], [block],
-                               generator, readout=readout, num_steps=num_steps)[timestep][block]
-    return from_vector(vector[0], reference, encoder.grid, encoder.num_prefix_tokens,
-                       threshold, margin)
-
-
 def from_vector(vector: torch.Tensor, reference: torch.Tensor, grid: tuple[int, int],
                 num_prefix_tokens: int, threshold: float = 0.5,
                 margin: float = INFERENCE_CROP_MARGIN) -> Alignment:
     """The alignment of one case from its attention ``vector`` [tokens] and ``reference``
-    [1,3,h,w]: what :func:`align` returns, rebuilt from a stored vector."""
+    [1,3,h,w]: map -> region -> square box on the reference's own grid -> crop (what the
+    pipeline's alignment stage returns, also rebuilt from a stored vector)."""
     heat, region, boxes = postprocess(vector[None], grid, num_prefix_tokens,
                                       tuple(reference.shape[-2:]), threshold, margin)
     box = tuple(int(v) for v in boxes[0])

@@ -26,6 +26,10 @@ class PixelSpace(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What a latent depends on (stored with precomputed latents)."""
+        return autoencoder_fingerprint(self)
+
 
 class VAE(nn.Module):
     """``AutoencoderKL`` with its scaling factor; encodes to the posterior mean (deterministic)."""
@@ -53,6 +57,10 @@ class VAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a latent depends on (stored with precomputed latents)."""
+        return autoencoder_fingerprint(self)
 
 
 def build_vae(

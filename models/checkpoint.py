@@ -1,9 +1,10 @@
-"""Lightning checkpoints -> exports (``model.safetensors`` + ``model.yaml``, see models/export.py).
+"""Lightning checkpoints -> the pipeline folder (see models/export.py).
 
 Takes any checkpoint train.py writes: ``last.ckpt``, ``stepNNNNNNN.ckpt``, or the directory of
-an FSDP-sharded one (``trainer=fsdp``: distributed-checkpoint shards + ``meta.pt``). The export
-holds the EMA weights when the checkpoint has them (what train.py exports), else, or with
-``ema=False``, the trained weights themselves.
+an FSDP-sharded one (``trainer=fsdp``: distributed-checkpoint shards + ``meta.pt``), and an
+export of the older layout (``model.safetensors`` + ``model.yaml``), which is converted. The
+folder holds the EMA weights when the checkpoint has them (what train.py exports), else, or
+with ``ema=False``, the trained weights themselves.
 
 The model config that rebuilds the weights comes, in this order, from: an explicit file; the
 checkpoint itself (train.py stores the resolved ``cfg.model`` under :data:`MODEL_CONFIG_KEY`);
@@ -34,7 +35,15 @@ from omegaconf.errors import OmegaConfBaseException
 from models.distributed import fsdp_root
 from models.ema import CHECKPOINT_KEY as EMA_KEY
 from models.ema import EMA, ema_weights
-from models.export import CONFIG, WEIGHTS, save_export
+from models.export import (
+    CONFIG,
+    check_finite,
+    convert_legacy,
+    is_legacy_export,
+    is_pipeline_folder,
+    read_weights,
+    save_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +85,18 @@ class ExportAtTrainEnd(pl.Callback):
 
 
 def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
-    """Load an export's denoiser and reference-encoder weights into ``module`` (strict), and
-    restart its EMA from them: a warm start needs no optimizer state."""
-    from models.export import load_export
-
-    components = load_export(export_dir)
+    """Load a pipeline folder's denoiser and reference-encoder weights into ``module``
+    (strict), and restart its EMA from them: a warm start needs no optimizer state."""
+    export_dir = Path(export_dir)
+    if is_legacy_export(export_dir):
+        raise ValueError(f"init_from {export_dir}: an export of the older layout; convert it "
+                         f"with `python scripts/export_checkpoint.py {export_dir} --out DIR`")
+    weights = read_weights(export_dir)
+    check_finite(weights, export_dir)
     for name in ("denoiser", "reference_encoder"):
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(f"{name}.")}
         try:
-            getattr(module, name).load_state_dict(getattr(components, name).state_dict())
+            getattr(module, name).load_state_dict(own)
         except RuntimeError as err:
             raise ValueError(f"init_from {export_dir}: its {name} does not fit this model "
                              f"config ({str(err).splitlines()[0]})") from err
@@ -91,10 +104,6 @@ def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
         if isinstance(callback, EMA):
             callback.restart(module)
     log.info("warm start from %s", export_dir)
-
-
-def is_export(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -153,12 +162,17 @@ def _resolved(node: DictConfig, source: Path) -> DictConfig:
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
                       config: str | Path | None = None) -> Path:
-    """Write the export of checkpoint ``path`` to ``out_dir``; returns ``out_dir``.
+    """Write the pipeline folder of checkpoint ``path`` (or of an older-layout export) to
+    ``out_dir``; returns ``out_dir``.
 
     The module is rebuilt from the config and loaded strictly, and the weights come from its
     ``inference_state_dict``: the same code path as train.py's own export.
     """
     path = Path(path)
+    if is_legacy_export(path):
+        return convert_legacy(path, out_dir)
+    if is_pipeline_folder(path):
+        raise ValueError(f"{path} is a pipeline folder already: nothing to export")
     checkpoint = read_checkpoint(path)
     model_cfg, source = model_config(checkpoint, path, Path(config) if config else None)
     module = instantiate(model_cfg)
@@ -177,7 +191,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
         swap = average.swapped_in(module)
     with swap:
         weights = module.inference_state_dict()
-    out = save_export(weights, model_cfg, Path(out_dir))
+    out = save_pretrained(weights, model_cfg, Path(out_dir))
     (out / SOURCE).write_text(json.dumps({
         "checkpoint": str(path.resolve()), "global_step": checkpoint.get("global_step"),
         "weights": "ema" if use_ema else "raw", "model_config": source}, indent=1))
@@ -186,9 +200,10 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, ema: bool = True,
     return out
 
 
-def as_export(path: str | Path, out_dir: str | Path) -> Path:
-    """``path`` itself when it is an export; a Lightning checkpoint is exported to ``out_dir``."""
+def as_pipeline_folder(path: str | Path, out_dir: str | Path) -> Path:
+    """``path`` itself when it is a pipeline folder; a Lightning checkpoint or an older-layout
+    export is exported to ``out_dir``."""
     path = Path(path)
-    if is_lightning_checkpoint(path):
+    if is_lightning_checkpoint(path) or is_legacy_export(path):
         return export_checkpoint(path, out_dir)
     return path

@@ -35,7 +35,7 @@ from data.modes import decode_pixels
 from models.alignment import case_noise, case_noise_seed
 from models.autoencoder import Autoencoder
 from models.image_metrics import gradient_similarity, psnr_in_box
-from models.pipeline import to_uint8
+from models.image_processor import to_uint8
 from models.refinement import blend, denoiser_input, latent_mask
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
@@ -16,6 +18,9 @@ from models.hub import require_cached
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Dinov2Config bookkeeping that is not architecture (and would pin a transformers version).
+_BACKBONE_META = ("transformers_version", "model_type", "architectures", "_name_or_path",
+                  "torch_dtype", "dtype")
 
 
 def build_dinov2(
@@ -118,3 +123,39 @@ class ReferenceEncoder(nn.Module):
     def null(self, batch_size: int) -> torch.Tensor:
         """The unconditional context for classifier-free guidance."""
         return self.null_embedding.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class ReferenceEncoderModel(ReferenceEncoder, ModelMixin, ConfigMixin):
+    """:class:`ReferenceEncoder` rebuilt from JSON: the pipeline folder's ``reference_encoder/``.
+
+    The backbone is described by its ``Dinov2Config`` dict instead of being passed built, so
+    ``save_pretrained`` / ``from_pretrained`` round-trip it; state-dict keys are the
+    ``ReferenceEncoder``'s, so a trained encoder's weights load unchanged.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        backbone_config: dict[str, Any],
+        context_dim: int,
+        image_size: int = 224,
+        use_patch_tokens: bool = True,
+        use_cls_token: bool = False,
+        mlp_hidden_dim: int | None = None,
+        trainable_backbone: bool = True,
+    ) -> None:
+        super().__init__(Dinov2Model(Dinov2Config(**backbone_config)), context_dim, image_size,
+                         use_patch_tokens, use_cls_token, mlp_hidden_dim, trainable_backbone)
+
+    @classmethod
+    def from_encoder(cls, encoder: ReferenceEncoder) -> ReferenceEncoderModel:
+        """The same encoder (config and weights) as a diffusers model."""
+        backbone = {k: v for k, v in encoder.backbone.config.to_dict().items()
+                    if k not in _BACKBONE_META}
+        head = encoder.mlp
+        model = cls(backbone, context_dim=head[-1].out_features, image_size=encoder.image_size,
+                    use_patch_tokens=encoder.use_patch_tokens,
+                    use_cls_token=encoder.use_cls_token, mlp_hidden_dim=head[1].out_features,
+                    trainable_backbone=encoder.trainable_backbone)
+        model.load_state_dict(encoder.state_dict(), strict=True)
+        return model.to(next(encoder.parameters()).device)

@@ -49,18 +49,17 @@ from omegaconf import OmegaConf
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation.figures import correspondence_overlay
-from models.alignment import attention_vectors, postprocess, resize_reference
+from models.alignment import attention_vectors, postprocess
 from models.attention_capture import cross_attention_blocks
-from models.export import DEFAULT_EXPORT, load_export, save_export
-from models.pipeline import (RefineByAlign, RefinementConfig, load_alignment, reference_tensor,
-                             to_model_inputs)
+from models.export import DEFAULT_EXPORT, PIPELINE_INDEX, load_pipeline, save_pretrained
+from models.image_processor import reference_tensor
 
 %matplotlib inline
 # (after the imports: evaluation.figures selects the Agg backend for its PNG writers)
 torch.manual_seed(0)
 TMP = Path(tempfile.mkdtemp(prefix="rba-demo-"))"""
 
-LOAD = """if (DEFAULT_EXPORT / "model.safetensors").is_file():
+LOAD = """if (DEFAULT_EXPORT / PIPELINE_INDEX).is_file():
     export_dir, trained = DEFAULT_EXPORT, True
 else:  # no shipped checkpoint yet: the same architecture with random weights
     import hydra
@@ -69,18 +68,19 @@ else:  # no shipped checkpoint yet: the same architecture with random weights
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train")
     module = hydra.utils.instantiate(cfg.model)
-    export_dir = save_export(module.inference_state_dict(), cfg.model, TMP / "random_export")
+    export_dir = save_pretrained(module.inference_state_dict(), cfg.model, TMP / "random_export")
     trained = False
-components = load_export(export_dir)
-size = components.image_size
-blocks = cross_attention_blocks(components.denoiser)
-print(f"export: {export_dir} ({'trained' if trained else 'RANDOM weights'}); "
+pipe = load_pipeline(export_dir)
+size = pipe.image_size
+blocks = cross_attention_blocks(pipe.unet)
+shown = export_dir.relative_to(ROOT) if export_dir.is_relative_to(ROOT) else export_dir
+print(f"pipeline: {shown} ({'trained' if trained else 'RANDOM weights'}); "
       f"model size {size} px; {len(blocks)} cross-attention blocks")"""
 
 CASE = """bench = TMP / "bench"
 write_synthetic_benchmark(bench, 1, seed=3)
 case = load_benchmark(bench)[0][0]
-align_cfg = load_alignment(export_dir=export_dir, components=components)  # calibrated (t*, block*)
+align_cfg = pipe.alignment  # calibrated (t*, block*)
 print(case.id, case.meta, "alignment:", align_cfg)
 
 fig, axes = plt.subplots(1, 4, figsize=(12, 3))
@@ -98,13 +98,13 @@ GRID_MD = """## Correspondence maps across blocks and timesteps (paper Figure 3)
 One forward per timestep captures every block at once (the same noise at every timestep).
 White contour: ground-truth region; red box: the thresholded region's box."""
 
-GRID = """image, mask = to_model_inputs(case.image, case.mask, size)
-reference = reference_tensor(case.reference)[None]
-encoder = components.reference_encoder
-context = encoder(resize_reference(reference, encoder.image_size))
+GRID = """image = pipe.image_processor.preprocess(case.image, size)
+mask = pipe.mask_processor.preprocess(case.mask, size)
+encoder = pipe.reference_encoder
+context = pipe.encode_reference(reference_tensor(case.reference)[None])
 timesteps = [900, 700, 500, 300, 100]
-vectors = attention_vectors(components, image, mask, context, timesteps, None,
-                            torch.Generator().manual_seed(0))
+vectors = attention_vectors(pipe.unet, pipe.autoencoder, pipe.scheduler, image, mask, context,
+                            timesteps, None, torch.Generator().manual_seed(0))
 
 fig, axes = plt.subplots(len(blocks), len(timesteps),
                          figsize=(2.0 * len(timesteps), 2.0 * len(blocks)))
@@ -127,9 +127,8 @@ REFINE_MD = """## Both stages at the deployed (t, block)
 
 Pixels outside the mask are the input's, bit for bit."""
 
-REFINE = """pipeline = RefineByAlign(components, align_cfg,
-                         RefinementConfig())
-refined, found = pipeline(case.image, case.mask, case.reference, seed=0)
+REFINE = """out = pipe(case.image, case.mask, case.reference, seed=0)
+refined, found = out.images[0], out.alignments[0]
 crop = (found.crop.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 assert np.array_equal(refined[~case.mask], case.image[~case.mask])
 
@@ -147,7 +146,7 @@ print("box on the reference (x0, y0, x1, y1):", found.box)"""
 
 def random_weights_note() -> str:
     """The markdown cell that says when the demo runs on random weights."""
-    if (REPO_ROOT / "checkpoints" / "tiny_synthetic" / "model.safetensors").is_file():
+    if (REPO_ROOT / "checkpoints" / "tiny_synthetic" / "model_index.json").is_file():
         return ("**Weights:** the shipped export `checkpoints/tiny_synthetic` (a tiny model "
                 "trained on synthetic pairs).")
     return ("**Weights: RANDOM.** `checkpoints/tiny_synthetic` did not exist when this notebook "

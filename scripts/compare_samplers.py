@@ -20,7 +20,7 @@ import torch
 from data.modes import REFINEMENT
 from data.synthetic import SyntheticPairs
 from evaluation.paired import paired_difference
-from models.export import DEFAULT_EXPORT, load_export
+from models.export import DEFAULT_EXPORT, load_pipeline
 from models.refinement import build_sampler, sample_inpaint
 
 # (sampler, steps, guidance, scheduler config overrides)
@@ -55,22 +55,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    comp = load_export(args.ckpt, device=args.device)
-    size = int(comp.config.denoiser.config.sample_size)
-    pairs = SyntheticPairs(length=args.cases, seed=args.seed, image_size=size,
+    pipe = load_pipeline(args.ckpt, device=args.device)
+    pairs = SyntheticPairs(length=args.cases, seed=args.seed, image_size=pipe.image_size,
                            force_mode=REFINEMENT, namespace="validation")
     items = [pairs[i] for i in range(args.cases)]
     batch = {k: torch.stack([item[k] for item in items]).to(args.device) for k in items[0]}
-    context = comp.reference_encoder(batch["reference"])
-    null = comp.reference_encoder.null(len(context))
+    context = pipe.reference_encoder(batch["reference"])
+    null = pipe.reference_encoder.null(len(context))
     mask = batch["mask"]
     rows = []
     print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}  {'options':<40}{'masked MSE':>11}{'s':>7}")
     for name, steps, guidance, options in args.variants:
         steps = args.steps or steps
-        scheduler = build_sampler(name, comp.noise_scheduler.config, comp.autoencoder, **options)
+        scheduler = build_sampler(name, pipe.scheduler.config, pipe.autoencoder, **options)
         start = time.perf_counter()
-        out = sample_inpaint(comp.denoiser, comp.autoencoder, scheduler, batch["target"], mask,
+        out = sample_inpaint(pipe.unet, pipe.autoencoder, scheduler, batch["target"], mask,
                              context, null, steps, guidance, torch.Generator().manual_seed(0))
         squared = ((out - batch["target"]) ** 2) * mask
         err = float(squared.sum() / mask.sum() / 3)

@@ -7,9 +7,9 @@
 Upload a generated image and paint over the artifact (the painted pixels are the mask), upload
 a reference, and press Refine: the demo shows the alignment stage's heat map and crop box on
 the reference, the crop the refinement was conditioned on, and the refined image beside the
-input. The read-out controls start at the export's calibrated values (its alignment.yaml), so
-a user who only uploads gets the calibrated behaviour. Inference is
-models.pipeline.RefineByAlign; this file is UI glue. Needs requirements-demo.txt.
+input. The read-out controls start at the pipeline folder's calibrated values (its
+model_index.json), so a user who only uploads gets the calibrated behaviour. Inference is
+models.pipeline.RefineByAlignPipeline; this file is UI glue. Needs requirements-demo.txt.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,8 @@ from data.benchmark import load_case, write_synthetic_benchmark
 from evaluation.figures import correspondence_image
 from models.alignment import READOUTS
 from models.attention_capture import cross_attention_blocks
-from models.export import DEFAULT_EXPORT, REPO_ROOT, Components, load_export
-from models.pipeline import (
-    ALIGNMENT_FILE,
-    AlignmentConfig,
-    RefineByAlign,
-    RefinementConfig,
-    load_alignment,
-)
+from models.export import DEFAULT_EXPORT, PIPELINE_INDEX, REPO_ROOT, load_pipeline
+from models.pipeline import AlignmentConfig, RefineByAlignPipeline, RefinementConfig
 
 # Examples: benchmark-namespace cases (never training or validation items), chosen by eye for
 # visible lettering and emblems, shown 4x larger so the 64 px cases can be painted on.
@@ -56,30 +50,36 @@ CSS = ".pixelated img, .pixelated canvas {image-rendering: pixelated;}"
 
 @dataclass
 class DemoModel:
-    """The loaded export and the read-out it deploys (the controls' defaults)."""
+    """The loaded pipeline; its deployed read-out is the controls' defaults."""
 
-    components: Components
-    alignment: AlignmentConfig
-    calibrated: bool
+    pipe: RefineByAlignPipeline
     export_dir: Path
+
+    @property
+    def alignment(self) -> AlignmentConfig:
+        return self.pipe.alignment
+
+    @property
+    def calibrated(self) -> bool:
+        return self.pipe.calibrated
 
     @property
     def block_choices(self) -> list[tuple[str, int]]:
         """(label, index) of every cross-attention block, for the block control."""
         return [(f"{b.index}: {b.name.removesuffix('.transformer_blocks.0.attn2')}", b.index)
-                for b in cross_attention_blocks(self.components.denoiser)]
+                for b in cross_attention_blocks(self.pipe.unet)]
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.components.noise_scheduler.config.num_train_timesteps)
+        return int(self.pipe.scheduler.config.num_train_timesteps)
 
     def describe(self) -> str:
         cfg = self.alignment
-        source = (f"calibrated (`{ALIGNMENT_FILE}` of the export)" if self.calibrated else
+        source = (f"calibrated (`{PIPELINE_INDEX}` of the folder)" if self.calibrated else
                   "**UNCALIBRATED** (the model preset's default; run eval.py to calibrate)")
         shown = (self.export_dir.relative_to(REPO_ROOT)
                  if self.export_dir.is_relative_to(REPO_ROOT) else self.export_dir)
-        return (f"Model `{shown}` ({self.components.image_size} px). Default read-out "
+        return (f"Model `{shown}` ({self.pipe.image_size} px). Default read-out "
                 f"{source}: t={cfg.timestep}, block {cfg.block}, threshold {cfg.threshold}, "
                 f"margin {cfg.margin}, {cfg.readout}.")
 
@@ -87,9 +87,8 @@ class DemoModel:
 def load_demo_model(export_dir: str | Path | None = None) -> DemoModel:
     """Load once per server: every request reuses these weights with its own settings."""
     export_dir = Path(export_dir or DEFAULT_EXPORT)
-    components = load_export(export_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    alignment = load_alignment(export_dir=export_dir, components=components)
-    return DemoModel(components, alignment, (export_dir / ALIGNMENT_FILE).is_file(), export_dir)
+    pipe = load_pipeline(export_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    return DemoModel(pipe, export_dir)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -149,7 +148,7 @@ def refine_case(model: DemoModel, editor: dict[str, Any] | None, reference: np.n
                 readout: str, timestep: float, block: int, threshold: float, margin: float,
                 steps: float, guidance: float, seed: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Both stages through RefineByAlign: (heat map + box on the reference, crop, input,
+    """Both stages through the pipeline: (heat map + box on the reference, crop, input,
     refined, details)."""
     image, mask = editor_case(editor)
     if reference is None:
@@ -159,9 +158,10 @@ def refine_case(model: DemoModel, editor: dict[str, Any] | None, reference: np.n
         alignment = replace(model.alignment, readout=readout, timestep=int(timestep),
                             block=int(block), threshold=float(threshold), margin=float(margin))
         refinement = RefinementConfig(num_steps=int(steps), guidance_scale=float(guidance))
-        pipeline = RefineByAlign(model.components, alignment, refinement)
         start = time.perf_counter()
-        refined, found = pipeline(image, mask, reference, seed=int(seed))
+        out = model.pipe(image, mask, reference, refinement, seed=int(seed),
+                         alignment=alignment)
+        refined, found = out.images[0], out.alignments[0]
     except ValueError as err:  # the pipeline's own input and read-out checks
         raise user_error(str(err)) from err
     seconds = time.perf_counter() - start
@@ -169,7 +169,7 @@ def refine_case(model: DemoModel, editor: dict[str, Any] | None, reference: np.n
     crop = (found.crop.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     details = {"box_xyxy": list(found.box), "reference_size_wh": list(reference.shape[1::-1]),
                "mask_pixels": int(mask.sum()), "seconds": round(seconds, 2),
-               **pipeline.describe()}
+               **model.pipe.describe(refinement), "alignment": asdict(alignment)}
     return correspondence_image(reference, heat, found.box), crop, image, refined, details
 
 
@@ -178,9 +178,8 @@ def build_demo(export_dir: str | Path | None = None) -> gr.Blocks:
     """The demo over one export (default: the shipped tiny model); launch() it to serve."""
     model = load_demo_model(export_dir)
     cfg, sampling = model.alignment, RefinementConfig()
-    examples = write_examples(Path(tempfile.mkdtemp(prefix="rba-demo-")),
-                              model.components.image_size,
-                              model.components.reference_encoder.image_size)
+    examples = write_examples(Path(tempfile.mkdtemp(prefix="rba-demo-")), model.pipe.image_size,
+                              model.pipe.reference_encoder.image_size)
 
     run = partial(refine_case, model)
     with gr.Blocks(title="Refine-by-Align demo", analytics_enabled=False) as demo:
@@ -247,7 +246,7 @@ def build_demo(export_dir: str | Path | None = None) -> gr.Blocks:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--export", type=Path, default=DEFAULT_EXPORT,
-                   help="export folder (model.safetensors + model.yaml, or a diffusers folder)")
+                   help="pipeline folder (model_index.json, unet/, ...)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve on the network")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="a public gradio.live link (off)")

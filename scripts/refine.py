@@ -2,14 +2,16 @@
 
   python scripts/refine.py --image gen.png --mask mask.png --reference ref.png --out out/
   python scripts/refine.py ... --ckpt checkpoints/tiny_synthetic --alignment alignment.yaml
+  python scripts/refine.py ... --padding-mask-crop 16        # a small artifact, large image
   python scripts/refine.py --bench-dir cases/ --out out/      # every case of a folder
   python scripts/refine.py ... --device cuda --dtype bf16      # reduced precision on a GPU
 
 Writes out/refined.png (pixels outside the mask are the input file's, bit for bit),
 out/correspondence.png (reference, heat map of the chosen block/timestep, chosen box) and
 out/crop.png; with --bench-dir, one such folder per case (out/<case id>/). Images may be any
-size: models.pipeline.RefineByAlign runs the model at its own resolution and blends the
-generated content back at the image's.
+size: models.pipeline.RefineByAlignPipeline runs the model at its own resolution (on the whole
+image, or on a padded crop around the mask with --padding-mask-crop) and blends the generated
+content back at the image's.
 """
 
 from __future__ import annotations
@@ -25,18 +27,18 @@ from PIL import Image, UnidentifiedImageError
 
 from data.benchmark import load_benchmark
 from evaluation.figures import correspondence_image
-from models.export import load_export
-from models.pipeline import (
-    RefineByAlign,
-    RefinementConfig,
-    check_case,
-    load_alignment,
-)
+from models.export import load_pipeline
+from models.pipeline import RefineByAlignPipeline, RefinementConfig, check_case, read_alignment
 from models.refinement import SAMPLERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger("refine")
+
+
+def optional_int(text: str) -> int | None:
+    """An int, or None for 'none' / 'off'."""
+    return None if text.lower() in ("none", "off") else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,11 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instead of --image/--mask/--reference")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--ckpt", type=Path, default=None,
-                   help="export folder (model.safetensors + model.yaml); default: shipped one")
+                   help="pipeline folder (model_index.json, unet/, ...); default: shipped one")
     p.add_argument("--alignment", type=Path, default=None,
-                   help="yaml with timestep, block, threshold, margin (as written by eval.py); "
-                        "default: the export's alignment.yaml (written by eval.py's calibration), "
-                        "else configs/alignment/default.yaml")
+                   help="yaml with timestep, block, threshold, margin (as eval.py writes into "
+                        "its run folder); default: the folder's own read-out (calibrated by "
+                        "eval.py, else the model preset's default, with a warning)")
     defaults = RefinementConfig()
     tuned = "chosen for the shipped model; another model: scripts/compare_samplers.py"
     p.add_argument("--steps", type=int, default=defaults.num_steps,
@@ -66,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dilate", type=int, default=defaults.dilate,
                    help="grow the mask by this many pixels (of the input image) before blending")
     p.add_argument("--feather", type=int, default=defaults.feather)
+    p.add_argument("--padding-mask-crop", type=optional_int, default=defaults.padding_mask_crop,
+                   help="refine a square crop around the mask grown by this many px (at least "
+                        "the model's size) instead of the whole image; 'none': the whole image "
+                        f"(default {defaults.padding_mask_crop})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -121,16 +127,16 @@ def write_outputs(out: Path, refined: np.ndarray, reference: np.ndarray, found) 
     return files
 
 
-def build_pipeline(args: argparse.Namespace) -> RefineByAlign:
-    components = load_export(args.ckpt, args.device)
-    alignment_cfg = load_alignment(args.alignment, args.ckpt, components)
-    pipeline = RefineByAlign(
-        components, alignment_cfg,
-        RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate, args.feather),
-        DTYPES[args.dtype],
-    )
-    log.info("model size %d px, %s", pipeline.image_size, pipeline.describe())
-    return pipeline
+def build_pipeline(args: argparse.Namespace) -> tuple[RefineByAlignPipeline, RefinementConfig]:
+    """The loaded pipeline (with --alignment deployed, if given) and the sampling settings."""
+    pipe = load_pipeline(args.ckpt, args.device)
+    if args.alignment is not None:
+        pipe.set_alignment(read_alignment(args.alignment), f"--alignment {args.alignment}")
+    pipe.autocast_dtype = DTYPES[args.dtype]
+    refinement = RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate,
+                                  args.feather, args.padding_mask_crop)
+    log.info("model size %d px, %s", pipe.image_size, pipe.describe(refinement))
+    return pipe, refinement
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
@@ -140,10 +146,11 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     image, mask = read_rgb(args.image), read_mask(args.mask)
     reference = read_rgb(args.reference)
     check_case(image, mask, reference)
-    pipeline = build_pipeline(args)
-    refined, found = pipeline(image, mask, reference, args.seed, progress=True)
+    pipe, refinement = build_pipeline(args)
+    out = pipe(image, mask, reference, refinement, seed=args.seed, progress=True)
+    found = out.alignments[0]
     log.info("alignment box (x0, y0, x1, y1) on the reference: %s", found.box)
-    return write_outputs(args.out, refined, reference, found)
+    return write_outputs(args.out, out.images[0], reference, found)
 
 
 def run_folder(args: argparse.Namespace) -> dict[str, Path]:
@@ -157,12 +164,12 @@ def run_folder(args: argparse.Namespace) -> dict[str, Path]:
         log.warning("skipped case %s: %s", case_id, reason)
     if not cases:
         raise ValueError(f"no case of {args.bench_dir} could be read ({len(skipped)} skipped)")
-    pipeline = build_pipeline(args)
+    pipe, refinement = build_pipeline(args)
     files = {}
     for case in tqdm(cases, desc="refine", unit="case"):
-        refined, found = pipeline(case.image, case.mask, case.reference, args.seed)
-        files[case.id] = write_outputs(args.out / case.id, refined, case.reference,
-                                       found)["refined"]
+        out = pipe(case.image, case.mask, case.reference, refinement, seed=args.seed)
+        files[case.id] = write_outputs(args.out / case.id, out.images[0], case.reference,
+                                       out.alignments[0])["refined"]
     log.info("refined %d cases, skipped %d", len(cases), len(skipped))
     return files
 

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation.report import read_report
 from models.config import compose_config
+from models.export import COMPONENT_WEIGHTS, is_pipeline_folder
 
 # --- what the table reads from eval.py's report.json (docs/report_schema.md): one place ----
 # correspondence columns, filled for rows whose method deploys the map (MAP_METHOD)
@@ -232,7 +233,7 @@ def _train(job: Job, tag: str) -> None:
     command = ["train.py", *job.train_overrides, f"hydra.run.dir={job.run_dir}"]
     stamp = {"command": command}
     if _stamp_matches(job.run_dir, stamp, job.label):
-        if (job.export_dir / "model.safetensors").is_file():
+        if is_pipeline_folder(job.export_dir):
             print(f"{tag} {job.label}: trained already ({job.export_dir})", flush=True)
             return
         print(f"{tag} {job.label}: unfinished folder, training again", flush=True)
@@ -242,7 +243,7 @@ def _train(job: Job, tag: str) -> None:
     print(f"{tag} {job.label}: training ...", flush=True)
     start = time.monotonic()
     run_logged([sys.executable, *command], job.run_dir / "train.out", f"training of {job.label}")
-    if not (job.export_dir / "model.safetensors").is_file():
+    if not is_pipeline_folder(job.export_dir):
         raise AblationError(f"training of {job.label} wrote no export to {job.export_dir}")
     print(f"{tag} {job.label}: trained in {time.monotonic() - start:.0f} s", flush=True)
 
@@ -273,7 +274,7 @@ def _evaluate(job: Job, bench: Path, eval_overrides: Sequence[str], tag: str) ->
 
 def _export_id(export_dir: Path) -> dict[str, Any]:
     """What identifies the evaluated weights (a retrained export invalidates its evaluation)."""
-    weights = export_dir / "model.safetensors"
+    weights = export_dir / "unet" / COMPONENT_WEIGHTS
     return {"size": weights.stat().st_size, "mtime_ns": weights.stat().st_mtime_ns}
 
 

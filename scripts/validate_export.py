@@ -1,13 +1,13 @@
 """Re-measure an export: held-out correspondence mIoU as training validation does, and the
 denoising gain per timestep on benchmark cases.
 
-    python scripts/validate_export.py [--ckpt EXPORT_DIR] [--measure correspondence denoising_gain]
+    python scripts/validate_export.py [--ckpt FOLDER] [--measure correspondence denoising_gain]
         correspondence: [--val-length 256] [--timestep 300]
         denoising gain: [--cases 100] [--timesteps 10 50 100 200 400 700] [--references whole crop]
                         [--bench-dir DIR | --namespace benchmark --bench-seed 0] [--plot PNG]
         [--out JSON]
 
-Correspondence: rebuilds the LightningModule from the export's model.yaml, loads its (EMA)
+Correspondence: rebuilds the LightningModule from the folder's model.yaml, loads its (EMA)
 weights and runs one validation epoch over the synthetic alignment-mode validation set (same
 seed as training), then prints the per-block table next to the two trivial baselines. This is
 how the numbers in checkpoints/tiny_synthetic/MODEL_CARD.md are reproduced on any machine.
@@ -32,7 +32,6 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from data.datamodule import PairDataModule
@@ -40,7 +39,7 @@ from evaluation.denoising_gain import REFERENCES, GainConfig, measure_cases
 from evaluation.figures import denoising_gain_curve
 from evaluation.report import format_summary
 from models.denoising_gain import DEFAULT_TIMESTEPS, format_table
-from models.export import CONFIG, DEFAULT_EXPORT, WEIGHTS, load_export
+from models.export import CONFIG, DEFAULT_EXPORT, load_pipeline, read_weights
 
 MEASURES = ("correspondence", "denoising_gain")
 DEFAULT_CASES = 100
@@ -53,7 +52,7 @@ def correspondence(args: argparse.Namespace) -> dict:
     if args.timestep is not None:
         cfg.val_timestep = args.timestep
     module = instantiate(cfg)
-    weights = load_file(str(args.ckpt / WEIGHTS))
+    weights = read_weights(args.ckpt)
     for name in ("denoiser", "reference_encoder"):
         prefix = f"{name}."
         getattr(module, name).load_state_dict(
@@ -74,20 +73,19 @@ def correspondence(args: argparse.Namespace) -> dict:
 def denoising_gain(args: argparse.Namespace) -> dict:
     """The denoising gain of the export on benchmark cases; prints a table per reference."""
     use_cuda = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    components = load_export(args.ckpt, "cuda" if use_cuda else "cpu")
+    pipe = load_pipeline(args.ckpt, "cuda" if use_cuda else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         bench = args.bench_dir
         if bench is None:
             bench = Path(tmp)
             write_synthetic_benchmark(bench, args.cases or DEFAULT_CASES, args.bench_seed,
-                                      components.image_size,
-                                      components.reference_encoder.image_size,
+                                      pipe.image_size, pipe.reference_encoder.image_size,
                                       namespace=args.namespace)
         cases, _ = load_benchmark(bench)
     cases = cases[: args.cases] if args.bench_dir is not None and args.cases else cases
     cfg = GainConfig(timesteps=args.timesteps, references=args.references, seed=args.seed,
                      batch_size=args.gain_batch_size)
-    section = measure_cases(components, cases, cfg, progress=True, per_case=True)
+    section = measure_cases(pipe, cases, cfg, progress=True, per_case=True)
     section["cases"] = ({"bench_dir": str(args.bench_dir)} if args.bench_dir is not None else
                         {"namespace": args.namespace, "bench_seed": args.bench_seed,
                          "num": args.cases or DEFAULT_CASES})

@@ -62,3 +62,22 @@ def tiny_batch() -> dict[str, torch.Tensor]:
         "reference_mask": ref_mask,
         "mode": torch.tensor([0, 1, 0, 1]),
     }
+
+
+def save_random_pipeline(out: Path, overrides: list[str] | None = None, seed: int = 0) -> Path:
+    """A random-weight tiny model written as a pipeline folder (train.py's export path)."""
+    from hydra.utils import instantiate
+
+    from models.export import save_pretrained
+
+    cfg = compose_config(overrides)
+    torch.manual_seed(seed)
+    module = instantiate(cfg.model)
+    return save_pretrained(module.inference_state_dict(), cfg.model, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny pipeline folder, uncalibrated (read-only: copy it to change it)."""
+    return save_random_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+

@@ -143,7 +143,7 @@ def test_smoke_run_end_to_end_resumes_and_fails_loudly(tmp_path, capsys):
     first, last = table["meta"]["evaluations_finished"]
     assert first <= last <= table["meta"]["date"]
 
-    weights = out / "mixed" / "seed1" / "export" / "model.safetensors"
+    weights = out / "mixed" / "seed1" / "export" / "unet" / "diffusion_pytorch_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     abl.main([*args, "only=[mixed,cls_token]"])
     printed = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Checkpoint -> export (models/checkpoint.py): golden against train.py's own export."""
+"""Checkpoint -> pipeline folder (models/checkpoint.py): golden against train.py's own export."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from models.checkpoint import MODEL_CONFIG_KEY, export_checkpoint
-from models.export import WEIGHTS, load_export
+from models.export import load_pipeline, read_weights
 from tests.conftest import compose_config
 from tests.test_training import FAST
 
@@ -53,7 +52,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(export_dir / WEIGHTS))
+    return read_weights(export_dir)
 
 
 def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -88,7 +87,7 @@ def test_last_and_step_checkpoints_export_the_ema_weights_train_exports(trained,
         source = json.loads((out / "source.json").read_text())
         assert source["weights"] == "ema" and source["global_step"] == 2
         assert source["model_config"] == "checkpoint"
-    load_export(tmp_path / "last.ckpt")  # rebuilds strictly
+    load_pipeline(tmp_path / "last.ckpt")  # loads as a pipeline
     # an earlier step is another model
     early = _weights(export_checkpoint(trained["checkpoints"] / "step0000001.ckpt",
                                        tmp_path / "early"))

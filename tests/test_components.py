@@ -10,7 +10,7 @@ from transformers import Dinov2Model
 
 from models.autoencoder import VAE, PixelSpace, build_vae
 from models.denoiser import build_denoiser
-from models.export import load_export, save_export
+from models.export import load_pipeline, save_pretrained
 from models.reference_encoder import ReferenceEncoder, build_dinov2
 from tests import public_configs
 from tests.conftest import compose_config
@@ -123,15 +123,16 @@ def test_every_preset_composes_and_trains_a_step(preset, fake_checkpoints, tiny_
 def test_export_round_trip_reproduces_outputs(tmp_path, tiny_batch):
     cfg = compose_config(["data.image_size=32"])
     module = instantiate(cfg.model).eval()
-    save_export(module.inference_state_dict(), cfg.model, tmp_path / "export")
-    loaded = load_export(tmp_path / "export")
+    save_pretrained(module.inference_state_dict(), cfg.model, tmp_path / "export")
+    loaded = load_pipeline(tmp_path / "export")
     x = torch.randn(1, 7, 32, 32)
     with torch.no_grad():  # a new module: its EMA would be its own weights
         ctx = module.reference_encoder(tiny_batch["reference"][:1])
         expected = module.denoiser(x, 10, encoder_hidden_states=ctx).sample
     with torch.no_grad():
         ctx2 = loaded.reference_encoder(tiny_batch["reference"][:1])
-        got = loaded.denoiser(x, 10, encoder_hidden_states=ctx2).sample
+        got = loaded.unet(x, 10, encoder_hidden_states=ctx2).sample
     torch.testing.assert_close(got, expected)
+    assert loaded.image_size == 32
     with pytest.raises(FileNotFoundError):
-        load_export(tmp_path / "missing")
+        load_pipeline(tmp_path / "missing")

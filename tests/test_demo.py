@@ -15,8 +15,11 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from data.benchmark import load_case
-from models.export import DEFAULT_EXPORT
-from models.pipeline import load_alignment
+from models.export import DEFAULT_EXPORT, PIPELINE_INDEX, write_alignment
+from models.pipeline import AlignmentConfig
+
+# a read-out unlike the shipped one's, so the controls' defaults can only have come from it
+DEPLOYED = AlignmentConfig(timestep=120, block=5, threshold=0.4, margin=0.2)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
 
@@ -40,12 +43,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped weights with a read-out of their own, unlike the shipped one's, so the
-    controls' defaults can only have come from this export's alignment.yaml."""
+    """The shipped weights with a calibrated read-out of their own (:data:`DEPLOYED`)."""
     out = tmp_path_factory.mktemp("export")
-    for name in ("model.safetensors", "model.yaml"):
+    for name in ("unet", "reference_encoder", "scheduler", "model.yaml"):
         (out / name).symlink_to(DEFAULT_EXPORT / name)
-    (out / "alignment.yaml").write_text("timestep: 120\nblock: 5\nthreshold: 0.4\nmargin: 0.2\n")
+    (out / PIPELINE_INDEX).write_text((DEFAULT_EXPORT / PIPELINE_INDEX).read_text())
+    write_alignment(out, DEPLOYED, "a read-out of this test")
     return out
 
 
@@ -88,10 +91,10 @@ def _read(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_controls_default_to_the_exports_readout(served: tuple, export_dir: Path) -> None:
+def test_controls_default_to_the_exports_readout(served: tuple) -> None:
     demo, _ = served
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    deployed = load_alignment(export_dir=export_dir)
+    deployed = DEPLOYED
     assert by_id["timestep"].value == deployed.timestep == 120
     assert by_id["block"].value == deployed.block == 5
     assert by_id["threshold"].value == deployed.threshold
@@ -99,8 +102,7 @@ def test_controls_default_to_the_exports_readout(served: tuple, export_dir: Path
     assert by_id["readout"].value == deployed.readout
 
 
-def test_upload_only_refines_inside_the_mask(served: tuple, case: dict,
-                                             export_dir: Path) -> None:
+def test_upload_only_refines_inside_the_mask(served: tuple, case: dict) -> None:
     _, client = served
     heat_file, crop_file, shown_file, refined_file, details = client.predict(
         editor=_editor(case), reference=handle_file(case["files"]["reference"]), steps=2,
@@ -113,7 +115,7 @@ def test_upload_only_refines_inside_the_mask(served: tuple, case: dict,
     assert np.array_equal(_read(shown_file), image)
     assert details["mask_pixels"] == mask.sum()
     # nothing but the uploads given: the export's calibrated read-out ran
-    deployed = load_alignment(export_dir=export_dir)
+    deployed = DEPLOYED
     assert (details["alignment"]["timestep"], details["alignment"]["block"]) == (
         deployed.timestep, deployed.block)
 

@@ -27,7 +27,7 @@ from models.denoising_gain import (
 )
 from models.ema import EMA
 from models.image_metrics import gradient_similarity, psnr_in_box
-from models.pipeline import to_uint8
+from models.image_processor import to_uint8
 from models.refinement import blend
 from tests.conftest import compose_config
 

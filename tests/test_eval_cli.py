@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -17,20 +16,15 @@ from omegaconf import OmegaConf
 from data.benchmark import write_synthetic_benchmark
 from data.provenance import write_training_data
 from evaluation.report import validate_report
-from models.export import save_export
 from models.pipeline import AlignmentConfig
-from tests.conftest import compose_config
+from tests.conftest import compose_config, save_random_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = compose_config([])
-    module = hydra.utils.instantiate(cfg.model)
-    return save_export(module.inference_state_dict(), cfg.model,
-                       Path(tmp_path_factory.mktemp("export")))
+    return save_random_pipeline(Path(tmp_path_factory.mktemp("export")))
 
 
 def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
@@ -202,34 +196,24 @@ def test_eval_exits_nonzero_when_no_case_is_valid(tmp_path: Path, export_dir: Pa
     assert not (tmp_path / "run" / "report.json").exists()
 
 
-def test_eval_writes_the_calibrated_read_out_into_the_export_and_its_diffusers_folder(
+def test_eval_writes_the_calibrated_read_out_into_the_pipeline_folder(
         tmp_path: Path, export_dir: Path) -> None:
-    """write_alignment_to_export=true: both layouts of the model deploy the new (t*, block*),
-    whichever of the two was evaluated; off by default (the default export is tracked)."""
+    """write_alignment_to_export=true: the evaluated folder deploys the new (t*, block*), with
+    what calibrated it; off by default (the default export is tracked)."""
     import shutil
 
-    from models.diffusers_pipeline import RefineByAlignPipeline, convert_export
-    from models.pipeline import ALIGNMENT_FILE, load_alignment
+    from models.export import load_pipeline
+    from models.pipeline import read_alignment
 
     assert compose_config([], config_name="eval").write_alignment_to_export is False
-    export = tmp_path / "export"
-    shutil.copytree(export_dir, export)
-    inner = convert_export(export, export / "diffusers")
+    export = shutil.copytree(export_dir, tmp_path / "export")
+    assert not load_pipeline(export).calibrated
     bench = tmp_path / "bench"
     write_synthetic_benchmark(bench, 2, seed=0)
-    base = [f"bench_dir={bench}", "run_refinement=false", "write_alignment_to_export=true"]
-
-    _evaluate([f"ckpt_path={export}", *base], tmp_path / "run")
-    calibrated = (tmp_path / "run" / ALIGNMENT_FILE).read_text()
-    assert calibrated.startswith("# calibrated by eval.py")
-    assert (export / ALIGNMENT_FILE).read_text() == calibrated
-    assert (inner / ALIGNMENT_FILE).read_text() == calibrated
-    pipe = RefineByAlignPipeline.from_pretrained(inner)
-    assert pipe.alignment == load_alignment(tmp_path / "run" / ALIGNMENT_FILE)
-
-    for home in (export, inner):
-        (home / ALIGNMENT_FILE).unlink()
-    _evaluate([f"ckpt_path={inner}", *base], tmp_path / "run_inner")  # the folder, evaluated
-    calibrated = (tmp_path / "run_inner" / ALIGNMENT_FILE).read_text()
-    assert (export / ALIGNMENT_FILE).read_text() == (inner / ALIGNMENT_FILE).read_text() == (
-        calibrated)
+    _evaluate([f"bench_dir={bench}", "run_refinement=false", "write_alignment_to_export=true",
+               f"ckpt_path={export}"], tmp_path / "run")
+    calibrated = tmp_path / "run" / "alignment.yaml"
+    assert calibrated.read_text().startswith("# calibrated by eval.py")
+    pipe = load_pipeline(export)
+    assert pipe.alignment == read_alignment(calibrated)
+    assert pipe.calibrated and pipe.config.calibration.startswith("calibrated by eval.py")

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -29,8 +28,7 @@ from evaluation.cache import (
     export_digests,
     result_settings,
 )
-from models.export import WEIGHTS, save_export
-from tests.conftest import compose_config
+from tests.conftest import compose_config, save_random_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ["sweep.num_timesteps=3", "sweep.batch_size=1", "sweep.topk=[1]",
@@ -39,12 +37,12 @@ SETTINGS = ["sweep.num_timesteps=3", "sweep.batch_size=1", "sweep.topk=[1]",
             "qualitative.num_cases=1", "num_threads=1", "progress=false"]
 
 
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    module = hydra.utils.instantiate(compose_config([]).model)
-    return save_export(module.inference_state_dict(), compose_config([]).model,
-                       Path(tmp_path_factory.mktemp("export")))
+    return save_random_pipeline(Path(tmp_path_factory.mktemp("export")))
 
 
 def _command(bench: Path, export: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -149,18 +147,18 @@ def test_changed_weights_and_cases_are_named(tmp_path: Path, export_dir: Path) -
     before = {"settings": {"seed": 0}, "export": export_digests(export),
               "benchmark": benchmark_listing(bench)}
     RunCache(tmp_path / "run", before)
-    data = bytearray((export / WEIGHTS).read_bytes())
+    data = bytearray((export / UNET_WEIGHTS).read_bytes())
     data[-1] ^= 1
-    (export / WEIGHTS).write_bytes(bytes(data))
+    (export / UNET_WEIGHTS).write_bytes(bytes(data))
     (bench / "00001" / "meta.json").write_text("{}")
     shutil.rmtree(bench / "00002")
     after = {"settings": {"seed": 0}, "export": export_digests(export),
              "benchmark": benchmark_listing(bench)}
-    assert differences(before, after)[0].startswith(f"export file {WEIGHTS}: ")
+    assert differences(before, after)[0].startswith(f"export file {UNET_WEIGHTS}: ")
     with pytest.raises(CacheMismatch) as err:
         RunCache(tmp_path / "run", after)
     message = str(err.value)
-    assert f"export file {WEIGHTS}" in message
+    assert f"export file {UNET_WEIGHTS}" in message
     assert "benchmark cases removed: 00002" in message
     assert "benchmark cases changed: 00001" in message and "00000" not in message
 

@@ -37,11 +37,13 @@ def offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _shipped_copy(root: Path) -> Path:
-    """The shipped export's weights and config (not its diffusers folder), with the
-    training_data.yaml train.py writes."""
+    """The shipped pipeline folder's weights and config, with the training_data.yaml train.py
+    writes."""
     out = root / "export"
     out.mkdir(parents=True)
-    for name in ("model.safetensors", "model.yaml", "alignment.yaml"):
+    for name in ("unet", "reference_encoder", "scheduler"):
+        shutil.copytree(DEFAULT_EXPORT / name, out / name)
+    for name in ("model_index.json", "model.yaml"):
         shutil.copy2(DEFAULT_EXPORT / name, out / name)
     write_training_data(compose_config([]).data, out)
     return out

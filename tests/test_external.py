@@ -7,7 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -19,17 +18,13 @@ from evaluation import metrics as M
 from evaluation.external import ExternalError, load_external, load_external_methods
 from evaluation.refinement import METHODS, evaluate_refinement
 from evaluation.sweep import split_ids
-from models.export import load_export, save_export
-from tests.conftest import compose_config
+from models.export import load_pipeline
+from tests.conftest import compose_config, save_random_pipeline
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = compose_config([])
-    module = hydra.utils.instantiate(cfg.model)
-    return save_export(module.inference_state_dict(), cfg.model,
-                       Path(tmp_path_factory.mktemp("export")))
+    return save_random_pipeline(Path(tmp_path_factory.mktemp("export")))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +77,7 @@ def test_external_scores_are_the_metrics_and_an_input_copy_scores_as_input(
                               cases).outputs,
     }
     cfg = OmegaConf.create({"methods": ["input"], "batch_size": 2})
-    result = evaluate_refinement(cases, load_export(export_dir), None, cfg, progress=False,
+    result = evaluate_refinement(cases, load_pipeline(export_dir), None, cfg, progress=False,
                                  external=external)
     for case in cases:
         got = result["per_case"]["noisy"][case.id]

@@ -17,10 +17,9 @@ from torch.utils.data import DataLoader
 from data.datamodule import PairDataModule
 from data.shards import ShardReadError, synthetic_records, write_shards
 from models.callbacks import LogShardSkips, NonFiniteError, StopOnNonFinite
-from models.export import WEIGHTS, ExportError, load_export, save_export
+from models.export import COMPONENT_WEIGHTS, ExportError, load_pipeline, save_pretrained
 from tests.conftest import compose_config
 from tests.test_refine_cli import _argv, _write_inputs, refine
-from tests.test_refinement import tiny_export  # noqa: F401  (session fixture)
 from tests.test_training import FAST
 from train import train
 
@@ -100,34 +99,35 @@ def test_diverging_training_stops_before_exporting(tmp_path):
 # ----------------------------------------------------------------------------- exports
 def test_export_refuses_non_finite_weights(tmp_path):
     weights = {"denoiser.w": torch.tensor([1.0, float("nan")]), "denoiser.b": torch.ones(1)}
-    with pytest.raises(ExportError, match=r"export/model.safetensors: non-finite .* 1 of 2 .*w"):
-        save_export(weights, compose_config([]).model, tmp_path / "export")
-    assert not (tmp_path / "export" / WEIGHTS).exists()
+    with pytest.raises(ExportError, match=rf"{tmp_path / 'export'}: non-finite .* 1 of 2 .*w"):
+        save_pretrained(weights, compose_config([]).model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
-def test_corrupt_or_non_finite_export_is_refused_naming_the_file(tmp_path, tiny_export):  # noqa: F811
-    export = shutil.copytree(tiny_export, tmp_path / "nan_export")
-    weights = load_file(export / WEIGHTS)
+def test_corrupt_or_non_finite_export_is_refused_naming_the_file(tmp_path, tiny_pipeline_dir):
+    export = shutil.copytree(tiny_pipeline_dir, tmp_path / "nan_export")
+    unet = export / "unet" / COMPONENT_WEIGHTS
+    weights = load_file(unet)
     first = next(iter(weights))
     weights[first] = weights[first].clone().fill_(float("inf"))
-    save_file(weights, export / WEIGHTS)
-    with pytest.raises(ExportError, match=rf"{export / WEIGHTS}: non-finite .*{first}"):
-        load_export(export)
+    save_file(weights, unet)
+    with pytest.raises(ExportError, match=rf"{unet}: non-finite .*{first}"):
+        load_pipeline(export)
 
-    cut = shutil.copytree(tiny_export, tmp_path / "cut_export")
-    data = (cut / WEIGHTS).read_bytes()
-    (cut / WEIGHTS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ExportError, match=rf"{cut / WEIGHTS}: unreadable, truncated or corrupt"):
-        load_export(cut)
+    cut = shutil.copytree(tiny_pipeline_dir, tmp_path / "cut_export")
+    unet = cut / "unet" / COMPONENT_WEIGHTS
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    with pytest.raises(ExportError, match=rf"{cut}: unreadable, truncated or corrupt .*{unet}"):
+        load_pipeline(cut)
 
 
-def test_refine_cli_names_a_truncated_export(tmp_path, tiny_export, caplog):  # noqa: F811
-    cut = shutil.copytree(tiny_export, tmp_path / "cut_export")
-    data = (cut / WEIGHTS).read_bytes()
-    (cut / WEIGHTS).write_bytes(data[:1000])
+def test_refine_cli_names_a_truncated_export(tmp_path, tiny_pipeline_dir, caplog):
+    cut = shutil.copytree(tiny_pipeline_dir, tmp_path / "cut_export")
+    encoder = cut / "reference_encoder" / COMPONENT_WEIGHTS
+    encoder.write_bytes(encoder.read_bytes()[:1000])
     with caplog.at_level(logging.ERROR):
         assert refine.main(_argv(_write_inputs(tmp_path), tmp_path / "out", cut)) == 2
-    assert f"{cut / WEIGHTS}: unreadable" in caplog.text
+    assert "unreadable" in caplog.text and str(encoder) in caplog.text
     assert not (tmp_path / "out").exists()
 
 

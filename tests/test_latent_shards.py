@@ -153,7 +153,7 @@ def test_make_latent_shards_in_parts_then_train(tmp_path: Path) -> None:
     cfg.paths.output_dir = str(tmp_path / "run")
     result = train(cfg)
     assert result["global_step"] == 2
-    assert (Path(result["export_dir"]) / "model.safetensors").is_file()
+    assert (Path(result["export_dir"]) / "model_index.json").is_file()
 
 
 def test_sources_give_the_same_samples_with_loader_workers(shards) -> None:

@@ -317,21 +317,17 @@ def test_hub_id_cached_later_rescores_a_resumed_run(tmp_path) -> None:
     """Offline, a DINOv2 hub id not in the cache gives its note; once the id is in the local
     cache (here a TINY RANDOM DINOv2 written in huggingface_hub's cache layout), the same run
     folder resumed scores the cached outputs instead of keeping the note."""
-    import hydra
     from huggingface_hub import constants
     from transformers import Dinov2Config, Dinov2Model
 
     from data.benchmark import load_benchmark, write_synthetic_benchmark
     from evaluation.cache import RunCache
     from evaluation.refinement import default_config, evaluate_refinement
-    from models.export import load_export, save_export
-    from tests.conftest import compose_config
+    from models.export import load_pipeline
+    from tests.conftest import save_random_pipeline
 
     repo = "rba-test/tiny-dinov2"
-    model_cfg = compose_config([])
-    components = load_export(save_export(
-        hydra.utils.instantiate(model_cfg.model).inference_state_dict(), model_cfg.model,
-        tmp_path / "export"))
+    pipe = load_pipeline(save_random_pipeline(tmp_path / "export"))
     write_synthetic_benchmark(tmp_path / "bench", 2, seed=0)
     cases, _ = load_benchmark(tmp_path / "bench")
     cfg = default_config()
@@ -341,7 +337,7 @@ def test_hub_id_cached_later_rescores_a_resumed_run(tmp_path) -> None:
     def run() -> dict:
         M.load_dino_scorer.cache_clear()
         cache = RunCache(tmp_path / "run", {"settings": {"same": 1}})
-        return evaluate_refinement(cases, components, None, cfg, progress=False, cache=cache)
+        return evaluate_refinement(cases, pipe, None, cfg, progress=False, cache=cache)
 
     first = run()
     assert first["methods"]["input"]["dino"] == M.NOT_CACHED

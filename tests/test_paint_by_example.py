@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -15,8 +14,8 @@ from omegaconf import OmegaConf
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation import paint_by_example as pbe
 from evaluation import refinement as R
-from models.export import load_export, save_export
-from tests.conftest import compose_config
+from models.export import load_pipeline
+from tests.conftest import compose_config, save_random_pipeline
 
 ROWS = ["paint_by_example_oracle_crop", "paint_by_example_aligned_crop"]
 
@@ -56,12 +55,8 @@ def tiny_pbe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(0)
-    cfg = compose_config([])
-    module = hydra.utils.instantiate(cfg.model)
-    return load_export(save_export(module.inference_state_dict(), cfg.model,
-                                   tmp_path_factory.mktemp("export")))
+def pipe(tmp_path_factory: pytest.TempPathFactory):
+    return load_pipeline(save_random_pipeline(tmp_path_factory.mktemp("export")))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +101,7 @@ def test_a_folder_that_fails_to_load_is_named(tiny_pbe: Path, tmp_path: Path) ->
         pbe.load_pipeline(str(broken))
 
 
-def test_rows_on_two_cases_pasted_with_the_right_references(tiny_pbe, components, cases,
+def test_rows_on_two_cases_pasted_with_the_right_references(tiny_pbe, pipe, cases,
                                                             monkeypatch) -> None:
     """Both rows run next to ours with the same metrics: image size kept, every pixel outside
     the mask the input's (the method pastes), the ground-truth crop our oracle_crop gets and
@@ -124,12 +119,12 @@ def test_rows_on_two_cases_pasted_with_the_right_references(tiny_pbe, components
         "methods": ["input", "aligned_crop"], "num_steps": 2, "batch_size": 2})
     pbe_cfg = OmegaConf.create({"model": str(tiny_pbe), "num_steps": 2, "batch_size": 2,
                                 "guidance_scale": 5.0})
-    from models.pipeline import AlignmentConfig, RefineByAlign
+    from models.pipeline import AlignmentConfig
 
-    pipeline = RefineByAlign(components, AlignmentConfig(**{
-        k: cfg.alignment[k] for k in ("timestep", "block", "threshold", "margin", "readout")}))
-    alignments = {c.id: pipeline.align(c.image, c.mask, c.reference, 0) for c in cases}
-    result = R.evaluate_refinement(cases, components, alignments, cfg, progress=False,
+    alignment = AlignmentConfig(**{
+        k: cfg.alignment[k] for k in ("timestep", "block", "threshold", "margin", "readout")})
+    alignments = {c.id: pipe.align(c.image, c.mask, c.reference, 0, alignment) for c in cases}
+    result = R.evaluate_refinement(cases, pipe, alignments, cfg, progress=False,
                                    paint_by_example=pbe_cfg)
     outputs = result.pop("outputs")
     json.dumps(result)
@@ -165,11 +160,7 @@ def test_eval_report_has_both_rows(tiny_pbe: Path, tmp_path: Path) -> None:
     import eval as eval_script
     from evaluation.report import validate_report
 
-    torch.manual_seed(0)
-    export = tmp_path / "export"
-    model_cfg = compose_config([])
-    save_export(hydra.utils.instantiate(model_cfg.model).inference_state_dict(), model_cfg.model,
-                export)
+    export = save_random_pipeline(tmp_path / "export")
     base = [f"ckpt_path={export}", "bench_cases=4", "sweep.num_timesteps=2", "sweep.topk=[1]",
             "sweep.bootstrap=0", "sweep.compare_readouts=[]", "progress=false", "num_threads=1",
             "qualitative.num_cases=1", "refinement.num_steps=2",

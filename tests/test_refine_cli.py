@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from models.pipeline import load_alignment
-from tests.test_refinement import tiny_export  # noqa: F401  (session fixture)
+from models.export import load_pipeline, preset_alignment, write_alignment
+from models.pipeline import AlignmentConfig, read_alignment
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "refine.py"
 
@@ -53,12 +53,12 @@ def _argv(paths: dict[str, Path], out: Path, ckpt: Path, *extra: str) -> list[st
             "--device", "cpu", *extra]
 
 
-def test_refine_at_non_native_size_keeps_outside(tmp_path: Path, tiny_export: Path) -> None:  # noqa: F811
+def test_refine_at_non_native_size_keeps_outside(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
     paths = _write_inputs(tmp_path)
     alignment = tmp_path / "alignment.yaml"
     alignment.write_text("timestep: 500\nblock: 2\nthreshold: 0.4\nmargin: 0.2\n")
     out = tmp_path / "out"
-    assert refine.main(_argv(paths, out, tiny_export, "--alignment", str(alignment),
+    assert refine.main(_argv(paths, out, tiny_pipeline_dir, "--alignment", str(alignment),
                              "--dilate", "2", "--feather", "1")) == 0
     for name in ("refined.png", "correspondence.png", "crop.png"):
         assert (out / name).is_file()
@@ -74,47 +74,57 @@ def test_refine_at_non_native_size_keeps_outside(tmp_path: Path, tiny_export: Pa
     assert Image.open(out / "correspondence.png").size == (150, 120)
 
 
-def test_refine_errors(tmp_path: Path, tiny_export: Path, caplog) -> None:  # noqa: F811
+def test_refine_errors(tmp_path: Path, tiny_pipeline_dir: Path, caplog) -> None:
     (tmp_path / "e").mkdir()
     (tmp_path / "m").mkdir()
     empty = _write_inputs(tmp_path / "e", empty=True)
-    assert refine.main(_argv(empty, tmp_path / "o1", tiny_export)) == 2
+    assert refine.main(_argv(empty, tmp_path / "o1", tiny_pipeline_dir)) == 2
     assert "empty" in caplog.text
 
     mismatch = _write_inputs(tmp_path / "m", mask_size=(64, 64))
-    assert refine.main(_argv(mismatch, tmp_path / "o2", tiny_export)) == 2
+    assert refine.main(_argv(mismatch, tmp_path / "o2", tiny_pipeline_dir)) == 2
     assert "does not match" in caplog.text
 
     missing = dict(empty, reference=tmp_path / "nope.png")
-    assert refine.main(_argv(missing, tmp_path / "o3", tiny_export)) == 2
+    assert refine.main(_argv(missing, tmp_path / "o3", tiny_pipeline_dir)) == 2
     assert "not found" in caplog.text
 
     with pytest.raises(FileNotFoundError):
-        load_alignment(tmp_path / "no_alignment.yaml")
+        read_alignment(tmp_path / "no_alignment.yaml")
+    (tmp_path / "odd.yaml").write_text("timestep: 7\nblok: 1\n")
+    with pytest.raises(ValueError, match="unknown alignment keys.*blok"):
+        read_alignment(tmp_path / "odd.yaml")
 
 
-def test_alignment_prefers_the_exports_calibration(tmp_path: Path) -> None:
-    (tmp_path / "alignment.yaml").write_text("timestep: 42\nblock: 5\n")
-    chosen = load_alignment(export_dir=tmp_path)
-    assert (chosen.timestep, chosen.block) == (42, 5)
+def test_alignment_is_the_folders_calibration_unless_given(tmp_path: Path,
+                                                          tiny_pipeline_dir: Path) -> None:
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "calibrated")
+    write_alignment(folder, AlignmentConfig(timestep=42, block=5), "a test calibration")
+    pipe, _ = refine.build_pipeline(refine.parse_args(_argv(_write_inputs(tmp_path),
+                                                            tmp_path / "o", folder)))
+    assert (pipe.alignment.timestep, pipe.alignment.block) == (42, 5) and pipe.calibrated
     explicit = tmp_path / "other.yaml"
     explicit.write_text("timestep: 7\nblock: 1\nthreshold: 0.3\n")
-    chosen = load_alignment(explicit, export_dir=tmp_path)
+    pipe, _ = refine.build_pipeline(refine.parse_args(_argv(
+        _write_inputs(tmp_path), tmp_path / "o", folder, "--alignment", str(explicit))))
+    chosen = pipe.alignment
     assert (chosen.timestep, chosen.block, chosen.threshold) == (7, 1, 0.3)
 
 
-
-def test_uncalibrated_export_is_refused_or_loudly_defaulted(tmp_path: Path, caplog) -> None:
-    with pytest.raises(FileNotFoundError, match="no calibrated alignment.yaml"):
-        load_alignment(export_dir=tmp_path)
-    sd15_like = SimpleNamespace(config=OmegaConf.create({"val_timestep": 500, "val_block": 9}))
+def test_uncalibrated_folder_loads_the_presets_default_loudly(tiny_pipeline_dir: Path,
+                                                              caplog) -> None:
     with caplog.at_level(logging.WARNING):
-        chosen = load_alignment(export_dir=tmp_path, components=sd15_like)
-    assert (chosen.timestep, chosen.block) == (500, 9)
-    assert "UNCALIBRATED" in caplog.text and str(tmp_path) in caplog.text
+        pipe = load_pipeline(tiny_pipeline_dir)
+    model_cfg = OmegaConf.load(tiny_pipeline_dir / "model.yaml")
+    assert not pipe.calibrated
+    assert (pipe.alignment.timestep, pipe.alignment.block) == (model_cfg.val_timestep,
+                                                                model_cfg.val_block)
+    assert "UNCALIBRATED" in caplog.text and str(tiny_pipeline_dir) in caplog.text
+    sd15_like = OmegaConf.create({"val_timestep": 500, "val_block": 9})
+    assert (preset_alignment(sd15_like).timestep, preset_alignment(sd15_like).block) == (500, 9)
 
 
-def test_refine_a_benchmark_folder(tmp_path: Path, tiny_export: Path) -> None:  # noqa: F811
+def test_refine_a_benchmark_folder(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
     from data.benchmark import write_synthetic_benchmark
 
     bench = tmp_path / "bench"
@@ -122,7 +132,7 @@ def test_refine_a_benchmark_folder(tmp_path: Path, tiny_export: Path) -> None:  
     (bench / "broken").mkdir()
     out = tmp_path / "out"
     assert refine.main(["--bench-dir", str(bench), "--out", str(out), "--ckpt",
-                        str(tiny_export), "--steps", "2"]) == 0
+                        str(tiny_pipeline_dir), "--steps", "2"]) == 0
     done = sorted(p.name for p in out.iterdir())
     assert len(done) == 2 and "broken" not in done
     for name in done:

@@ -16,28 +16,15 @@ from omegaconf import OmegaConf
 from data.benchmark import load_benchmark, write_synthetic_benchmark
 from evaluation import refinement as R
 from evaluation.metrics import NOT_CACHED
+from models.image_processor import ImageProcessor
 from models.refinement import blend
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight export of the tiny model (the shipped one may not exist yet)."""
-    import hydra
+def pipe(tiny_pipeline_dir: Path):
+    from models.export import load_pipeline
 
-    from models.export import save_export
-    from tests.conftest import compose_config
-
-    cfg = compose_config([])
-    module = hydra.utils.instantiate(cfg.model)
-    return save_export(module.inference_state_dict(), cfg.model,
-                       tmp_path_factory.mktemp("export"))
-
-
-@pytest.fixture(scope="session")
-def components(tiny_export: Path):
-    from models.export import load_export
-
-    return load_export(tiny_export)
+    return load_pipeline(tiny_pipeline_dir)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +57,7 @@ def test_paste_keeps_outside_bit_identical() -> None:
     mask = np.zeros((37, 53), bool)
     mask[10:20, 5:30] = True
     for dilate, feather in [(0, 0), (2, 0), (3, 2)]:
-        out = R.paste(image, content, mask, dilate, feather)
+        out = ImageProcessor().apply_overlay(mask, image, content, None, dilate, feather)
         region = R.dilated_mask(mask, dilate)
         assert np.array_equal(out[~region], image[~region])
         assert not np.array_equal(out[mask], image[mask])
@@ -123,9 +110,9 @@ def test_oracle_crop_is_trainings_square_crop() -> None:
     assert (y1 - y0, x1 - x0) == tuple(crop.shape[1:])
 
 
-def test_evaluate_refinement_all_methods(cases, components) -> None:
+def test_evaluate_refinement_all_methods(cases, pipe) -> None:
     cfg = OmegaConf.create({"num_steps": 2, "batch_size": 3, "dilate": 1, "feather": 1})
-    result = R.evaluate_refinement(cases, components, None, cfg)
+    result = R.evaluate_refinement(cases, pipe, None, cfg)
     outputs = result.pop("outputs")
     json.dumps(result)  # everything but the images is JSON-able
 
@@ -166,16 +153,16 @@ def test_evaluate_refinement_all_methods(cases, components) -> None:
     assert "oracle_crop" not in outputs[cases[2].id]
 
 
-def test_a_cases_output_depends_on_the_case_not_on_its_batch_or_order(cases, components
+def test_a_cases_output_depends_on_the_case_not_on_its_batch_or_order(cases, pipe
                                                                       ) -> None:
     """Each case draws its own noise (seed, case id): the same output whether it is refined
     with other cases, alone, or in another order, so a resumed run can reuse it."""
     cfg = OmegaConf.create({"methods": ["ours_whole_reference"], "num_steps": 2, "batch_size": 3,
                             "sampler": "ddpm"})
-    together = R.evaluate_refinement(cases, components, None, cfg, progress=False)["outputs"]
-    alone = R.evaluate_refinement(cases[2:], components, None, {**cfg, "batch_size": 1},
+    together = R.evaluate_refinement(cases, pipe, None, cfg, progress=False)["outputs"]
+    alone = R.evaluate_refinement(cases[2:], pipe, None, {**cfg, "batch_size": 1},
                                   progress=False)["outputs"]
-    reordered = R.evaluate_refinement(cases[::-1], components, None, cfg,
+    reordered = R.evaluate_refinement(cases[::-1], pipe, None, cfg,
                                       progress=False)["outputs"]
     out = cases[2].id
     assert np.abs(alone[out]["ours_whole_reference"].astype(int)
@@ -185,18 +172,18 @@ def test_a_cases_output_depends_on_the_case_not_on_its_batch_or_order(cases, com
                       - together[case.id]["ours_whole_reference"]).max() <= 1
 
 
-def test_a_failing_method_names_the_method_and_cases(cases, components,
+def test_a_failing_method_names_the_method_and_cases(cases, pipe,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("sampler exploded")
 
-    monkeypatch.setattr(R.RefineByAlign, "refine", broken)
+    monkeypatch.setattr(R.RefineByAlignPipeline, "__call__", broken)
     cfg = OmegaConf.create({"methods": ["input", "ours_whole_reference"], "num_steps": 1,
                             "batch_size": 2})
     with pytest.raises(R.RefinementError,
                        match=r"method ours_whole_reference failed on case\(s\) 00000, 00001: "
                              "RuntimeError: sampler exploded"):
-        R.evaluate_refinement(cases, components, None, cfg)
+        R.evaluate_refinement(cases, pipe, None, cfg)
 
 
 def test_copy_from_reference_bugs_are_not_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +201,7 @@ def test_copy_from_reference_bugs_are_not_fallbacks(monkeypatch: pytest.MonkeyPa
         R.copy_from_reference(image, mask, image)
 
 
-def test_given_alignments_are_used(cases, components) -> None:
+def test_given_alignments_are_used(cases, pipe) -> None:
     from models.alignment import Alignment
 
     crop = torch.rand(3, 20, 30)
@@ -222,7 +209,7 @@ def test_given_alignments_are_used(cases, components) -> None:
                                   torch.zeros(224, 224, dtype=torch.bool), (0, 0, 30, 20), crop)
                   for c in cases}
     cfg = OmegaConf.create({"methods": ["aligned_crop"], "num_steps": 1, "guidance_scale": 1.0})
-    result = R.evaluate_refinement(cases[:1], components, alignments, cfg)
+    result = R.evaluate_refinement(cases[:1], pipe, alignments, cfg)
     assert result["counts"]["aligned_on_the_fly"] == 0
     assert set(result["methods"]) == {"aligned_crop"}
 
@@ -245,12 +232,13 @@ def test_mask_resizing_covers_for_generation_and_keeps_shape_for_scoring():
     assert resize_mask(mask, (16, 16), cover=True).sum() == 4 * mask.sum()
 
 
-def test_compare_samplers_applies_each_variants_scheduler_options(tiny_export, tmp_path) -> None:
+def test_compare_samplers_applies_each_variants_scheduler_options(tiny_pipeline_dir,
+                                                                  tmp_path) -> None:
     from scripts.compare_samplers import VARIANTS
     from scripts.compare_samplers import main as compare
 
     out = tmp_path / "samplers.json"
-    rows = compare(["--ckpt", str(tiny_export), "--cases", "2", "--steps", "2",
+    rows = compare(["--ckpt", str(tiny_pipeline_dir), "--cases", "2", "--steps", "2",
                     "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == rows
     assert [(r["sampler"], r["guidance"], r["options"]) for r in rows] == [
@@ -262,10 +250,12 @@ def test_compare_samplers_applies_each_variants_scheduler_options(tiny_export, t
     assert all(r["steps"] == 2 and math.isfinite(r["masked_mse"]) for r in rows)
 
 
-def test_compare_samplers_runs_the_variants_asked_for_with_per_case_errors(tiny_export) -> None:
+def test_compare_samplers_runs_the_variants_asked_for_with_per_case_errors(
+        tiny_pipeline_dir) -> None:
     from scripts.compare_samplers import main as compare
 
-    rows = compare(["--ckpt", str(tiny_export), "--cases", "3", "--variants", "ddpm:2:1,ddim:3:2"])
+    rows = compare(["--ckpt", str(tiny_pipeline_dir), "--cases", "3", "--variants",
+                    "ddpm:2:1,ddim:3:2"])
     assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
         ("ddpm", 2, 1.0), ("ddim", 3, 2.0)]
     for row in rows:
@@ -279,4 +269,4 @@ def test_compare_samplers_runs_the_variants_asked_for_with_per_case_errors(tiny_
     assert other["vs_best"]["mean_difference"] == pytest.approx(
         np.mean(other["masked_mse_per_case"]) - np.mean(best["masked_mse_per_case"]))
     with pytest.raises(SystemExit):
-        compare(["--ckpt", str(tiny_export), "--variants", "ddpm:50"])
+        compare(["--ckpt", str(tiny_pipeline_dir), "--variants", "ddpm:50"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -27,11 +26,11 @@ from evaluation.sweep import (
     sweep_timesteps,
     top_cells,
 )
-from models.alignment import align
 from models.attention_capture import cross_attention_blocks
 from models.correspondence import correspondence_scores, mask_iou
-from models.export import load_export, save_export
-from tests.conftest import compose_config
+from models.export import load_pipeline
+from models.pipeline import AlignmentConfig
+from tests.conftest import save_random_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,14 +43,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory: pytest.TempPathFactory):
-    """A random tiny export, saved and loaded the way eval.py does."""
-    torch.manual_seed(0)
-    cfg = compose_config([])
-    module = hydra.utils.instantiate(cfg.model)
-    out = Path(tmp_path_factory.mktemp("export"))
-    save_export(module.inference_state_dict(), cfg.model, out)
-    return load_export(out)
+def pipe(tmp_path_factory: pytest.TempPathFactory):
+    """A random tiny pipeline folder, saved and loaded the way eval.py does."""
+    return load_pipeline(save_random_pipeline(Path(tmp_path_factory.mktemp("export"))))
 
 
 def make_case(i: int, size: int = 64, ref: int = 224, with_gt: bool = True) -> BenchmarkCase:
@@ -66,66 +60,66 @@ def make_case(i: int, size: int = 64, ref: int = 224, with_gt: bool = True) -> B
         reference_mask=gt if with_gt else None, meta={"category": "synthetic"})
 
 
-def test_timesteps_are_ddim_schedule_noisiest_first(components) -> None:
-    steps = sweep_timesteps(components, 50)
-    ref = DDIMScheduler.from_config(components.noise_scheduler.config, steps_offset=1)
+def test_timesteps_are_ddim_schedule_noisiest_first(pipe) -> None:
+    steps = sweep_timesteps(pipe, 50)
+    ref = DDIMScheduler.from_config(pipe.scheduler.config, steps_offset=1)
     ref.set_timesteps(50)
     assert steps == [int(t) for t in ref.timesteps]  # the refinement sampler's own schedule
     assert steps[-1] == 1
     assert len(steps) == 50 and steps[0] == max(steps) and steps == sorted(steps, reverse=True)
 
 
-def test_one_forward_per_batch_and_timestep_regardless_of_blocks(components) -> None:
+def test_one_forward_per_batch_and_timestep_regardless_of_blocks(pipe) -> None:
     cases = [make_case(i) for i in range(3)]
     calls = []
-    handle = components.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    handle = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
-        n_blocks = len(cross_attention_blocks(components.denoiser))
+        n_blocks = len(cross_attention_blocks(pipe.unet))
         for blocks in ([0], list(range(n_blocks))):
             calls.clear()
-            out = collect_vectors(components, cases, [900, 500, 100], blocks, [0],
+            out = collect_vectors(pipe, cases, [900, 500, 100], blocks, [0],
                                   batch_size=2, progress=False)
             assert len(calls) == 2 * 3  # 2 batches x 3 timesteps
-            assert out.shape == (3, 1, 3, len(blocks), components.reference_encoder.num_tokens)
+            assert out.shape == (3, 1, 3, len(blocks), pipe.reference_encoder.num_tokens)
             assert torch.allclose(out.sum(-1), torch.ones(out.shape[:-1]), atol=1e-4)
     finally:
         handle.remove()
 
 
-def test_a_cases_maps_depend_on_the_case_not_on_its_place_in_the_run(components) -> None:
+def test_a_cases_maps_depend_on_the_case_not_on_its_place_in_the_run(pipe) -> None:
     """Noise seeds follow the case id: a case swept alone, or after other cases, or in another
     order, gets the same maps (what lets a resumed run reuse cases swept by an earlier one)."""
     cases = [make_case(i) for i in range(3)]
-    steps = sweep_timesteps(components, 3)
-    together = collect_vectors(components, cases, steps, [0, 2], [0, 1], batch_size=2,
+    steps = sweep_timesteps(pipe, 3)
+    together = collect_vectors(pipe, cases, steps, [0, 2], [0, 1], batch_size=2,
                                progress=False)
-    reordered = collect_vectors(components, cases[::-1], steps, [0, 2], [0, 1], batch_size=3,
+    reordered = collect_vectors(pipe, cases[::-1], steps, [0, 2], [0, 1], batch_size=3,
                                 progress=False)
-    alone = collect_vectors(components, cases[2:], steps, [0, 2], [0, 1], batch_size=1,
+    alone = collect_vectors(pipe, cases[2:], steps, [0, 2], [0, 1], batch_size=1,
                             progress=False)
     torch.testing.assert_close(reordered.flip(0), together, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(alone[0], together[2], rtol=1e-4, atol=1e-6)
     assert case_noise_seed(0, "c2") != case_noise_seed(1, "c2") != case_noise_seed(0, "c1")
 
 
-def test_deployed_align_is_the_sweep_cell_under_the_same_noise(components) -> None:
+def test_deployed_align_is_the_sweep_cell_under_the_same_noise(pipe) -> None:
     """The deployed stage (``align`` at one (t, l), one case at a time) and the sweep (batched,
     every cell at once) differ only in the noise they draw: given the sweep's per-case noise
     seed, ``align`` returns the sweep's vector and the same region IoU. So a gap between the
     deployed mIoU and the swept cell on the same cases is noise-draw variance, not a second
     code path."""
     cases = [make_case(i) for i in range(3)]
-    steps = sweep_timesteps(components, 5)
+    steps = sweep_timesteps(pipe, 5)
     timestep, block, seed = steps[2], 3, 2
-    vectors = collect_vectors(components, cases, steps, [block], [seed], batch_size=2,
+    vectors = collect_vectors(pipe, cases, steps, [block], [seed], batch_size=2,
                               progress=False)
-    encoder = components.reference_encoder
+    encoder = pipe.reference_encoder
     grids = normalised_grids(vectors, encoder.grid, encoder.num_prefix_tokens)
     for i, case in enumerate(cases):
-        image, mask, reference = case_tensors(case, components.image_size)
+        image, mask, reference = case_tensors(case, pipe.image_size)
         noise_seed = case_noise_seed(seed, case.id)  # collect_vectors' noise seed for it
-        found = align(components, image, mask, reference, timestep, block,
-                      generator=torch.Generator().manual_seed(noise_seed))
+        found = pipe.align_tensors(image, mask, reference, noise_seed,
+                                   AlignmentConfig(timestep=timestep, block=block))
         torch.testing.assert_close(found.vector, vectors[i, 0, 2, 0], rtol=1e-4, atol=1e-6)
         gt = torch.from_numpy(case.reference_mask)
         swept, _ = score_grids(grids[i, 0, 2], gt.float(), threshold=0.5)
@@ -133,11 +127,11 @@ def test_deployed_align_is_the_sweep_cell_under_the_same_noise(components) -> No
             float(swept[0]), abs=1e-6)
 
 
-def test_run_sweep_tables_curves_and_topk(components) -> None:
+def test_run_sweep_tables_curves_and_topk(pipe) -> None:
     cases = [make_case(i) for i in range(4)] + [make_case(9, with_gt=False)]
     cfg = SweepConfig(num_timesteps=3, seeds=[0, 1], batch_size=4, topk=[1, 2, 50])
-    result = run_sweep(components, cases, cfg, progress=False)
-    n_layers = len(cross_attention_blocks(components.denoiser))
+    result = run_sweep(pipe, cases, cfg, progress=False)
+    n_layers = len(cross_attention_blocks(pipe.unet))
     assert result.case_ids == ["c0", "c1", "c2", "c3"]  # the case without GT is not scored
     assert result.table_mask.shape == result.table_box.shape == (3, n_layers)
     assert result.scores_mask.shape == (4, 2, 3, n_layers)
@@ -261,8 +255,8 @@ def test_case_noise_does_not_depend_on_the_batch():
     from models.alignment import attention_vectors
 
     comp, image, mask, context = _random_case_batch(3)
-    both = attention_vectors(comp, image, mask, context, [500], [0], noise_seeds=[7, 8, 9])
-    alone = attention_vectors(comp, image[1:2], mask[1:2], context[1:2], [500], [0],
+    both = attention_vectors(*comp, image, mask, context, [500], [0], noise_seeds=[7, 8, 9])
+    alone = attention_vectors(*comp, image[1:2], mask[1:2], context[1:2], [500], [0],
                               noise_seeds=[8])
     torch.testing.assert_close(both[500][0][1:2], alone[500][0])
 
@@ -277,34 +271,34 @@ def test_trajectory_readout_follows_algorithm_1() -> None:
     from models.refinement import build_sampler
 
     comp, image, mask, context = _random_case_batch(2)
-    ddim = build_sampler("ddim", comp.noise_scheduler.config, comp.autoencoder)
+    ddim = build_sampler("ddim", comp[2].config, comp[1])
     ddim.set_timesteps(10)
     schedule = [int(t) for t in ddim.timesteps]
     wanted = [schedule[2], schedule[5]]
     calls = []
-    handle = comp.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    handle = comp[0].register_forward_hook(lambda *a: calls.append(1))
     try:
-        traj = attention_vectors(comp, image, mask, context, wanted, [0, 2], noise_seeds=[1, 2],
+        traj = attention_vectors(*comp, image, mask, context, wanted, [0, 2], noise_seeds=[1, 2],
                                  readout="trajectory", num_steps=10)
         assert len(calls) == 6  # steps 0..5 of the trajectory, then it stops
         calls.clear()
-        fwd = attention_vectors(comp, image, mask, context, wanted, [0, 2], noise_seeds=[1, 2])
+        fwd = attention_vectors(*comp, image, mask, context, wanted, [0, 2], noise_seeds=[1, 2])
         assert len(calls) == 2
     finally:
         handle.remove()
     assert set(traj) == set(wanted) and set(traj[wanted[0]]) == {0, 2}
     assert not torch.allclose(traj[wanted[1]][0], fwd[wanted[1]][0])
     # the first step reads z_T itself, yet the masked-image conditioning already counts
-    first = attention_vectors(comp, image, mask, context, [schedule[0]], [0], noise_seeds=[1, 2],
+    first = attention_vectors(*comp, image, mask, context, [schedule[0]], [0], noise_seeds=[1, 2],
                               readout="trajectory", num_steps=10)
-    other = attention_vectors(comp, -image, mask, context, [schedule[0]], [0],
+    other = attention_vectors(*comp, -image, mask, context, [schedule[0]], [0],
                               noise_seeds=[1, 2], readout="trajectory", num_steps=10)
     assert not torch.allclose(first[schedule[0]][0], other[schedule[0]][0])  # masked image
     with pytest.raises(ValueError, match="not on the 10-step"):
-        attention_vectors(comp, image, mask, context, [schedule[1] + 1], [0], readout="trajectory",
+        attention_vectors(*comp, image, mask, context, [schedule[1] + 1], [0], readout="trajectory",
                           num_steps=10)
     with pytest.raises(ValueError, match="read-out"):
-        attention_vectors(comp, image, mask, context, wanted, [0], readout="sideways")
+        attention_vectors(*comp, image, mask, context, wanted, [0], readout="sideways")
 
 
 def _random_case_batch(n: int):
@@ -312,15 +306,15 @@ def _random_case_batch(n: int):
     import torch
     from hydra.utils import instantiate
 
-    from models.export import Components
     from tests.conftest import compose_config
 
     cfg = compose_config(["data.image_size=32"])
-    parts = {k: instantiate(cfg.model[k]) for k in ("denoiser", "reference_encoder",
-             "autoencoder", "noise_scheduler", "sampling_scheduler")}
-    comp = Components(**parts, config=cfg.model).eval()
+    unet, encoder, ae, scheduler = (instantiate(cfg.model[k]) for k in (
+        "denoiser", "reference_encoder", "autoencoder", "noise_scheduler"))
     torch.manual_seed(0)
     image = torch.rand(n, 3, 32, 32) * 2 - 1
     mask = torch.zeros(n, 1, 32, 32)
     mask[..., 8:20, 8:20] = 1
-    return comp, image, mask, comp.reference_encoder(torch.rand(n, 3, 224, 224))
+    with torch.no_grad():
+        context = encoder.eval()(torch.rand(n, 3, 224, 224))
+    return (unet.eval(), ae, scheduler), image, mask, context

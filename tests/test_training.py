@@ -138,67 +138,48 @@ def test_train_entry_point_runs_and_exports(entry_point_run):
     assert "Training finished" in done.stdout and "baseline: whole_reference" in done.stdout
     metric = OmegaConf.load(SEARCH_CONFIG).optimized_metric
     assert f"optimized metric {metric} = " in done.stdout  # main() returned it
-    exports = list(log_dir.glob("train/*/export/model.safetensors"))
+    exports = [p.parent for p in log_dir.glob("train/*/export/model_index.json")]
     assert len(exports) == 1
+    assert f"exported pipeline: {exports[0]}" in done.stdout
     from data.provenance import read_training_data
 
-    record = read_training_data(exports[0].parent)  # eval.py checks benchmarks against it
+    record = read_training_data(exports[0])  # eval.py checks benchmarks against it
     assert record["train"]["namespace"] == "train" and record["train"]["seed"] == 0
     assert record["validation"]["namespace"] == "validation"
     assert list(log_dir.glob("train/*/checkpoints/last.ckpt"))
     assert list(log_dir.glob("train/*/csv/metrics.csv"))
 
 
-def test_train_exports_the_diffusers_folder(entry_point_run):
-    """<export>/diffusers: convert_export's layout, named in the summary, same provenance."""
-    done, log_dir = entry_point_run
-    (export,) = [p.parent for p in log_dir.glob("train/*/export/model.safetensors")]
-    folder = export / "diffusers"
-    assert f"diffusers folder : {folder}" in done.stdout
-    for part in ("unet", "reference_encoder"):
-        assert (folder / part / "config.json").is_file()
-        assert (folder / part / "diffusion_pytorch_model.safetensors").is_file()
-    assert (folder / "scheduler" / "scheduler_config.json").is_file()
-    assert not (folder / "vae").exists()  # the tiny model is pixel-space
-    assert (folder / "model.yaml").read_text() == (export / "model.yaml").read_text()
-    assert (folder / "training_data.yaml").read_text() == (
-        export / "training_data.yaml").read_text()
-    assert not (folder / "alignment.yaml").exists()  # uncalibrated until eval.py says so
-
-
-def test_train_diffusers_folder_loads_and_refines_like_the_export(entry_point_run, tmp_path):
+def test_train_exports_one_pipeline_folder(entry_point_run, tmp_path):
+    """The export is the diffusers layout, once; it loads and refines, uncalibrated until
+    eval.py says otherwise, with the EMA weights the run ended with."""
     import numpy as np
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
     from data.benchmark import load_benchmark, write_synthetic_benchmark
-    from models.diffusers_pipeline import RefineByAlignPipeline
-    from models.export import load_export
-    from models.pipeline import RefineByAlign, RefinementConfig, load_alignment
+    from models.export import load_pipeline
 
     _, log_dir = entry_point_run
-    (export,) = [p.parent for p in log_dir.glob("train/*/export/model.safetensors")]
-    folder = export / "diffusers"
+    (export,) = [p.parent for p in log_dir.glob("train/*/export/model_index.json")]
+    for part in ("unet", "reference_encoder"):
+        assert (export / part / "config.json").is_file()
+        assert (export / part / "diffusion_pytorch_model.safetensors").is_file()
+    assert (export / "scheduler" / "scheduler_config.json").is_file()
+    assert (export / "model.yaml").is_file()
+    assert not (export / "vae").exists()  # the tiny model is pixel-space
+    assert not list(export.glob("*.safetensors")) and not (export / "diffusers").exists()
 
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
-    exported = load_file(str(export / "model.safetensors"))
-    theirs = {k[len("denoiser."):]: v for k, v in exported.items() if k.startswith("denoiser.")}
-    assert unet.keys() == theirs.keys()
-    assert all(torch.equal(unet[k], v) for k, v in theirs.items())
-
+    pipe = load_pipeline(export)
+    model_cfg = OmegaConf.load(export / "model.yaml")
+    assert not pipe.calibrated
+    assert (pipe.alignment.timestep, pipe.alignment.block) == (model_cfg.val_timestep,
+                                                                model_cfg.val_block)
     write_synthetic_benchmark(tmp_path, 1, seed=3)
     (case,), _ = load_benchmark(tmp_path)
-    fast = RefinementConfig(num_steps=2, guidance_scale=2.0)  # guided: null tokens too
-    components = load_export(export)
-    today = RefineByAlign(components, load_alignment(export_dir=export, components=components),
-                          fast)
-    expected, expected_found = today(case.image, case.mask, case.reference, seed=5)
-    pipe = RefineByAlignPipeline.from_pretrained(folder)
-    pipe.refinement = fast
-    refined, found = pipe(case.image, case.mask, case.reference, seed=5)
-    assert not np.array_equal(refined[case.mask], case.image[case.mask])  # it did generate
-    np.testing.assert_array_equal(refined, expected)
-    assert found.box == expected_found.box
+    from models.pipeline import RefinementConfig
+
+    out = pipe(case.image, case.mask, case.reference, RefinementConfig(num_steps=2), seed=5)
+    assert not np.array_equal(out.images[0][case.mask], case.image[case.mask])
+    assert np.array_equal(out.images[0][~case.mask], case.image[~case.mask])
 
 
 def test_cls_token_ablation_trains_and_validates_without_a_map(tmp_path):

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from data.provenance import check_overlap, read_training_data, write_training_data
 from models.checkpoint import warm_start
 from models.ema import EMA
-from models.export import save_export
+from models.export import save_pretrained
 from models.losses import min_snr_weights, sample_timesteps
 from tests.conftest import compose_config
 
@@ -56,7 +56,7 @@ def test_min_snr_weight_makes_the_x0_weight_min_snr_gamma(kind: str) -> None:
 def test_warm_start_loads_the_export_and_restarts_ema(tmp_path: Path) -> None:
     cfg = compose_config(["seed=3"])
     source = hydra.utils.instantiate(cfg.model)
-    export = save_export(source.inference_state_dict(), cfg.model, tmp_path / "export")
+    export = save_pretrained(source.inference_state_dict(), cfg.model, tmp_path / "export")
     write_training_data(cfg.data, export)
     torch.manual_seed(99)
     module = hydra.utils.instantiate(compose_config(["seed=4"]).model)
@@ -75,8 +75,8 @@ def test_warm_start_loads_the_export_and_restarts_ema(tmp_path: Path) -> None:
 
 def test_warm_start_refuses_another_architecture(tmp_path: Path) -> None:
     cfg = compose_config([])
-    export = save_export(hydra.utils.instantiate(cfg.model).inference_state_dict(), cfg.model,
-                         tmp_path / "export")
+    export = save_pretrained(hydra.utils.instantiate(cfg.model).inference_state_dict(),
+                             cfg.model, tmp_path / "export")
     wider = compose_config(["model.denoiser.config.block_out_channels=[32,64,64]"])
     with pytest.raises(ValueError, match="init_from .*denoiser does not fit"):
         warm_start(hydra.utils.instantiate(wider.model), export)

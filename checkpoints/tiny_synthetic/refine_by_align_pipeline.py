@@ -6,4 +6,4 @@
 The refine-by-align repository must be importable.
 """
 
-from models.diffusers_pipeline import RefineByAlignPipeline  # noqa: F401
+from models.pipeline import RefineByAlignPipeline  # noqa: F401
