@@ -40,11 +40,11 @@ from models.hub import (
     snapshot_command,
 )
 
-# mask_bbox, to_tensor used here; the ground-truth metrics re-exported (their home is
+# mask_box_slices, to_tensor used here; the ground-truth metrics re-exported (their home is
 # models/image_metrics.py, which training diagnostics can import)
 from models.image_metrics import gradient_similarity as gradient_similarity
 from models.image_metrics import ground_truth_metrics as ground_truth_metrics
-from models.image_metrics import mask_bbox, to_tensor
+from models.image_metrics import mask_box_slices, to_tensor
 from models.image_metrics import masked_l1 as masked_l1
 from models.image_metrics import psnr_in_box as psnr_in_box
 from models.image_metrics import ssim_in_box as ssim_in_box
@@ -69,7 +69,7 @@ def region_crop(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """The image inside the mask's bounding box (the whole image when ``mask`` is None)."""
     if mask is None:
         return image
-    rows, cols = mask_bbox(mask)
+    rows, cols = mask_box_slices(mask)
     return image[rows, cols]
 
 

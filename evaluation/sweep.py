@@ -49,7 +49,7 @@ from models.correspondence import (
     tokens_to_grid,
 )
 from models.pipeline import RefineByAlignPipeline
-from models.refinement import build_sampler, resize_mask
+from models.refinement import build_sampler, resize_mask_tensor
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def case_tensors(
         size = (image_size, image_size)
         image = F.interpolate(image, size=size, mode="bilinear", antialias=True,
                               align_corners=False).clamp(-1, 1)
-        mask = resize_mask(mask, size, cover=False)
+        mask = resize_mask_tensor(mask, size, cover=False)
     return image, mask, reference
 
 

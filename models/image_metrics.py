@@ -21,7 +21,7 @@ from torchmetrics.functional.image import (
 )
 
 
-def mask_bbox(mask: np.ndarray) -> tuple[slice, slice]:
+def mask_box_slices(mask: np.ndarray) -> tuple[slice, slice]:
     """(rows, cols) slices of the mask's bounding box; the metrics' region of interest."""
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
@@ -36,7 +36,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def psnr_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
     """PSNR (dB, data range 1) inside the mask's bounding box; inf when identical there."""
-    rows, cols = mask_bbox(mask)
+    rows, cols = mask_box_slices(mask)
     value = peak_signal_noise_ratio(to_tensor(output[rows, cols]), to_tensor(target[rows, cols]),
                                     data_range=1.0)
     return float(value)
@@ -44,7 +44,7 @@ def psnr_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> flo
 
 def ssim_in_box(output: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
     """Gaussian SSIM inside the mask's bounding box, the window shrunk to fit small boxes."""
-    rows, cols = mask_bbox(mask)
+    rows, cols = mask_box_slices(mask)
     side = min(rows.stop - rows.start, cols.stop - cols.start)
     kernel = min(11, side if side % 2 else side - 1)  # odd, and its pad < side for reflection
     value = structural_similarity_index_measure(

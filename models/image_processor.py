@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.modes import Box, mask_bbox
-from models.refinement import blend, resize_mask
+from data.masks import mask_bbox
+from data.modes import Box
+from models.refinement import blend, resize_mask_tensor
 
 
 def chw(image: np.ndarray) -> torch.Tensor:
@@ -93,7 +94,7 @@ class MaskProcessor:
         """Every cell that any masked pixel touches is masked, so generated content spans
         the whole mask (the sweep scores the mask's faithful shape instead)."""
         msk = torch.from_numpy(np.asarray(_crop(mask, crops_coords)).astype(np.float32))
-        return resize_mask(msk[None, None], (size, size), cover=True)
+        return resize_mask_tensor(msk[None, None], (size, size), cover=True)
 
     @staticmethod
     def get_crop_region(mask: np.ndarray, pad: int, min_size: int) -> Box:

@@ -24,7 +24,7 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
 }
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> torch.Tensor:
+def resize_mask_tensor(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> torch.Tensor:
     """Binary mask [B,1,H,W] at ``size``, one policy per purpose.
 
     ``cover=True`` (model inputs): a cell is masked if any pixel under it is, so generated
@@ -46,7 +46,7 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], cover: bool) -> torch
 
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """Pixel mask -> latent grid; a latent cell is masked if any of its pixels is."""
-    return resize_mask(mask, latent_hw, cover=True)
+    return resize_mask_tensor(mask, latent_hw, cover=True)
 
 
 def denoiser_input(

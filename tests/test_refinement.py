@@ -215,21 +215,21 @@ def test_given_alignments_are_used(cases, pipe) -> None:
 
 
 def test_mask_resizing_covers_for_generation_and_keeps_shape_for_scoring():
-    from models.refinement import resize_mask
+    from models.refinement import resize_mask_tensor
 
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 0, 0] = 1  # one pixel: under half of any 2x2 cell
     mask[..., 4:8, 4:8] = 1
-    cover = resize_mask(mask, (4, 4), cover=True)
-    shape = resize_mask(mask, (4, 4), cover=False)
+    cover = resize_mask_tensor(mask, (4, 4), cover=True)
+    shape = resize_mask_tensor(mask, (4, 4), cover=False)
     assert cover[0, 0, 0, 0] == 1 and shape[0, 0, 0, 0] == 0
     assert cover[0, 0, 2:, 2:].all() and shape[0, 0, 2:, 2:].all()
     assert cover.sum() == 5 and shape.sum() == 4
     thin = torch.zeros(1, 1, 8, 8)
     thin[..., 3, :] = 1  # a line that covers every cell it touches by half at most
-    assert resize_mask(thin, (2, 2), cover=False).sum() == 2
-    assert torch.equal(resize_mask(cover, (4, 4), cover=True), cover)
-    assert resize_mask(mask, (16, 16), cover=True).sum() == 4 * mask.sum()
+    assert resize_mask_tensor(thin, (2, 2), cover=False).sum() == 2
+    assert torch.equal(resize_mask_tensor(cover, (4, 4), cover=True), cover)
+    assert resize_mask_tensor(mask, (16, 16), cover=True).sum() == 4 * mask.sum()
 
 
 def test_compare_samplers_applies_each_variants_scheduler_options(tiny_pipeline_dir,
