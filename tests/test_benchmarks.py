@@ -1,4 +1,4 @@
-"""The benchmark scripts' smoke modes run in-process and write the JSON keys the lead reads.
+"""The benchmark scripts' smoke modes run in-process and write the JSON keys their summaries read.
 
 The train and infer smokes run in the default suite (CI); the variant sweep is marked slow.
 """

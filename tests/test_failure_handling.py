@@ -88,7 +88,7 @@ def test_skipped_steps_leave_the_weights_alone_until_the_limit(tmp_path, caplog)
 
 
 def test_diverging_training_stops_before_exporting(tmp_path):
-    """The issue's case: `python train.py model.optimizer.lr=1e8`, short."""
+    """The reported case: `python train.py model.optimizer.lr=1e8`, short."""
     cfg = compose_config(FAST + ["model.optimizer.lr=1e8", "trainer.max_steps=20"])
     cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(NonFiniteError, match=r"step \d+: loss nan \(diffusion=nan.*item \d+"):
