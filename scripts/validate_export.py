@@ -5,6 +5,7 @@ denoising gain per timestep on benchmark cases.
         correspondence: [--val-length 256] [--timestep 300]
         denoising gain: [--cases 100] [--timesteps 10 50 100 200 400 700] [--references whole crop]
                         [--bench-dir DIR | --namespace benchmark --bench-seed 0] [--plot PNG]
+                        [--baseline FOLDER]
         [--out JSON]
 
 Correspondence: rebuilds the LightningModule from the folder's model.yaml, loads its (EMA)
@@ -17,6 +18,9 @@ its x0 prediction pasted into the mask; PSNR in the mask's box and gms in the ma
 target, for the noisy input and the x0 prediction, and their difference. Cases: ``--bench-dir``
 (those with a target.png), else ``--cases`` synthetic cases written as eval.py writes them, from
 the "benchmark" seed namespace (no training or validation item), or "validation" for choices.
+With ``--baseline``, a second export is scored on the same cases and noise and the gain
+differences (export minus baseline) are paired per case, with bootstrap 95% intervals: the
+test a retrained model passes before it replaces the shipped one.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from data.benchmark import load_benchmark, write_synthetic_benchmark
 from data.datamodule import PairDataModule
 from evaluation.denoising_gain import REFERENCES, GainConfig, measure_cases
 from evaluation.figures import denoising_gain_curve
+from evaluation.paired import paired_difference
 from evaluation.report import format_summary
 from models.denoising_gain import DEFAULT_TIMESTEPS, format_table
 from models.export import CONFIG, DEFAULT_EXPORT, load_pipeline, read_weights
@@ -96,7 +101,47 @@ def denoising_gain(args: argparse.Namespace) -> dict:
         print(format_table(node["rows"]) if node["rows"] else "  no case")
     if args.plot:
         print(f"plot: {denoising_gain_curve(section, args.plot)}")
+    if args.baseline is not None:
+        baseline = measure_cases(load_pipeline(args.baseline, "cuda" if use_cuda else "cpu"),
+                                 cases, cfg, progress=True, per_case=True)
+        section["versus_baseline"] = versus_baseline(section, baseline, str(args.baseline))
+        print(format_versus(section["versus_baseline"]))
     return section
+
+
+def per_case_gains(node: dict, metric: str) -> dict[str, list[float]]:
+    """{case: [gain per timestep]} of one reference's ``per_case`` table."""
+    return {case: [x - n for x, n in zip(s[f"{metric}_x0"], s[f"{metric}_noisy"], strict=True)]
+            for case, s in node["per_case"].items()}
+
+
+def versus_baseline(section: dict, baseline: dict, name: str) -> dict:
+    """Gain of the export minus the baseline's, paired per case, per reference, metric and t."""
+    rows = []
+    for ref, node in section["references"].items():
+        for metric in ("psnr", "gms"):
+            ours, theirs = per_case_gains(node, metric), per_case_gains(
+                baseline["references"][ref], metric)
+            cases = sorted(set(ours) & set(theirs))
+            for k, t in enumerate(section["timesteps"]):
+                a = [theirs[c][k] for c in cases]  # PSNR is capped, so every value is finite
+                b = [ours[c][k] for c in cases]
+                rows.append({"reference": ref, "metric": metric, "t": t,
+                             "baseline_gain": sum(a) / len(a), "gain": sum(b) / len(b),
+                             **paired_difference(a, b)})
+    return {"baseline": name, "rows": rows}
+
+
+def format_versus(result: dict) -> str:
+    lines = [f"\nGain minus that of {result['baseline']} (same cases and noise, paired per case, "
+             "bootstrap 95%):", "| reference | metric | t | baseline | this export | difference "
+             "| 95% interval | cases better |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lo, hi = r["ci95"]
+        lines.append(f"| {r['reference']} | {r['metric']} | {r['t']} | {r['baseline_gain']:+.3f} "
+                     f"| {r['gain']:+.3f} | {r['mean_difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] "
+                     f"| {r['b_better_cases']}/{r['cases']} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     group.add_argument("--seed", type=int, default=0, help="per-case noise seed base")
     group.add_argument("--gain-batch-size", type=int, default=16)
     group.add_argument("--plot", type=Path, default=None, help="write the gain figure (PNG)")
+    group.add_argument("--baseline", type=Path, default=None,
+                       help="another export to score on the same cases and noise; prints and "
+                            "writes the paired gain differences (this export minus it)")
     args = parser.parse_args(argv)
     if args.cases is not None and args.cases < 1:
         parser.error("--cases must be >= 1")

@@ -229,3 +229,37 @@ def test_validate_export_prints_the_table_on_the_shipped_export(tmp_path, capsys
     assert len(gain["references"]["whole"]["per_case"]) == 4
     assert rows[1]["psnr_gain"] > 1  # the shipped model denoises at t=400
     assert plot.stat().st_size > 0 and "correspondence" not in result
+
+
+def test_versus_baseline_pairs_each_case_and_signs_the_difference():
+    from scripts.validate_export import versus_baseline
+
+    def section(x0_by_case: dict[str, list[float]]) -> dict:
+        per_case = {c: {"psnr_noisy": [20.0, 30.0], "psnr_x0": x0,
+                        "gms_noisy": [0.5, 0.6], "gms_x0": [0.5, 0.6]}
+                    for c, x0 in x0_by_case.items()}
+        return {"timesteps": [50, 100], "references": {"whole": {"per_case": per_case}}}
+
+    baseline = section({"a": [21.0, 31.0], "b": [22.0, 30.0], "c": [20.0, 29.0]})
+    ours = section({"c": [23.0, 29.0], "a": [21.5, 31.0], "b": [22.0, 30.0]})  # order differs
+    rows = {(r["metric"], r["t"]): r for r in versus_baseline(ours, baseline, "base")["rows"]}
+    t50 = rows[("psnr", 50)]
+    assert t50["baseline_gain"] == pytest.approx((1 + 2 + 0) / 3)
+    assert t50["gain"] == pytest.approx((1.5 + 2 + 3) / 3)
+    assert t50["mean_difference"] == pytest.approx((0.5 + 0 + 3) / 3)
+    assert t50["b_better_cases"] == 2 and t50["cases"] == 3
+    assert rows[("psnr", 100)]["mean_difference"] == pytest.approx(0)
+    assert rows[("gms", 50)]["mean_difference"] == pytest.approx(0)
+
+
+def test_validate_export_against_itself_differs_by_nothing(tmp_path, capsys):
+    from scripts.validate_export import main
+
+    out = tmp_path / "gain.json"
+    main(["--measure", "denoising_gain", "--cases", "2", "--references", "whole",
+          "--timesteps", "50", "--baseline", "checkpoints/tiny_synthetic", "--out", str(out)])
+    rows = json.loads(out.read_text())["denoising_gain"]["versus_baseline"]["rows"]
+    assert [(r["metric"], r["t"]) for r in rows] == [("psnr", 50), ("gms", 50)]
+    for r in rows:
+        assert r["mean_difference"] == 0 and r["ci95"] == [0, 0] and r["cases"] == 2
+    assert "paired per case" in capsys.readouterr().out
