@@ -99,3 +99,25 @@ def test_benchmark_data_baseline_compares_two_checkouts(tmp_path) -> None:
     for key, ratio in res["ratios_after_over_before"].items():
         before, after = res["medians"]["before"][key], res["medians"]["after"][key]
         assert before > 0 and ratio == pytest.approx(after / before, rel=0.02), key
+
+
+def test_flops_by_part_adds_up_and_sees_the_attention_it_removes(tmp_path) -> None:
+    from benchmarks.flops_by_part import main as flops_main
+
+    small = ["data.reference_size=56",
+             "model.reference_encoder.backbone.config.num_hidden_layers=1"]
+    result = flops_main([*(f"--override={o}" for o in small),
+                         "--variant", "cross_only=+model.denoiser.config.only_cross_attention=true",
+                         "--out", str(tmp_path / "flops.json")])
+    preset, cross_only = result["variants"]["preset"], result["variants"]["cross_only"]
+    for r in (preset, cross_only):  # every forward FLOP lands in exactly one part, none twice
+        assert sum(r["forward_gflop_by_part"].values()) == pytest.approx(r["forward_gflop"],
+                                                                         rel=1e-6)
+        assert min(r["forward_gflop_by_part"].values()) >= 0
+        assert r["gflop_per_sample"] > 2.5 * r["forward_gflop"]  # the backward is counted
+    self_32 = "down_blocks.1@32/self_attention"
+    # attn1 attending to 256 reference tokens instead of 1,024 positions is cheaper
+    assert 0 < cross_only["forward_gflop_by_part"][self_32] < preset["forward_gflop_by_part"][
+        self_32]
+    assert cross_only["ratio_to_preset"] < 1
+    assert preset["forward_gflop_by_part"]["down_blocks.0@64/resnets"] > 0
