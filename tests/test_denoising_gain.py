@@ -263,3 +263,38 @@ def test_validate_export_against_itself_differs_by_nothing(tmp_path, capsys):
     for r in rows:
         assert r["mean_difference"] == 0 and r["ci95"] == [0, 0] and r["cases"] == 2
     assert "paired per case" in capsys.readouterr().out
+
+
+def test_classical_yardstick_scores_like_the_model_and_a_bilateral_filter_denoises(tmp_path):
+    from benchmarks.classical_denoisers import METHODS, classical_scores, synthetic_cases
+    from evaluation.denoising_gain import GainConfig, measure_cases
+    from models.export import DEFAULT_EXPORT, load_pipeline
+
+    pipe = load_pipeline(DEFAULT_EXPORT)
+    cases = synthetic_cases(tmp_path / "cases", 3, 5, "validation", pipe)
+    model = measure_cases(pipe, cases, GainConfig(timesteps=[10, 50]), progress=False,
+                          per_case=True)["references"]["whole"]["per_case"]
+    METHODS["identity"] = (lambda image, _: image, (0.0,))
+    try:
+        same = classical_scores(pipe, cases, "identity", 0.0, [10, 50], seed=0)
+    finally:
+        del METHODS["identity"]
+    bilateral = classical_scores(pipe, cases, "bilateral", 40.0, [10, 50], seed=0)
+    for n, case in enumerate(cases):  # the same noisy input as the model's, case by case
+        np.testing.assert_allclose(bilateral["psnr_noisy"][n], model[case.id]["psnr_noisy"])
+    # x_t / sqrt(alpha_bar) back through the uint8 round trip: at t = 10 the input itself
+    assert np.abs(same["psnr_x0"][:, 0] - same["psnr_noisy"][:, 0]).max() < 0.1
+    assert (bilateral["psnr_x0"][:, 1] > bilateral["psnr_noisy"][:, 1]).all()
+
+
+def test_classical_denoiser_sees_the_rescaled_noisy_target():
+    from benchmarks.classical_denoisers import ClassicalDenoiser
+
+    scheduler = _scheduler("sample")
+    seen = []
+    denoiser = ClassicalDenoiser(scheduler, 3, lambda image, _: seen.append(image) or image, 0.0)
+    x = torch.rand(2, 7, 8, 8) * 1.2 - 0.6
+    out = denoiser(x, torch.tensor([700, 700]), torch.zeros(2, 1, 1)).sample
+    expected = (x[:, :3] / scheduler.alphas_cumprod[700].sqrt()).clamp(-1, 1)
+    assert seen[0].dtype == np.uint8 and seen[0].shape == (8, 8, 3)
+    assert (out - expected).abs().max() <= 1 / 127.5 + 1e-6
