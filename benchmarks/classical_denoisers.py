@@ -67,13 +67,12 @@ class ClassicalDenoiser(nn.Module):
         return SimpleNamespace(sample=torch.stack(out).float() / 127.5 - 1)
 
 
-def classical_scores(pipe: Any, cases: Sequence[BenchmarkCase], method: str, parameter: float,
+def classical_scores(pipe: Any, cases: Sequence[BenchmarkCase], fn: Filter, parameter: float,
                      timesteps: Sequence[int], seed: int, batch_size: int = 32
                      ) -> dict[str, np.ndarray]:
-    """score_batch's per-case scores of one classical method at one parameter."""
+    """score_batch's per-case scores of one filter at one parameter."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
     size = pipe.image_size
-    fn = METHODS[method][0]
     parts = []
     for start in range(0, len(cases), batch_size):
         chunk = cases[start: start + batch_size]
@@ -90,9 +89,14 @@ def synthetic_cases(root: Path, num: int, seed: int, namespace: str, pipe: Any
                     ) -> list[BenchmarkCase]:
     write_synthetic_benchmark(root, num, seed, pipe.image_size, pipe.reference_encoder.image_size,
                               namespace=namespace)
+    return readable_cases(root)
+
+
+def readable_cases(root: Path) -> list[BenchmarkCase]:
+    """Every case of ``root``; a case that cannot be read stops the run, named."""
     cases, skipped = load_benchmark(root)
     if skipped:
-        raise RuntimeError(f"{namespace} cases could not be read: {skipped}")
+        raise RuntimeError(f"{root}: cases could not be read: {skipped}")
     return cases
 
 
@@ -122,15 +126,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         calibration = synthetic_cases(Path(tmp) / "cal", args.calibration_cases,
                                       args.calibration_seed, "validation", pipe)
-        report = (load_benchmark(args.bench_dir)[0] if args.bench_dir else
+        report = (readable_cases(args.bench_dir) if args.bench_dir else
                   synthetic_cases(Path(tmp) / "bench", args.cases, 0, "benchmark", pipe))
     report = [c for c in report if c.target is not None]
     chosen: dict[str, list[float]] = {}
     sweep: dict[str, dict[str, list[float]]] = {}
-    for method, (_, grid) in METHODS.items():
+    for method, (fn, grid) in METHODS.items():
         gains = {}
         for parameter in grid:
-            s = classical_scores(pipe, calibration, method, parameter, ts, args.seed)
+            s = classical_scores(pipe, calibration, fn, parameter, ts, args.seed)
             gains[parameter] = (s["psnr_x0"] - s["psnr_noisy"]).mean(0)
         sweep[method] = {str(p): g.tolist() for p, g in gains.items()}
         chosen[method] = [max(grid, key=lambda p, k=k: gains[p][k]) for k in range(len(ts))]
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in METHODS:
         per_t = []
         for k, t in enumerate(ts):
-            s = classical_scores(pipe, report, method, chosen[method][k], [t], args.seed)
+            s = classical_scores(pipe, report, METHODS[method][0], chosen[method][k], [t],
+                                 args.seed)
             per_t.append({**gain_rows(s, [t])[0], "parameter": chosen[method][k]})
         rows[method] = per_t
     model = measure_cases(pipe, report, GainConfig(timesteps=ts, seed=args.seed), progress=False)
