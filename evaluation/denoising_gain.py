@@ -9,7 +9,7 @@ id)``, the same under both references (so the two are paired) and whatever else 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,11 +61,12 @@ def _reference(case: BenchmarkCase, kind: str, size: int, margin: float) -> torc
     return resize_reference(image[None], size)
 
 
-def score_cases(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], reference: str,
-                cfg: GainConfig, progress: Callable[[int], None] | None = None) -> Scores:
-    """Per-case scores of ``cases`` with the ``reference`` kind."""
+def case_batches(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], reference: str,
+                 cfg: GainConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    list[int]]]:
+    """``(target, mask, context, noise_seeds)`` per batch of ``cases``, at the model's size,
+    with the ``reference`` kind's tokens (the inputs of ``models.denoising_gain.score_batch``)."""
     device, encoder, size = pipe.device, pipe.reference_encoder, pipe.image_size
-    parts = []
     for start in range(0, len(cases), max(1, cfg.batch_size)):
         chunk = cases[start: start + cfg.batch_size]
         target = torch.cat([pipe.image_processor.preprocess(c.target, size)
@@ -75,11 +76,18 @@ def score_cases(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], ref
                           for c in chunk]).to(device)
         with torch.no_grad():
             context = encoder(refs)
-        seeds = [case_noise_seed(cfg.seed, c.id) for c in chunk]
+        yield target, mask, context, [case_noise_seed(cfg.seed, c.id) for c in chunk]
+
+
+def score_cases(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], reference: str,
+                cfg: GainConfig, progress: Callable[[int], None] | None = None) -> Scores:
+    """Per-case scores of ``cases`` with the ``reference`` kind."""
+    parts = []
+    for target, mask, context, seeds in case_batches(pipe, cases, reference, cfg):
         parts.append(score_batch(pipe.unet, pipe.autoencoder, pipe.scheduler, target, mask,
                                  context, cfg.timesteps, seeds))
         if progress is not None:
-            progress(len(chunk))
+            progress(len(seeds))
     return concat_scores(parts)
 
 

@@ -21,7 +21,7 @@ scripts/validate_export.py run it on benchmark cases (evaluation/denoising_gain.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,36 @@ def _scores(images: torch.Tensor, target: np.ndarray, masks: np.ndarray) -> tupl
 
 
 @torch.no_grad()
+def one_step_predictions(
+    denoiser: UNet2DConditionModel,
+    autoencoder: Autoencoder,
+    scheduler: SchedulerMixin,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    context: torch.Tensor,
+    timesteps: Sequence[int],
+    noise_seeds: Sequence[int],
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(t, clean, noisy, x0)`` latents per timestep: the clean target's latents, noised to t
+    with each case's own noise, and the denoiser's one-step x0 prediction from them.
+
+    ``target`` [B,3,H,W] in [-1,1] at the model's size, ``mask`` [B,1,H,W] (1 = regenerate),
+    ``context`` the reference tokens, one noise seed per case.
+    """
+    dtype = next(denoiser.parameters()).dtype
+    latents = autoencoder.encode(target)
+    masked_latent = autoencoder.encode(target * (1 - mask))
+    mask_lat = latent_mask(mask, latents.shape[-2:])
+    noise = case_noise(latents.shape, noise_seeds=noise_seeds).to(latents.device, latents.dtype)
+    for t in timesteps:
+        t_batch = torch.full((len(target),), int(t), device=latents.device, dtype=torch.long)
+        noisy = scheduler.add_noise(latents, noise, t_batch)
+        pred = denoiser(denoiser_input(noisy, masked_latent, mask_lat).to(dtype), t_batch,
+                        encoder_hidden_states=context.to(dtype)).sample
+        yield int(t), latents, noisy, predicted_x0(scheduler, pred, noisy, int(t)).to(latents.dtype)
+
+
+@torch.no_grad()
 def score_batch(
     denoiser: UNet2DConditionModel,
     autoencoder: Autoencoder,
@@ -100,31 +130,40 @@ def score_batch(
     noise_seeds: Sequence[int],
 ) -> Scores:
     """Per-case scores of one batch: {"psnr_noisy", "psnr_x0", "gms_noisy", "gms_x0"}, each
-    [B, T].
-
-    ``target`` [B,3,H,W] in [-1,1] at the model's size, ``mask`` [B,1,H,W] (1 = regenerate),
-    ``context`` the reference tokens, one noise seed per case.
-    """
-    dtype = next(denoiser.parameters()).dtype
-    latents = autoencoder.encode(target)
-    masked_latent = autoencoder.encode(target * (1 - mask))
-    mask_lat = latent_mask(mask, latents.shape[-2:])
-    noise = case_noise(latents.shape, noise_seeds=noise_seeds).to(latents.device, latents.dtype)
+    [B, T]. Arguments as :func:`one_step_predictions`."""
     goal = np.stack([to_uint8(t) for t in target])
     masks = (mask[:, 0] > 0.5).cpu().numpy()
     out: dict[str, list] = {f"{m}_{s}": [] for m in METRICS for s in SOURCES}
-    for t in timesteps:
-        t_batch = torch.full((len(target),), int(t), device=latents.device, dtype=torch.long)
-        noisy = scheduler.add_noise(latents, noise, t_batch)
-        pred = denoiser(denoiser_input(noisy, masked_latent, mask_lat).to(dtype), t_batch,
-                        encoder_hidden_states=context.to(dtype)).sample
-        x0 = predicted_x0(scheduler, pred, noisy, int(t)).to(latents.dtype)
+    for _, _, noisy, x0 in one_step_predictions(denoiser, autoencoder, scheduler, target, mask,
+                                                context, timesteps, noise_seeds):
         for source, latent in (("noisy", noisy), ("x0", x0)):
             image = autoencoder.decode(latent).clamp(-1, 1)
             psnr, gms = _scores(blend(target, image, mask), goal, masks)
             out[f"psnr_{source}"].append(psnr)
             out[f"gms_{source}"].append(gms)
     return {k: np.asarray(v, dtype=np.float64).T for k, v in out.items()}
+
+
+def noise_left(clean: torch.Tensor, noisy: torch.Tensor, x0: torch.Tensor, alpha_bar: float,
+               select: torch.Tensor) -> dict[str, float]:
+    """How an x0 prediction's error splits into noise left in and error of its own.
+
+    In x0 units the noisy input is ``clean + n`` (n = x_t / sqrt(alpha_bar) - clean); the
+    prediction's error r = x0 - clean is projected on n over the ``select``ed elements:
+    ``noise_left`` k = <r, n> / <n, n> (1: x_t / sqrt(alpha_bar) returned, 0: all the noise
+    removed) and
+    ``other_error`` = mean((r - k n)^2) / mean(n^2), what the prediction adds that is not the
+    input's noise (structure lost or invented). ``error_ratio`` = mean(r^2) / mean(n^2) (its
+    -10 log10 is the gain in dB over the selection).
+    """
+    n = (noisy.double() / float(alpha_bar) ** 0.5 - clean.double())[select]
+    r = (x0.double() - clean.double())[select]
+    if n.numel() == 0:
+        raise ValueError("noise_left: the selection is empty")
+    power = float((n * n).mean())
+    k = float((r * n).mean()) / power
+    return {"noise_left": k, "other_error": float(((r - k * n) ** 2).mean()) / power,
+            "error_ratio": float((r * r).mean()) / power, "elements": int(n.numel())}
 
 
 def concat_scores(parts: Sequence[Scores]) -> Scores:

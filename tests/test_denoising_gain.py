@@ -22,6 +22,8 @@ from models.denoising_gain import (
     PSNR_CAP,
     LogDenoisingGain,
     gain_rows,
+    noise_left,
+    one_step_predictions,
     predicted_x0,
     score_batch,
 )
@@ -294,3 +296,60 @@ def test_classical_denoiser_sees_the_rescaled_noisy_target():
     expected = (x[:, :3] / scheduler.alphas_cumprod[700].sqrt()).clamp(-1, 1)
     assert seen[0].dtype == np.uint8 and seen[0].shape == (8, 8, 3)
     assert (out - expected).abs().max() <= 1 / 127.5 + 1e-6
+
+
+def test_noise_left_is_one_for_the_rescaled_input_and_zero_for_an_oracle():
+    scheduler = _scheduler("v_prediction")
+    target, mask = _case()
+    noise = case_noise(target.shape, noise_seeds=SEEDS)
+    oracle = _Constructed(scheduler, "oracle", "v_prediction", target, noise)
+    select = (mask > 0.5).expand_as(target)
+    for t, clean, noisy, x0 in one_step_predictions(oracle, PixelSpace(), scheduler, target, mask,
+                                                    torch.zeros(3, 4, 8), TIMESTEPS, SEEDS):
+        alpha_bar = float(scheduler.alphas_cumprod[t])
+        found = noise_left(clean, noisy, x0, alpha_bar, select)
+        assert abs(found["noise_left"]) < 1e-5 and found["error_ratio"] < 1e-9
+        same = noise_left(clean, noisy, noisy / alpha_bar ** 0.5, alpha_bar, select)
+        assert same["noise_left"] == pytest.approx(1.0, abs=1e-6)
+        assert same["other_error"] == pytest.approx(0.0, abs=1e-9)
+        assert same["error_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_noise_left_separates_shrinkage_from_an_error_of_its_own():
+    g = torch.Generator().manual_seed(3)
+    clean = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    eps, own = torch.randn(2, 4, 3, 16, 16, generator=g)
+    alpha_bar = 0.9
+    noisy = alpha_bar ** 0.5 * clean + (1 - alpha_bar) ** 0.5 * eps
+    n = noisy / alpha_bar ** 0.5 - clean
+    x0 = clean + 0.3 * n + 0.1 * own  # 30% of the noise left, plus an error uncorrelated to it
+    row = noise_left(clean, noisy, x0, alpha_bar, torch.ones_like(clean, dtype=torch.bool))
+    power = float((n * n).mean())
+    assert row["noise_left"] == pytest.approx(0.3, abs=0.03)
+    assert row["other_error"] == pytest.approx(0.01 / power, rel=0.1)
+    half = noise_left(clean, noisy, x0, alpha_bar, clean > 0)  # a selection counts only itself
+    assert half["elements"] == int((clean > 0).sum())
+
+
+def test_noise_left_benchmark_splits_the_mask_and_runs_the_bilateral(tmp_path):
+    from benchmarks.noise_left import edge_pixels, main
+
+    step = torch.full((1, 3, 8, 8), -0.5)
+    step[..., 4:] = 0.5
+    edges = edge_pixels(step)[0, 0]
+    assert edges[:, 2:6].all() and not edges[:, :2].any() and not edges[:, 6:].any()
+    classical = tmp_path / "classical.json"
+    classical.write_text(json.dumps({"rows": {"bilateral": [{"t": 50, "parameter": 40.0}]}}))
+    out = tmp_path / "noise_left.json"
+    result = main(["--cases", "2", "--timesteps", "50", "--bilateral", str(classical),
+                   "--out", str(out)])
+    assert json.loads(out.read_text())["denoisers"].keys() == {"tiny_synthetic", "bilateral"}
+    for rows in result["denoisers"].values():
+        regions = rows["50"]
+        assert regions.keys() == {"mask", "mask_flat", "mask_edge"}
+        parts = regions["mask_flat"]["elements"] + regions["mask_edge"]["elements"]
+        assert parts == regions["mask"]["elements"]
+    assert result["denoisers"]["bilateral"]["50"]["mask"]["noise_left"] < 0.9
+    with pytest.raises(ValueError, match="no bilateral parameter for t = \\[100\\]"):
+        main(["--cases", "1", "--timesteps", "100", "--bilateral", str(classical),
+              "--out", str(out)])
