@@ -80,7 +80,7 @@ def decompose(denoiser: torch.nn.Module, pipe: Any, scheduler: DDPMScheduler,
     for (t, name), parts in sums.items():
         clean, noisy, x0 = torch.cat(parts, dim=1)
         alpha_bar = float(scheduler.alphas_cumprod[t])
-        row = noise_left(clean, noisy, x0, alpha_bar, torch.ones_like(clean, dtype=torch.bool))
+        row = noise_left(clean, noisy, x0, alpha_bar)
         row["gain_db"] = float(-10 * np.log10(row["error_ratio"]))
         out.setdefault(str(t), {})[name] = row
     return out

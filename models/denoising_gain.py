@@ -145,19 +145,20 @@ def score_batch(
 
 
 def noise_left(clean: torch.Tensor, noisy: torch.Tensor, x0: torch.Tensor, alpha_bar: float,
-               select: torch.Tensor) -> dict[str, float]:
+               select: torch.Tensor | None = None) -> dict[str, float]:
     """How an x0 prediction's error splits into noise left in and error of its own.
 
     In x0 units the noisy input is ``clean + n`` (n = x_t / sqrt(alpha_bar) - clean); the
-    prediction's error r = x0 - clean is projected on n over the ``select``ed elements:
-    ``noise_left`` k = <r, n> / <n, n> (1: x_t / sqrt(alpha_bar) returned, 0: all the noise
-    removed) and
-    ``other_error`` = mean((r - k n)^2) / mean(n^2), what the prediction adds that is not the
-    input's noise (structure lost or invented). ``error_ratio`` = mean(r^2) / mean(n^2) (its
-    -10 log10 is the gain in dB over the selection).
+    prediction's error r = x0 - clean is projected on n over the ``select``ed elements (all
+    when None): ``noise_left`` k = <r, n> / <n, n> (1: x_t / sqrt(alpha_bar) returned, 0: all
+    the noise removed) and ``other_error`` = mean((r - k n)^2) / mean(n^2), what the
+    prediction adds that is not the input's noise (structure lost or invented).
+    ``error_ratio`` = mean(r^2) / mean(n^2) (its -10 log10 is the gain in dB).
     """
-    n = (noisy.double() / float(alpha_bar) ** 0.5 - clean.double())[select]
-    r = (x0.double() - clean.double())[select]
+    n = noisy.double() / float(alpha_bar) ** 0.5 - clean.double()
+    r = x0.double() - clean.double()
+    if select is not None:
+        n, r = n[select], r[select]
     if n.numel() == 0:
         raise ValueError("noise_left: the selection is empty")
     power = float((n * n).mean())

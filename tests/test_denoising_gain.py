@@ -323,7 +323,7 @@ def test_noise_left_separates_shrinkage_from_an_error_of_its_own():
     noisy = alpha_bar ** 0.5 * clean + (1 - alpha_bar) ** 0.5 * eps
     n = noisy / alpha_bar ** 0.5 - clean
     x0 = clean + 0.3 * n + 0.1 * own  # 30% of the noise left, plus an error uncorrelated to it
-    row = noise_left(clean, noisy, x0, alpha_bar, torch.ones_like(clean, dtype=torch.bool))
+    row = noise_left(clean, noisy, x0, alpha_bar)
     power = float((n * n).mean())
     assert row["noise_left"] == pytest.approx(0.3, abs=0.03)
     assert row["other_error"] == pytest.approx(0.01 / power, rel=0.1)
