@@ -98,9 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="exports, as PATH or LABEL=PATH")
     p.add_argument("--bilateral", type=Path, default=None,
                    help="classical_denoisers.py's JSON: add its bilateral filter")
-    p.add_argument("--cases", type=int, default=64)
-    p.add_argument("--case-seed", type=int, default=17)
-    p.add_argument("--namespace", choices=("validation", "benchmark"), default="validation")
+    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--case-seed", type=int, default=0)
+    p.add_argument("--namespace", choices=("validation", "benchmark"), default="benchmark",
+                   help="benchmark: disjoint from the validation cases the filter was tuned on")
     p.add_argument("--timesteps", type=int, nargs="+", default=[10, 50, 100, 200, 400])
     p.add_argument("--seed", type=int, default=0, help="per-case noise seed base")
     p.add_argument("--out", type=Path, required=True)
