@@ -75,7 +75,9 @@ def decompose(denoiser: torch.nn.Module, pipe: Any, scheduler: DDPMScheduler,
         for t, clean, noisy, x0 in one_step_predictions(denoiser, pipe.autoencoder, scheduler,
                                                         target, mask, context, timesteps, seeds):
             for name, select in regions(target, mask, clean, pixel_space).items():
-                sums[(t, name)].append(torch.stack([clean[select], noisy[select], x0[select]]))
+                if select.any():  # a region no case has (e.g. no flat pixel) is left out
+                    sums[(t, name)].append(torch.stack([clean[select], noisy[select],
+                                                        x0[select]]))
     out: dict[str, Any] = {}
     for (t, name), parts in sums.items():
         clean, noisy, x0 = torch.cat(parts, dim=1)

@@ -341,8 +341,8 @@ def test_noise_left_benchmark_splits_the_mask_and_runs_the_bilateral(tmp_path):
     classical = tmp_path / "classical.json"
     classical.write_text(json.dumps({"rows": {"bilateral": [{"t": 50, "parameter": 40.0}]}}))
     out = tmp_path / "noise_left.json"
-    result = main(["--cases", "2", "--timesteps", "50", "--bilateral", str(classical),
-                   "--out", str(out)])
+    result = main(["--cases", "2", "--namespace", "validation", "--case-seed", "17",
+                   "--timesteps", "50", "--bilateral", str(classical), "--out", str(out)])
     assert json.loads(out.read_text())["denoisers"].keys() == {"tiny_synthetic", "bilateral"}
     for rows in result["denoisers"].values():
         regions = rows["50"]
