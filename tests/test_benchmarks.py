@@ -121,3 +121,18 @@ def test_flops_by_part_adds_up_and_sees_the_attention_it_removes(tmp_path) -> No
         self_32]
     assert cross_only["ratio_to_preset"] < 1
     assert preset["forward_gflop_by_part"]["down_blocks.0@64/resnets"] > 0
+
+
+def test_recipe_budget_pairs_checkpoints_of_equal_flops() -> None:
+    from benchmarks.recipe_budget import match_budgets, parse_gflops
+
+    gflops = parse_gflops(["preset=16.90", "wider=57.49"], ["preset", "wider"])
+    preset = {s: s * 8 * gflops["preset"] / 1000 for s in (100, 200, 300, 400)}
+    wider = {s: s * 8 * gflops["wider"] / 1000 for s in (29, 58, 87, 116)}
+    assert match_budgets(preset, wider, 0.05) == [(100, 29), (200, 58), (300, 87), (400, 116)]
+    # a recipe checkpointed at other budgets is paired with none rather than the nearest
+    assert match_budgets(preset, {s: v * 1.2 for s, v in wider.items()}, 0.05) == []
+    with pytest.raises(ValueError, match="wider"):
+        parse_gflops(["preset=16.90"], ["preset", "wider"])
+    with pytest.raises(ValueError, match="RECIPE=GFLOP"):
+        parse_gflops(["preset:16.90"], ["preset"])
