@@ -29,6 +29,7 @@ stamp() { echo "[$(( $(date +%s) - START ))s] $*"; }
 # name:overrides (comma-separated); every variant is experiment=tiny_gpu plus these. The
 # default retrains the shipped recipe (v-prediction since 2026-11-27) under another seed;
 # e.g. VARIANTS="eps:model.noise_scheduler.prediction_type=epsilon wide:..." for a comparison.
+# Commas inside [...] belong to a list value: wide:model.denoiser.config.block_out_channels=[64,128,256]
 VARIANTS=${VARIANTS:-"seed1:seed=1"}
 if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN_ARGS=(trainer=cpu trainer.max_steps=3 data.batch_size=4 data.val_length=8
@@ -42,11 +43,24 @@ else
   SAMPLER_ARGS=(--cases 64)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+split_overrides() {  # one override per line: commas split, except inside [...]
+  local text=$1 depth=0 part="" char i
+  for (( i = 0; i < ${#text}; i++ )); do
+    char=${text:i:1}
+    case $char in
+      "[") depth=$((depth + 1)) ;;
+      "]") depth=$((depth - 1)) ;;
+      ",") if [ "$depth" = 0 ]; then printf '%s\n' "$part"; part=""; continue; fi ;;
+    esac
+    part+=$char
+  done
+  [ -n "$part" ] && printf '%s\n' "$part"
+}
 stamp "training: $VARIANTS"
 for variant in $VARIANTS; do
-  name=${variant%%:*}; extra=${variant#*:}
+  name=${variant%%:*}; mapfile -t extra < <(split_overrides "${variant#*:}")
   "$PY" train.py experiment=tiny_gpu task_name="$name" trainer.max_time="$TRAIN_TIME" \
-    data.num_workers="$WORKERS" paths.log_dir="$RUNS" ${extra//,/ } "${TRAIN_ARGS[@]}" 2>&1 \
+    data.num_workers="$WORKERS" paths.log_dir="$RUNS" "${extra[@]}" "${TRAIN_ARGS[@]}" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$" > "$RUNS/$name.train.log" &
 done
 wait
