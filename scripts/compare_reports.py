@@ -10,6 +10,9 @@ compares two methods, e.g. the aligned crop against the whole reference of one r
     python scripts/compare_reports.py R/report.json R/report.json --method ours_whole_reference \
         --method-b aligned_crop
 
+``--also A B`` adds further pairs of reports (e.g. the same two recipes trained under another
+seed) whose cases join the comparison, each paired only within its own pair.
+
 Reports of an older schema are read with today's method names (``whole_reference`` of a
 schema-2 report is ``ours_whole_reference``).
 """
@@ -40,18 +43,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--metrics", nargs="+", default=["psnr", "l1", "ssim", "gms"])
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--also", nargs=2, action="append", default=[], type=Path,
+                   metavar=("REPORT_A", "REPORT_B"), help="another pair, pooled with the first")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     method_b = args.method_b or args.method
-    cases = []
-    for path, method in ((args.report_a, args.method), (args.report_b, method_b)):
-        per_case = read_report(path).get("refinement_per_case", {})
-        if method not in per_case:
-            raise SystemExit(f"compare_reports: {path} has no per-case scores of {method!r} "
-                             f"(it has {sorted(per_case)}; reports from before "
-                             "refinement_per_case have none)")
-        cases.append(per_case[method])
+    pairs = [(args.report_a, args.report_b), *map(tuple, args.also)]
+    cases: list[dict] = [{}, {}]
+    for k, pair in enumerate(pairs):
+        for side, (path, method) in enumerate(zip(pair, (args.method, method_b), strict=True)):
+            per_case = read_report(path).get("refinement_per_case", {})
+            if method not in per_case:
+                raise SystemExit(f"compare_reports: {path} has no per-case scores of {method!r} "
+                                 f"(it has {sorted(per_case)}; reports from before "
+                                 "refinement_per_case have none)")
+            prefix = f"{k}/" if len(pairs) > 1 else ""
+            cases[side].update({prefix + case: row for case, row in per_case[method].items()})
     result = {"a": str(args.report_a), "b": str(args.report_b), "method": args.method,
+              "also": [[str(a), str(b)] for a, b in args.also],
               "method_b": method_b, "difference": "b - a",
               "metrics": {m: paired(*cases, m, args.resamples, args.seed) for m in args.metrics}}
     for metric, row in result["metrics"].items():

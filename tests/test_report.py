@@ -182,6 +182,12 @@ def test_compare_reports_pairs_cases_and_refuses_reports_without_per_case(tmp_pa
                       "aligned_crop", "--metrics", "psnr"])
     assert within["metrics"]["psnr"]["mean_difference"] == pytest.approx(38.0 / 3 - 9.0)
     assert within["method_b"] == "aligned_crop"
+    # a second pair (another seed) joins case by case, paired within itself only
+    c, d = write("c", [10.0, 10.0, 10.0]), write("d", [10.0, 10.0, 13.0])
+    pooled = compare([str(a), str(b), "--also", str(c), str(d), "--metrics", "psnr"])
+    assert pooled["metrics"]["psnr"]["cases"] == 6
+    assert pooled["metrics"]["psnr"]["mean_difference"] == pytest.approx((2.0 + 3.0) / 6)
+    assert pooled["metrics"]["psnr"]["b_better_cases"] == 3
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"refinement": {}}))
     with pytest.raises(SystemExit, match="no per-case scores"):
