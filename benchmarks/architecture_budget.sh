@@ -4,7 +4,8 @@
 #   PYTHON=.venv/bin/python OUT=runs/arch_budget bash benchmarks/architecture_budget.sh
 # VARIANTS: one per line, "name steps checkpoint_every [overrides...]"; steps scale inversely
 # with the GFLOP of one training sample (benchmarks/flops_by_part.py, 64 px): preset 16.90,
-# no_attention_32px 12.29 (1.375x the samples), wider 57.49 (0.294x). A finished run is skipped.
+# no_attention_32px 12.29 (1.375x the samples), wider 57.49 (0.294x), cross_only_32px 15.01
+# (the 32x32 blocks' first attention reads the reference too; 1.125x). A finished run is skipped.
 set -u -o pipefail
 PY=${PYTHON:-python}
 OUT=${OUT:-runs/arch_budget}
@@ -14,7 +15,8 @@ NO_ATTN="model.denoiser.config.down_block_types=[DownBlock2D,DownBlock2D,CrossAt
  model.denoiser.config.up_block_types=[CrossAttnUpBlock2D,UpBlock2D,UpBlock2D]"
 VARIANTS=${VARIANTS:-"preset 400 100
 no_attention_32px 552 138 ${NO_ATTN//$'\n'/}
-wider 116 29 model.denoiser.config.block_out_channels=[64,128,256]"}
+wider 116 29 model.denoiser.config.block_out_channels=[64,128,256]
+cross_only_32px 448 112 +model.denoiser.config.only_cross_attention=[false,true,false]"}
 mkdir -p "$OUT"
 for seed in $SEEDS; do
   while read -r name steps every extra; do
