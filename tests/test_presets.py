@@ -16,6 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in Path(CONFIG_DIR, "experiment").glob("*.yaml
 # each model preset with the data it is made for (a new preset must be added here)
 MODEL_RUNS = {
     "tiny": [[]],
+    "tiny_no_attention_32px": [[], ["experiment=tiny_gpu"]],
     "sd15_dinov2": [["experiment=sd15"]],
     "sd15_dinov2_random": [["experiment=sd15", "model=sd15_dinov2_random"],
                            FULL_MODEL_OVERRIDES, SMOKE_MODEL_OVERRIDES],
@@ -66,6 +67,22 @@ def test_sd15_experiments_are_one_512px_run(experiment):
                 "model.lr_scheduler.num_warmup_steps", "data.val_length", "model.val_block",
                 "model.val_timestep"):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(base, key), key
+
+
+def test_no_attention_32px_preset_is_tiny_with_attention_only_at_16px():
+    """The architecture candidate differs from model=tiny only in where attention sits."""
+    from models.attention_capture import cross_attention_blocks
+
+    tiny = compose_config([]).model
+    light = compose_config(["model=tiny_no_attention_32px"]).model
+    for key in ("down_block_types", "up_block_types"):
+        assert light.denoiser.config[key] != tiny.denoiser.config[key]
+        light.denoiser.config[key] = tiny.denoiser.config[key]
+    assert OmegaConf.to_container(light) == OmegaConf.to_container(tiny)
+    light = compose_config(["model=tiny_no_attention_32px"]).model
+    blocks = cross_attention_blocks(instantiate(light.denoiser))
+    assert [block.downsample for block in blocks] == [4] * 4
+    assert 0 <= light.val_block < len(blocks)
 
 
 def test_sd15_model_preset_stands_alone():
