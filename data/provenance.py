@@ -52,14 +52,14 @@ def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: st
                         inherited: Mapping[str, Any] | None = None) -> Path:
     """Write ``training_data.yaml`` next to an export's weights.
 
-    ``inherited``: the record of the export a warm start began from; its uses are kept as
-    ``init_<use>`` entries, so a benchmark drawn from them is refused too.
+    ``inherited``: the record of the export a warm start began from; each of its entries is
+    kept under an ``init_`` prefix (``init_train``, its own ``init_init_train``, ...), so
+    every ancestor in a chain of warm starts stays recorded and its data refused too.
     """
     path = Path(export_dir) / TRAINING_DATA
     record = training_data_record(data_cfg)
     for name, use in (inherited or {}).items():
-        key = name if name.startswith("init_") else f"init_{name}"
-        record[key] = dict(use)
+        record[f"init_{name}"] = dict(use)
     body = OmegaConf.to_yaml(OmegaConf.create(record))
     path.write_text("# written by train.py: the generated data this export saw; eval.py "
                     "refuses benchmarks drawn from it\n" + body)

@@ -83,16 +83,17 @@ def test_warm_start_refuses_another_architecture(tmp_path: Path) -> None:
 
 
 def test_a_warm_started_export_keeps_its_ancestors_training_data(tmp_path: Path) -> None:
-    cfg = compose_config(["data.train_seed=11"])
-    for name in ("a", "b"):
+    inherited = None
+    for name, seed in (("a", 11), ("b", 12), ("c", 13)):  # a chain of two warm starts
         (tmp_path / name).mkdir()
-    write_training_data(cfg.data, tmp_path / "a")
-    inherited = read_training_data(tmp_path / "a")
-    write_training_data(compose_config(["data.train_seed=12"]).data, tmp_path / "b", inherited)
-    record = read_training_data(tmp_path / "b")
-    assert record["init_train"]["seed"] == 11 and record["train"]["seed"] == 12
-    ancestor_case = [{"namespace": "train", "seed": 11, "index": 0}]
-    assert check_overlap(record, ancestor_case)["status"] == "overlap"
+        cfg = compose_config([f"data.train_seed={seed}"])
+        write_training_data(cfg.data, tmp_path / name, inherited)
+        inherited = read_training_data(tmp_path / name)
+    record = inherited
+    assert record["train"]["seed"] == 13 and record["init_train"]["seed"] == 12
+    for seed in (11, 12):
+        ancestor_case = [{"namespace": "train", "seed": seed, "index": 0}]
+        assert check_overlap(record, ancestor_case)["status"] == "overlap", seed
     unknown = {"train": record["train"], "unknown": {"source": "unknown"}}
     assert check_overlap(unknown, [{"namespace": "benchmark", "seed": 0, "index": 0}]
                          )["status"] == "unknown"
