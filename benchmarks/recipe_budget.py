@@ -1,13 +1,14 @@
 """Training recipes compared at a fixed budget: the denoising gain along each run.
 
-Every run of ``--runs`` (train.py folders named ``<recipe>_s<seed>``, with the same batch)
-is scored at each of its step checkpoints, and the export they warm-started from (``--init``)
-at step 0, on the same held-out cases with the same noise: the denoising gain per timestep
+Every run of ``--runs`` (train.py folders named ``<recipe>_s<seed>``; a recipe's batch size
+is read from its runs' ``.hydra/config.yaml``, so recipes may differ in batch) is scored at
+each of its step checkpoints, and the export they warm-started from (``--init``) at step 0,
+on the same held-out cases with the same noise: the denoising gain per timestep
 (models/denoising_gain.py) with the whole reference. Recipes are compared to ``--baseline``
 at every budget, paired by (seed, case): the same training items and the same held-out cases
-and noise. The budget is the step (same architecture), or with ``--gflops`` the training
+and noise. The budget is the samples seen (step x batch), or with ``--gflops`` the training
 FLOPs (architectures differ): each baseline checkpoint is paired with the recipe's checkpoint
-of the nearest FLOPs, within ``--flops-tolerance``.
+of the nearest budget, within ``--flops-tolerance``.
 
     python benchmarks/recipe_budget.py --runs runs/recipe/* --init checkpoints/tiny_synthetic \
         --baseline uniform --batch-size 8 --out results/recipe_budget
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from data.benchmark import load_benchmark, write_synthetic_benchmark
@@ -58,15 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--case-namespace", choices=["validation", "benchmark"], default="validation",
                    help="seed namespace of the held-out cases (both are disjoint from training)")
     p.add_argument("--timesteps", type=int, nargs="+", default=[10, 50, 100, 200, 400, 700])
-    p.add_argument("--batch-size", type=int, required=True,
-                   help="training batch size of the runs (samples seen = step x batch)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch size of runs whose folder has no .hydra/config.yaml "
+                        "(samples seen = step x batch)")
     p.add_argument("--steps", type=int, nargs="*", default=None,
                    help="score only these checkpoint steps (default: all)")
     p.add_argument("--gflops", nargs="+", default=None, metavar="RECIPE=GFLOP",
                    help="GFLOP of one training sample per recipe (benchmarks/flops_by_part.py): "
                         "the budget becomes training FLOPs")
     p.add_argument("--flops-tolerance", type=float, default=0.05,
-                   help="largest relative FLOPs difference of a paired checkpoint")
+                   help="largest relative budget (FLOPs or samples) difference of a paired "
+                        "checkpoint")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -85,6 +89,26 @@ def parse_gflops(items: list[str] | None, recipes: list[str]) -> dict[str, float
     if missing:
         raise ValueError(f"--gflops names no cost for recipes {missing}")
     return gflops
+
+
+def recipe_batch_sizes(runs: dict[tuple[str, int], Path], fallback: int | None
+                       ) -> dict[str, int]:
+    """{recipe: training batch size} from each run's Hydra config, ``fallback`` without one;
+    the seeds of a recipe must agree."""
+    found: dict[str, set[int]] = defaultdict(set)
+    for (recipe, _), run in runs.items():
+        config = run / ".hydra" / "config.yaml"
+        if config.is_file():
+            found[recipe].add(int(OmegaConf.load(config).data.batch_size))
+        elif fallback is not None:
+            found[recipe].add(fallback)
+        else:
+            raise ValueError(f"{run}: no .hydra/config.yaml to read the batch size from; "
+                             "pass --batch-size")
+    mixed = {r: sorted(b) for r, b in found.items() if len(b) > 1}
+    if mixed:
+        raise ValueError(f"the seeds of a recipe trained with different batch sizes: {mixed}")
+    return {r: b.pop() for r, b in found.items()}
 
 
 def match_budgets(baseline: dict[int, float], other: dict[int, float],
@@ -135,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.baseline not in recipes:
         raise ValueError(f"--baseline {args.baseline!r} is not among the runs' recipes {recipes}")
     gflops = parse_gflops(args.gflops, recipes)
+    batch = recipe_batch_sizes(runs, args.batch_size)
     cfg = GainConfig(timesteps=list(args.timesteps), references=["whole"])
     with tempfile.TemporaryDirectory() as tmp:
         bench = Path(tmp) / "cases"
@@ -158,13 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def cost(recipe: str, step: int) -> float:
         """The budget spent at a step: samples seen, or training TFLOPs with --gflops."""
-        samples = step * args.batch_size
+        samples = step * batch[recipe]
         return samples if gflops is None else samples * gflops[recipe] / 1000
 
     rows = []
     for (recipe, seed, step), s in sorted(scores.items()):
         rows.append({"recipe": recipe, "seed": seed, "step": step,
-                     "samples_seen": step * args.batch_size,
+                     "samples_seen": step * batch[recipe],
                      **({} if gflops is None else {"train_tflops": cost(recipe, step)}),
                      **{f"{m}_gain_t{t}": float(s[m][:, i].mean()) for m in ("psnr", "gms")
                         for i, t in enumerate(args.timesteps)}})
@@ -180,11 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for recipe in recipes:
         if recipe == args.baseline:
             continue
-        if gflops is None:
-            matched = [(s, s) for s in steps_of(args.baseline) if s in steps_of(recipe)]
-        else:
-            matched = match_budgets(steps_of(args.baseline), steps_of(recipe),
-                                    args.flops_tolerance)
+        matched = match_budgets(steps_of(args.baseline), steps_of(recipe),
+                                args.flops_tolerance)
         for base_step, step in matched:
             for m in ("psnr", "gms"):
                 for i, t in enumerate(args.timesteps):
@@ -201,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "runs": {f"{r}_s{s}": str(p) for (r, s), p in runs.items()},
               "cases": args.cases, "case_namespace": args.case_namespace,
               "case_seed": args.case_seed, "timesteps": args.timesteps,
-              "batch_size": args.batch_size, "gflops_per_sample": gflops,
+              "batch_size": batch, "gflops_per_sample": gflops,
               "budget_unit": "samples seen" if gflops is None else "training TFLOPs",
               "rows": rows, "paired": paired}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +291,9 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
         if from_scratch:
             ax.set_xscale("log")
         else:
-            ax.set_xscale("symlog", linthresh=result["batch_size"])
+            sizes = result["batch_size"]
+            ax.set_xscale("symlog", linthresh=min(sizes.values()) if isinstance(sizes, dict)
+                          else sizes)
         ax.set_title(f"t = {t}")
         ax.set_xlabel(result.get("budget_unit", "samples seen")
                       + ("" if from_scratch else " after the warm start"))

@@ -6,6 +6,7 @@ The train and infer smokes run in the default suite (CI); the variant sweep is m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,23 @@ def test_recipe_budget_pairs_checkpoints_of_equal_flops() -> None:
         parse_gflops(["preset=16.90"], ["preset", "wider"])
     with pytest.raises(ValueError, match="RECIPE=GFLOP"):
         parse_gflops(["preset:16.90"], ["preset"])
+
+
+def test_recipe_budget_reads_each_recipes_batch_size(tmp_path: Path) -> None:
+    from benchmarks.recipe_budget import recipe_batch_sizes
+
+    def run(name: str, batch: int | None) -> Path:
+        folder = tmp_path / name
+        (folder / ".hydra").mkdir(parents=True)
+        if batch is not None:
+            (folder / ".hydra" / "config.yaml").write_text(f"data:\n  batch_size: {batch}\n")
+        return folder
+
+    runs = {("preset", 1): run("preset_s1", 8), ("preset", 2): run("preset_s2", 8),
+            ("batch16", 1): run("batch16_s1", 16), ("old", 1): run("old_s1", None)}
+    assert recipe_batch_sizes(runs, fallback=4) == {"preset": 8, "batch16": 16, "old": 4}
+    with pytest.raises(ValueError, match="--batch-size"):
+        recipe_batch_sizes(runs, fallback=None)
+    runs[("batch16", 2)] = run("batch16_s2", 32)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        recipe_batch_sizes(runs, fallback=4)
