@@ -291,9 +291,7 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
         if from_scratch:
             ax.set_xscale("log")
         else:
-            sizes = result["batch_size"]
-            ax.set_xscale("symlog", linthresh=min(sizes.values()) if isinstance(sizes, dict)
-                          else sizes)
+            ax.set_xscale("symlog", linthresh=min(result["batch_size"].values()))
         ax.set_title(f"t = {t}")
         ax.set_xlabel(result.get("budget_unit", "samples seen")
                       + ("" if from_scratch else " after the warm start"))
