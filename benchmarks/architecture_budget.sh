@@ -23,7 +23,7 @@ for seed in $SEEDS; do
     [ -z "$name" ] && continue
     run="$OUT/${name}_s$seed"
     [ -f "$run/export/model_index.json" ] && { echo "$run: done, skipped"; continue; }
-    echo "$(date -u +%H:%M:%S) $run: $steps steps of $BATCH"
+    echo "$(date -u +%H:%M:%S) $run: $steps steps ${extra:+($extra)}"
     # shellcheck disable=SC2086  # the overrides are words
     "$PY" train.py trainer.max_steps="$steps" trainer.val_check_interval="$steps" \
       data.batch_size="$BATCH" callbacks.model_checkpoint.every_n_train_steps="$every" \
