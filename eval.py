@@ -84,7 +84,7 @@ from evaluation.external import (
     load_external_methods,
     paired_with_ours,
 )
-from evaluation.refinement import METHODS, evaluate_refinement
+from evaluation.refinement import METHODS, evaluate_refinement, refinement_config
 from evaluation.report import SCHEMA_VERSION, write_report_json, write_report_md
 from evaluation.sweep import (
     SweepConfig,
@@ -241,8 +241,8 @@ def run_refinement(cases: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
                    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The refinement evaluation (evaluation/refinement.py) on ``cases``.
 
-    Returns (result or None, status {run, reason, error}); a failure is returned as
-    ``error`` (the caller writes the report, then fails the run).
+    Returns (result or None, status {run, reason, error[, sampling]}); a failure is returned
+    as ``error`` (the caller writes the report, then fails the run).
     """
     if not cfg.run_refinement:
         if external:
@@ -258,7 +258,8 @@ def run_refinement(cases: Sequence[BenchmarkCase], pipe: RefineByAlignPipeline,
         log.exception("refinement evaluation failed")
         return None, {"run": False, "reason": "failed",
                       "error": f"{err.__class__.__name__}: {err}"}
-    return result, {"run": True, "reason": None, "error": None}
+    return result, {"run": True, "reason": None, "error": None,
+                    "sampling": asdict(refinement_config(cfg.refinement))}
 
 
 def provenance(cfg: DictConfig, ckpt: Path, cases: Sequence[BenchmarkCase]) -> dict[str, Any]:

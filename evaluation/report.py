@@ -1,8 +1,9 @@
 """report.json / report.md of an eval.py run, and the schema check the tests (and you) can use.
 
-report.json schema (version 3.1; also in docs/report_schema.md)::
+report.json schema (version 3.2; also in docs/report_schema.md)::
 
-    schema_version: 3.1        (3.1: + denoising_gain; 3: no denoising_gain; 2: the refinement
+    schema_version: 3.2        (3.2: + refinement_status.sampling; 3.1: + denoising_gain; 3:
+                                no denoising_gain; 2: the refinement
                                 method ours_whole_reference was whole_reference, the name of a
                                 correspondence baseline; :func:`upgrade_report` reads older
                                 reports with today's names)
@@ -49,7 +50,8 @@ report.json schema (version 3.1; also in docs/report_schema.md)::
                  be Infinity
     refinement_by_category: {category: {method: {metric: number | note}}}
     refinement_counts: {name: int | {..}}    evaluation/refinement.py's own counts
-    refinement_status: {run: bool, reason: str | null, error: str | null}
+    refinement_status: {run: bool, reason: str | null, error: str | null,
+                        sampling (when run): RefinementConfig's fields, as sampled}
     external_methods: {name: {dir, cases_scored, missing: [case id], resized: [case id],
                        unused_files}}     other systems' outputs (external_methods.NAME=DIR),
                        scored as refinement methods under their name
@@ -76,7 +78,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3.1  # a number, so versions compare; .1: + denoising_gain (nothing renamed)
+SCHEMA_VERSION = 3.2  # a number, so versions compare; .1: + denoising_gain, .2: + sampling
 # refinement methods renamed at a schema version: {version: {old name: new name}}
 RENAMED_METHODS = {3: {"whole_reference": "ours_whole_reference"}}
 BASELINE_NAMES = ("whole_reference", "same_position_box", "feature_matching")
@@ -508,6 +510,17 @@ def denoising_gain_table(node: Mapping[str, Any]) -> TableRows:
               f"{r['gms_gain']:+.3f} +- {r['gms_gain_se']:.3f}"] for r in node["rows"]])
 
 
+def sampling_line(sampling: Mapping[str, Any]) -> str:
+    """How the model methods sampled, in one sentence (report.json's refinement_status)."""
+    stop = sampling.get("final_x0_timestep")
+    end = ("to the end" if stop is None else
+           f"stopped at the first step at or below t = {stop}, keeping its x0 prediction")
+    crop = sampling.get("padding_mask_crop")
+    return (f"Model methods: {sampling['sampler']}, {sampling['num_steps']} steps, guidance "
+            f"{sampling['guidance_scale']:g}, {end}; dilate {sampling['dilate']}, feather "
+            f"{sampling['feather']}, padded crop {'off' if crop is None else f'{crop} px'}.")
+
+
 def denoising_gain_lines(gain: Mapping[str, Any]) -> list[str]:
     """report.md's section: what was measured, then a table per reference."""
     out = ["## Denoising gain (one denoiser step)", "",
@@ -613,6 +626,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if not status["run"]:
         out += [f"Not run: {status.get('reason')}"
                 + (f" ({status['error']})" if status.get("error") else ""), ""]
+    if status.get("sampling"):
+        out += [sampling_line(status["sampling"]), ""]
     if report["refinement"]:
         out += _table(*metric_table(report["refinement"]))
     for cat, methods in report.get("refinement_by_category", {}).items():

@@ -103,6 +103,9 @@ class RefinementConfig:
     inpainting pipelines do; it changes nothing for images at or below the model's size. Off
     by default: worse for the shipped model at every padding tried, on validation pairs at
     256 px (results/crop_option).
+    ``final_x0_timestep`` (None = off): stop sampling at the first step at or below this
+    timestep and keep the denoiser's clean-sample prediction (DDPM / DDIM only); an option
+    beside the pure method, compared in results/final_x0.
     """
 
     sampler: str = "ddpm"
@@ -111,6 +114,7 @@ class RefinementConfig:
     dilate: int = 0
     feather: int = 0
     padding_mask_crop: int | None = None
+    final_x0_timestep: int | None = None
 
 
 @dataclass
@@ -352,7 +356,7 @@ class RefineByAlignPipeline(DiffusionPipeline):
                 self.unet, self.autoencoder, sampler, model_image.to(device),
                 model_mask.to(device), context, self.reference_encoder.null(len(context)),
                 cfg.num_steps, cfg.guidance_scale, generators(seed, len(context)),
-                progress).float()
+                progress, cfg.final_x0_timestep).float()
         # 5. postprocess: paste inside the mask at each image's own resolution
         refined = [self.image_processor.apply_overlay(m, im, self.image_processor.postprocess(g),
                                                       region, cfg.dilate, cfg.feather)

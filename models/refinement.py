@@ -111,10 +111,14 @@ def sample_inpaint(
     guidance_scale: float = 1.0,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
+    final_x0_timestep: int | None = None,
 ) -> torch.Tensor:
     """Regenerate the masked region of ``image`` [B,3,H,W] in [-1,1] from ``context`` tokens.
 
     With ``guidance_scale`` != 1 and a ``null_context``, uses classifier-free guidance.
+    ``final_x0_timestep`` (None = off, the plain sampler): at the first step whose timestep is
+    at or below it, return the denoiser's clean-sample prediction instead of sampling on, for
+    a denoiser too weak to remove the last steps' noise.
     ``generator``: one for the batch, or a list of B (CPU) generators, one per case, so that a
     case's noise does not depend on which cases share its batch.
     Returns the full decoded image in [-1,1]; blend it with :func:`blend` to keep the rest.
@@ -149,7 +153,15 @@ def sample_inpaint(
             uncond, cond = pred.chunk(2)
             pred = uncond + guidance_scale * (cond - uncond)
         extra = {"generator": generator} if stochastic else {}
-        latents = scheduler.step(pred, t, latents, **extra).prev_sample
+        out = scheduler.step(pred, t, latents, **extra)
+        if final_x0_timestep is not None:
+            if getattr(out, "pred_original_sample", None) is None:
+                raise ValueError(f"final_x0_timestep needs a sampler that returns its clean-"
+                                 f"sample prediction; {type(scheduler).__name__} does not")
+            if int(t) <= final_x0_timestep:
+                latents = out.pred_original_sample
+                break
+        latents = out.prev_sample
     return autoencoder.decode(latents).clamp(-1, 1)
 
 

@@ -1,11 +1,13 @@
 """Which sampler suits an export? Masked MSE to the ground truth on held-out refinement pairs.
 
     python scripts/compare_samplers.py [--ckpt EXPORT_DIR] [--cases 8] [--steps N] [--device cuda]
-        [--variants ddpm:50:1,ddpm:50:2] [--out results.json]
+        [--variants ddpm:50:1,ddpm:50:2,ddpm:25:1:x0=200] [--out results.json]
 
 Every sampler starts from the same noise and the same references (the ground-truth crops of
 synthetic refinement-mode pairs), so differences come from the sampler alone. The pairs are
-validation pairs: choose settings here, then report them on a benchmark (eval.py).
+validation pairs: choose settings here, then report them on a benchmark (eval.py). A fourth
+field ``x0=T`` stops sampling at timestep T and keeps the model's clean-image prediction
+(``final_x0_timestep``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from evaluation.paired import paired_difference
 from models.export import DEFAULT_EXPORT, load_pipeline
 from models.refinement import build_sampler, sample_inpaint
 
-# (sampler, steps, guidance, scheduler config overrides)
+# (sampler, steps, guidance, options: scheduler config overrides and final_x0_timestep)
 VARIANTS: list[tuple[str, int, float, dict]] = [
     ("ddpm", 50, 1.0, {}), ("ddpm", 50, 2.0, {}), ("ddpm", 50, 3.0, {}), ("ddim", 50, 1.0, {}),
     ("ddim", 50, 2.0, {}), ("dpm_solver", 25, 2.0, {}),
@@ -32,14 +34,18 @@ VARIANTS: list[tuple[str, int, float, dict]] = [
 
 
 def parse_variants(text: str) -> list[tuple[str, int, float, dict]]:
-    """``sampler:steps:guidance,...`` -> variants (training-convention scheduler options)."""
+    """``sampler:steps:guidance[:x0=T],...`` -> variants (training-convention scheduler
+    options)."""
     variants = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 3:
+        stop = parts[3].removeprefix("x0=") if len(parts) == 4 else None
+        if len(parts) not in (3, 4) or (stop is not None and not stop.isdigit()):
             raise argparse.ArgumentTypeError(
-                f"variant {item!r} is not sampler:steps:guidance (e.g. ddpm:50:2)")
-        variants.append((parts[0], int(parts[1]), float(parts[2]), {}))
+                f"variant {item!r} is not sampler:steps:guidance[:x0=T] (e.g. ddpm:50:2, "
+                "ddpm:25:1:x0=200)")
+        options = {} if stop is None else {"final_x0_timestep": int(stop)}
+        variants.append((parts[0], int(parts[1]), float(parts[2]), options))
     return variants
 
 
@@ -67,10 +73,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'sampler':<12}{'steps':>6}{'guidance':>10}  {'options':<40}{'masked MSE':>11}{'s':>7}")
     for name, steps, guidance, options in args.variants:
         steps = args.steps or steps
-        scheduler = build_sampler(name, pipe.scheduler.config, pipe.autoencoder, **options)
+        overrides = dict(options)
+        stop = overrides.pop("final_x0_timestep", None)
+        scheduler = build_sampler(name, pipe.scheduler.config, pipe.autoencoder, **overrides)
         start = time.perf_counter()
         out = sample_inpaint(pipe.unet, pipe.autoencoder, scheduler, batch["target"], mask,
-                             context, null, steps, guidance, torch.Generator().manual_seed(0))
+                             context, null, steps, guidance, torch.Generator().manual_seed(0),
+                             final_x0_timestep=stop)
         squared = ((out - batch["target"]) ** 2) * mask
         err = float(squared.sum() / mask.sum() / 3)
         per_case = (squared.flatten(1).sum(1) / mask.flatten(1).sum(1) / 3).tolist()

@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="refine a square crop around the mask grown by this many px (at least "
                         "the model's size) instead of the whole image; 'none': the whole image "
                         f"(default {defaults.padding_mask_crop})")
+    p.add_argument("--final-x0-timestep", type=optional_int, default=defaults.final_x0_timestep,
+                   help="stop sampling at the first step at or below this timestep and keep the "
+                        "model's clean-image prediction; 'none': sample to the end (default "
+                        f"{defaults.final_x0_timestep})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -134,7 +138,7 @@ def build_pipeline(args: argparse.Namespace) -> tuple[RefineByAlignPipeline, Ref
         pipe.set_alignment(read_alignment(args.alignment), f"--alignment {args.alignment}")
     pipe.autocast_dtype = DTYPES[args.dtype]
     refinement = RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate,
-                                  args.feather, args.padding_mask_crop)
+                                  args.feather, args.padding_mask_crop, args.final_x0_timestep)
     log.info("model size %d px, %s", pipe.image_size, pipe.describe(refinement))
     return pipe, refinement
 

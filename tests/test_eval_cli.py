@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from data.benchmark import write_synthetic_benchmark
 from data.provenance import write_training_data
 from evaluation.report import validate_report
-from models.pipeline import AlignmentConfig
+from models.pipeline import AlignmentConfig, RefinementConfig
 from tests.conftest import compose_config, save_random_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,10 @@ def test_eval_cli_end_to_end(tmp_path: Path, export_dir: Path) -> None:
     assert corr["deployed"]["num_cases"] == 2 and corr["by_category"]["synthetic"]["num_cases"] == 2
     assert report["refinement_counts"]["cases"] == 2
     assert corr["stability"]["resamples"] == 200 and corr["stability"]["wins"]
+    sampling = report["refinement_status"].pop("sampling")
     assert report["refinement_status"] == {"run": True, "reason": None, "error": None}
+    assert sampling == asdict(RefinementConfig())  # the config group's defaults are the class's
+    assert "ddpm, 25 steps, guidance 1, to the end" in (run_dir / "report.md").read_text()
     assert set(report["refinement"]) == {"input", "telea"}
     assert isinstance(report["refinement"]["telea"]["gms"], float)
     per_case = report["refinement_per_case"]["telea"]

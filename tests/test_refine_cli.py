@@ -139,3 +139,14 @@ def test_refine_a_benchmark_folder(tmp_path: Path, tiny_pipeline_dir: Path) -> N
         crop = Image.open(out / name / "crop.png")
         assert crop.size[0] == crop.size[1]  # the square crop training uses
     assert refine.main(["--bench-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_sampling_options_reach_the_pipeline(tmp_path: Path, tiny_pipeline_dir: Path) -> None:
+    paths = _write_inputs(tmp_path)
+    _, plain = refine.build_pipeline(refine.parse_args(_argv(paths, tmp_path / "o",
+                                                             tiny_pipeline_dir)))
+    _, early = refine.build_pipeline(refine.parse_args(_argv(
+        paths, tmp_path / "o", tiny_pipeline_dir, "--final-x0-timestep", "1000",
+        "--padding-mask-crop", "8")))
+    assert plain.final_x0_timestep is None and plain.padding_mask_crop is None
+    assert (early.final_x0_timestep, early.padding_mask_crop, early.num_steps) == (1000, 8, 2)

@@ -270,3 +270,77 @@ def test_compare_samplers_runs_the_variants_asked_for_with_per_case_errors(
         np.mean(other["masked_mse_per_case"]) - np.mean(best["masked_mse_per_case"]))
     with pytest.raises(SystemExit):
         compare(["--ckpt", str(tiny_pipeline_dir), "--variants", "ddpm:50"])
+
+
+class _CountingDenoiser(torch.nn.Module):
+    """Wraps a UNet and records the timesteps it is called at."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, sample, timestep, **kwargs):
+        self.calls.append(int(timestep))
+        return self.unet(sample, timestep, **kwargs)
+
+
+def _inpaint_inputs(pipe, seed: int = 0):
+    size = pipe.image_size
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(2, 3, size, size, generator=gen) * 2 - 1
+    mask = torch.zeros(2, 1, size, size)
+    mask[..., size // 4: size // 2, size // 4: size // 2] = 1
+    context = pipe.encode_reference(torch.rand(2, 3, 32, 32, generator=gen))
+    return image, mask, context
+
+
+def test_final_x0_stops_at_the_timestep_and_returns_that_steps_x0_prediction(pipe) -> None:
+    from models.refinement import build_sampler, denoiser_input, latent_mask, sample_inpaint
+
+    image, mask, context = _inpaint_inputs(pipe)
+    counting = _CountingDenoiser(pipe.unet)
+    sampler = build_sampler("ddpm", pipe.scheduler.config, pipe.autoencoder)
+    out = sample_inpaint(counting, pipe.autoencoder, sampler, image, mask, context,
+                         num_steps=10, generator=torch.Generator().manual_seed(3),
+                         final_x0_timestep=450)
+    schedule = [int(t) for t in sampler.timesteps]
+    stop = next(i for i, t in enumerate(schedule) if t <= 450)
+    assert counting.calls == schedule[: stop + 1] and len(counting.calls) < len(schedule)
+    # the same run by hand: sample to the step before, then keep the step's x0 prediction
+    reference = build_sampler("ddpm", pipe.scheduler.config, pipe.autoencoder)
+    reference.set_timesteps(10)
+    gen = torch.Generator().manual_seed(3)
+    masked = pipe.autoencoder.encode(image * (1 - mask))
+    mask_latent = latent_mask(mask, masked.shape[-2:])
+    latents = torch.randn(masked.shape, generator=gen) * reference.init_noise_sigma
+    for t in reference.timesteps[: stop + 1]:
+        pred = pipe.unet(denoiser_input(latents, masked, mask_latent), t,
+                         encoder_hidden_states=context).sample
+        step = reference.step(pred, t, latents, generator=gen)
+        latents = step.prev_sample
+    expected = pipe.autoencoder.decode(step.pred_original_sample).clamp(-1, 1)
+    torch.testing.assert_close(out, expected)
+    full = sample_inpaint(pipe.unet, pipe.autoencoder, sampler, image, mask, context,
+                          num_steps=10, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(out, full)
+
+
+def test_final_x0_needs_a_sampler_with_an_x0_prediction(pipe) -> None:
+    from models.refinement import build_sampler, sample_inpaint
+
+    image, mask, context = _inpaint_inputs(pipe)
+    sampler = build_sampler("dpm_solver", pipe.scheduler.config, pipe.autoencoder)
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
+        sample_inpaint(pipe.unet, pipe.autoencoder, sampler, image, mask, context,
+                       num_steps=4, final_x0_timestep=100)
+
+
+def test_compare_samplers_reads_a_final_x0_variant(tiny_pipeline_dir) -> None:
+    from scripts.compare_samplers import main as compare
+
+    rows = compare(["--ckpt", str(tiny_pipeline_dir), "--cases", "2", "--variants",
+                    "ddpm:4:1,ddpm:4:1:x0=600"])
+    assert rows[1]["options"] == {"final_x0_timestep": 600}
+    assert rows[0]["masked_mse"] != rows[1]["masked_mse"]
+    with pytest.raises(SystemExit):
+        compare(["--ckpt", str(tiny_pipeline_dir), "--variants", "ddpm:4:1:x0=soon"])

@@ -226,3 +226,16 @@ def test_paired_difference_counts_wins_by_direction_and_refuses_unpaired_scores(
     assert -1.0 <= low <= 0.375 <= high <= 1.0
     with pytest.raises(ValueError, match="same, non-zero number"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_the_sampling_line_says_where_sampling_stopped() -> None:
+    from dataclasses import asdict
+
+    from evaluation.report import sampling_line
+    from models.pipeline import RefinementConfig
+
+    plain = sampling_line(asdict(RefinementConfig()))
+    early = sampling_line(asdict(RefinementConfig(num_steps=10, final_x0_timestep=1000,
+                                                  padding_mask_crop=16)))
+    assert "ddpm, 25 steps, guidance 1, to the end" in plain and "padded crop off" in plain
+    assert "10 steps" in early and "at or below t = 1000" in early and "16 px" in early
