@@ -126,10 +126,11 @@ def _alignment_config(cfg: DictConfig) -> AlignmentConfig:
 def refinement_config(cfg: DictConfig) -> RefinementConfig:
     """The model methods' sampling and pasting settings from ``cfg`` (defaults filled in)."""
     crop, stop = cfg.get("padding_mask_crop"), cfg.get("final_x0_timestep")
-    return RefinementConfig(cfg.sampler, int(cfg.num_steps), float(cfg.guidance_scale),
-                            int(cfg.dilate), int(cfg.feather),
-                            None if crop is None else int(crop),
-                            None if stop is None else int(stop))
+    return RefinementConfig(
+        sampler=cfg.sampler, num_steps=int(cfg.num_steps), guidance_scale=float(cfg.guidance_scale),
+        dilate=int(cfg.dilate), feather=int(cfg.feather),
+        padding_mask_crop=None if crop is None else int(crop),
+        final_x0_timestep=None if stop is None else int(stop))
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

@@ -137,8 +137,10 @@ def build_pipeline(args: argparse.Namespace) -> tuple[RefineByAlignPipeline, Ref
     if args.alignment is not None:
         pipe.set_alignment(read_alignment(args.alignment), f"--alignment {args.alignment}")
     pipe.autocast_dtype = DTYPES[args.dtype]
-    refinement = RefinementConfig(args.sampler, args.steps, args.guidance, args.dilate,
-                                  args.feather, args.padding_mask_crop, args.final_x0_timestep)
+    refinement = RefinementConfig(
+        sampler=args.sampler, num_steps=args.steps, guidance_scale=args.guidance,
+        dilate=args.dilate, feather=args.feather, padding_mask_crop=args.padding_mask_crop,
+        final_x0_timestep=args.final_x0_timestep)
     log.info("model size %d px, %s", pipe.image_size, pipe.describe(refinement))
     return pipe, refinement
 
