@@ -146,10 +146,11 @@ def write_examples(out_dir: Path, image_size: int, reference_size: int) -> list[
 # ----------------------------------------------------------------------------- inference
 def refine_case(model: DemoModel, editor: dict[str, Any] | None, reference: np.ndarray | None,
                 readout: str, timestep: float, block: int, threshold: float, margin: float,
-                steps: float, guidance: float, seed: float
+                steps: float, guidance: float, seed: float, early_x0: bool = False,
+                x0_timestep: float = 1000
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Both stages through the pipeline: (heat map + box on the reference, crop, input,
-    refined, details)."""
+    refined, details). ``early_x0`` turns on the early-x0 option at ``x0_timestep``."""
     image, mask = editor_case(editor)
     if reference is None:
         raise user_error("Upload a reference image.")
@@ -157,7 +158,9 @@ def refine_case(model: DemoModel, editor: dict[str, Any] | None, reference: np.n
     try:
         alignment = replace(model.alignment, readout=readout, timestep=int(timestep),
                             block=int(block), threshold=float(threshold), margin=float(margin))
-        refinement = RefinementConfig(num_steps=int(steps), guidance_scale=float(guidance))
+        refinement = RefinementConfig(
+            num_steps=int(steps), guidance_scale=float(guidance),
+            final_x0_timestep=int(x0_timestep) if early_x0 else None)
         start = time.perf_counter()
         out = model.pipe(image, mask, reference, refinement, seed=int(seed),
                          alignment=alignment)
@@ -223,6 +226,13 @@ def build_demo(export_dir: str | Path | None = None) -> gr.Blocks:
                     guidance = gr.Slider(0.0, 10.0, value=sampling.guidance_scale, step=0.1,
                                          label="guidance scale", elem_id="guidance")
                     seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
+                    early_x0 = gr.Checkbox(
+                        sampling.final_x0_timestep is not None, elem_id="early_x0",
+                        label="option: stop early and keep the x0 prediction (smooth fill)")
+                    x0_timestep = gr.Slider(
+                        0, model.num_train_timesteps, step=1, elem_id="x0_timestep",
+                        value=sampling.final_x0_timestep or model.num_train_timesteps,
+                        label="stop at the first step at or below t (max = one step)")
                 button = gr.Button("Refine", variant="primary", elem_id="run")
         with gr.Row(equal_height=True):
             heat = gr.Image(label="heat map + crop box (reference)", format="png",
@@ -235,7 +245,8 @@ def build_demo(export_dir: str | Path | None = None) -> gr.Blocks:
                              elem_id="refined", elem_classes="pixelated")
         with gr.Accordion("details (box on the reference, settings, time)", open=False):
             details = gr.JSON(label="details", elem_id="details")
-        controls = [readout, timestep, block, threshold, margin, steps, guidance, seed]
+        controls = [readout, timestep, block, threshold, margin, steps, guidance, seed,
+                    early_x0, x0_timestep]
         outputs = [heat, crop, before, after, details]
         button.click(run, [editor, reference, *controls], outputs, api_name="refine")
         shown.load_input_event.then(run, [editor, reference, *controls], outputs,

@@ -16,7 +16,7 @@ from PIL import Image
 
 from data.benchmark import load_case
 from models.export import DEFAULT_EXPORT, PIPELINE_INDEX, write_alignment
-from models.pipeline import AlignmentConfig
+from models.pipeline import AlignmentConfig, RefinementConfig
 
 # a read-out unlike the shipped one's, so the controls' defaults can only have come from it
 DEPLOYED = AlignmentConfig(timestep=120, block=5, threshold=0.4, margin=0.2)
@@ -137,6 +137,22 @@ def test_threshold_control_reaches_the_crop(served: tuple, case: dict) -> None:
         x0, _, x1, _ = details["box_xyxy"]
         sides[threshold] = x1 - x0
     assert sides[0.05] > sides[0.95]  # a lower threshold keeps more of the heat map
+
+
+def test_early_x0_option_reaches_the_sampler(served: tuple, case: dict, export_dir: Path
+                                             ) -> None:
+    _, client = served
+    given = {"editor": _editor(case), "reference": handle_file(case["files"]["reference"]),
+             "steps": 3, "seed": 0, "api_name": "/refine"}
+    *_, early_file, details = client.predict(early_x0=True, x0_timestep=1000, **given)
+    assert details["refinement"]["final_x0_timestep"] == 1000
+    pipe = demo_script.load_demo_model(export_dir).pipe
+    expected = pipe(case["image"], case["mask"], case["reference"],
+                    RefinementConfig(num_steps=3, final_x0_timestep=1000), seed=0).images[0]
+    assert np.array_equal(_read(early_file), expected)
+    *_, plain_file, plain_details = client.predict(x0_timestep=1000, **given)  # box unticked
+    assert plain_details["refinement"]["final_x0_timestep"] is None
+    assert not np.array_equal(_read(plain_file), expected)
 
 
 def test_bad_inputs_are_clear_errors(served: tuple, case: dict) -> None:
