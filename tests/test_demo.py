@@ -6,6 +6,7 @@ import importlib.util
 import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,16 +128,20 @@ def test_upload_only_refines_inside_the_mask(served: tuple, case: dict) -> None:
     assert np.array_equal(_read(crop_file), reference[y0:y1, x0:x1])
 
 
-def test_threshold_control_reaches_the_crop(served: tuple, case: dict) -> None:
+def test_threshold_control_reaches_the_crop(served: tuple, case: dict, export_dir: Path
+                                            ) -> None:
     _, client = served
-    sides = {}
+    pipe = demo_script.load_demo_model(export_dir).pipe
+    boxes = {}
     for threshold in (0.05, 0.95):
         *_, details = client.predict(
             editor=_editor(case), reference=handle_file(case["files"]["reference"]),
             threshold=threshold, steps=1, api_name="/refine")
-        x0, _, x1, _ = details["box_xyxy"]
-        sides[threshold] = x1 - x0
-    assert sides[0.05] > sides[0.95]  # a lower threshold keeps more of the heat map
+        boxes[threshold] = tuple(details["box_xyxy"])
+        expected = pipe.align(case["image"], case["mask"], case["reference"],
+                              alignment=replace(DEPLOYED, threshold=threshold))
+        assert boxes[threshold] == expected.box
+    assert boxes[0.05] != boxes[0.95]
 
 
 def test_early_x0_option_reaches_the_sampler(served: tuple, case: dict, export_dir: Path
