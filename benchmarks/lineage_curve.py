@@ -91,7 +91,7 @@ def project(stages: list[dict[str, Any]], points: list[dict[str, float]],
 
 
 def plot(stages: list[dict[str, Any]], points: list[dict[str, float]],
-         projection: dict[str, dict[str, Any]], path: Path) -> None:
+         gain_targets: tuple[float, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,9 +106,8 @@ def plot(stages: list[dict[str, Any]], points: list[dict[str, float]],
         for row, style in zip(LINES, ("--", ":"), strict=True):
             ax.axhline(points[-1][f"{row}_{metric}"], color="k", ls=style, lw=1, label=row)
         ax.set_title(title)
-    for t in (50, 100):
+    for t, target in zip((50, 100), gain_targets, strict=True):
         axes[2].plot(xs, [p[f"gain_t{t}"] for p in points], "o-", label=f"t = {t}")
-        target = next(v["line"] for v in projection.values() if v["metric"] == f"gain_t{t}")
         axes[2].axhline(target, ls="--", lw=1, color=axes[2].lines[-1].get_color(),
                         label=f"target t = {t}")
     axes[2].set_title("denoising gain (dB), report cases")
@@ -131,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.stages}: stages must be in order of samples seen")
     root = args.stages.parent
     points = [stage_point(json.loads((root / s["report"]).read_text())) for s in stages]
-    projection = project(stages, points, tuple(args.gain_targets))
+    gain_targets = tuple(args.gain_targets)
+    projection = project(stages, points, gain_targets)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"stages": [{**s, **p} for s, p in zip(stages, points, strict=True)],
               "projection": projection,
               "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     (args.out / "lineage.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(stages, points, projection, args.out / "lineage.png")
+    plot(stages, points, gain_targets, args.out / "lineage.png")
     for name, row in projection.items():
         needed = row["samples_needed"]
         shown = "never at this rate" if needed is None else f"{math.ceil(needed / 1000)}k samples"
