@@ -35,10 +35,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data.provenance import UNKNOWN, read_training_data, write_training_data
+from data.provenance import UNKNOWN, lineage_record, write_training_data
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
-from models.checkpoint import ExportAtTrainEnd, ModelConfigInCheckpoint, warm_start
+from models.checkpoint import (
+    ExportAtTrainEnd,
+    RunRecordsInCheckpoint,
+    checkpoint_training_data,
+    warm_start,
+)
 from models.distributed import (
     ValidateAtLastStep,
     check_config,
@@ -122,15 +127,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("torch CPU threads: %d", threads)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model)
-    inherited = None
+    inherited, continued = None, []
     if cfg.get("init_from"):
-        warm_start(module, cfg.init_from)
-        inherited = read_training_data(cfg.init_from) or {"unknown": {"source": UNKNOWN}}
+        start = warm_start(module, cfg.init_from)
+        inherited = start.training_data or {"unknown": {"source": UNKNOWN}}
+        continued = start.callbacks
+    if cfg.get("ckpt_path"):
+        stored = checkpoint_training_data(cfg.ckpt_path)
+        if stored is not None and stored != lineage_record(cfg.data, inherited):
+            inherited = stored  # resumed on other data: the data before stays recorded
     # export_dir resolved here: a ddp_spawn child, which exports, has no Hydra config
     exporter = ExportAtTrainEnd(
         functools.partial(write_export, cfg, Path(cfg.export_dir), inherited))
-    callbacks = [*instantiate_group(cfg.get("callbacks")), ModelConfigInCheckpoint(cfg.model),
-                 exporter]
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *continued, exporter,
+                 RunRecordsInCheckpoint(cfg.model, lineage_record(cfg.data, inherited))]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
     trainer: pl.Trainer = instantiate(

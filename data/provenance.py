@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TRAINING_DATA = "training_data.yaml"
 UNKNOWN = "unknown"  # source of a warm start's inherited use when that export had no record
@@ -39,7 +39,8 @@ def training_data_record(data_cfg: DictConfig | Mapping[str, Any]) -> dict[str, 
                              "seed": int(data_cfg["train_seed"]) if source == "synthetic"
                              else None}
     if source != "synthetic":
-        train["shard_urls"] = data_cfg.get("shard_urls")
+        urls = data_cfg.get("shard_urls")
+        train["shard_urls"] = OmegaConf.to_container(urls) if isinstance(urls, ListConfig) else urls
     else:
         train["length"] = int(data_cfg.get("train_length", 0))
     return {"train": train,
@@ -48,19 +49,23 @@ def training_data_record(data_cfg: DictConfig | Mapping[str, Any]) -> dict[str, 
                            "length": int(data_cfg.get("val_length", 0))}}
 
 
-def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path,
-                        inherited: Mapping[str, Any] | None = None) -> Path:
-    """Write ``training_data.yaml`` next to an export's weights.
-
-    ``inherited``: the record of the export a warm start began from; each of its entries is
-    kept under an ``init_`` prefix (``init_train``, its own ``init_init_train``, ...), so
-    every ancestor in a chain of warm starts stays recorded and its data refused too.
-    """
-    path = Path(export_dir) / TRAINING_DATA
+def lineage_record(data_cfg: DictConfig | Mapping[str, Any],
+                   inherited: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """This run's record with ``inherited`` (the record of the export or checkpoint a warm
+    start began from) kept under an ``init_`` prefix (``init_train``, its own
+    ``init_init_train``, ...), so every ancestor in a chain of warm starts stays recorded and
+    its data refused too."""
     record = training_data_record(data_cfg)
     for name, use in (inherited or {}).items():
         record[f"init_{name}"] = dict(use)
-    body = OmegaConf.to_yaml(OmegaConf.create(record))
+    return record
+
+
+def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path,
+                        inherited: Mapping[str, Any] | None = None) -> Path:
+    """Write ``training_data.yaml`` (:func:`lineage_record`) next to an export's weights."""
+    path = Path(export_dir) / TRAINING_DATA
+    body = OmegaConf.to_yaml(OmegaConf.create(lineage_record(data_cfg, inherited)))
     path.write_text("# written by train.py: the generated data this export saw; eval.py "
                     "refuses benchmarks drawn from it\n" + body)
     return path

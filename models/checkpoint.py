@@ -14,6 +14,8 @@ they hold only its scalar settings.
 
 :class:`ExportAtTrainEnd` is how train.py exports when fitting ends: the same weights
 (``inference_state_dict`` inside the EMA swap) handed to a writer of train.py's.
+:func:`warm_start` is its ``init_from``: from an export, or continuing a checkpoint's weights,
+EMA and optimizer moments on new data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.provenance import read_training_data
 from models.distributed import fsdp_root
 from models.ema import CHECKPOINT_KEY as EMA_KEY
 from models.ema import EMA, ema_weights
@@ -48,19 +52,24 @@ from models.export import (
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_KEY = "model_config"
+TRAINING_DATA_KEY = "training_data"
 FSDP_META = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
 SOURCE = "source.json"  # provenance written next to the exported weights
 
 
-class ModelConfigInCheckpoint(pl.Callback):
-    """Store the resolved model config in every checkpoint, so that it exports on its own."""
+class RunRecordsInCheckpoint(pl.Callback):
+    """Store the resolved model config and the run's training-data lineage
+    (:func:`data.provenance.lineage_record`) in every checkpoint, so that it exports on its
+    own and a run continued from it on other data still records what it was trained on."""
 
-    def __init__(self, model_cfg: DictConfig) -> None:
+    def __init__(self, model_cfg: DictConfig, training_data: dict[str, Any]) -> None:
         self.model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+        self.training_data = training_data
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint[MODEL_CONFIG_KEY] = self.model_cfg
+        checkpoint[TRAINING_DATA_KEY] = self.training_data
 
 
 class ExportAtTrainEnd(pl.Callback):
@@ -84,26 +93,106 @@ class ExportAtTrainEnd(pl.Callback):
             self.written = self.write(weights, trainer)
 
 
-def warm_start(module: pl.LightningModule, export_dir: str | Path) -> None:
-    """Load a pipeline folder's denoiser and reference-encoder weights into ``module``
-    (strict), and restart its EMA from them: a warm start needs no optimizer state."""
-    export_dir = Path(export_dir)
-    if is_legacy_export(export_dir):
-        raise ValueError(f"init_from {export_dir}: an export of the older layout; convert it "
-                         f"with `python scripts/export_checkpoint.py {export_dir} --out DIR`")
-    weights = read_weights(export_dir)
-    check_finite(weights, export_dir)
+@dataclass
+class WarmStart:
+    """What a warm start hands to train.py besides the weights it loaded."""
+
+    training_data: dict[str, Any] | None  # the source's record; None: unknown provenance
+    callbacks: list[pl.Callback] = field(default_factory=list)
+
+
+class ContinueOptimizer(pl.Callback):
+    """Load a checkpoint's optimizer moments into the optimizer fitting builds (it exists only
+    from ``on_fit_start``); this run's learning rates and schedule stay. Once, then dropped."""
+
+    def __init__(self, states: list[dict[str, Any]], source: Path) -> None:
+        self.states: list[dict[str, Any]] | None = states
+        self.source = source
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.states is None:
+            return
+        if len(trainer.optimizers) != len(self.states):
+            raise ValueError(f"init_from {self.source}: {len(self.states)} optimizer state(s) "
+                             f"for this run's {len(trainer.optimizers)} optimizer(s)")
+        for optimizer, saved in zip(trainer.optimizers, self.states, strict=True):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for index, state in saved["state"].items():
+                fits = index < len(params) and all(
+                    v.shape == params[index].shape for v in state.values()
+                    if torch.is_tensor(v) and v.ndim)
+                if not fits:
+                    raise ValueError(f"init_from {self.source}: its optimizer state does not "
+                                     f"fit this run's trainable parameters (parameter {index})")
+            own_groups = optimizer.state_dict()["param_groups"]
+            optimizer.load_state_dict({"state": saved["state"], "param_groups": own_groups})
+        self.states = None
+        log.info("optimizer moments continued from %s", self.source)
+
+
+def warm_start(module: pl.LightningModule, source: str | Path) -> WarmStart:
+    """Start ``module`` from a pipeline folder or from a checkpoint of train.py (strict).
+
+    A folder (an export): its denoiser and reference-encoder weights; the EMA restarts from
+    them and the optimizer starts afresh. A ``.ckpt``: its trained weights, its EMA and (by
+    the returned callback) its optimizer moments, so that a continuation on new data does not
+    restart them; step count, schedule and time budget are this run's (``ckpt_path=`` resumes
+    those too).
+    """
+    source = Path(source)
+    if is_sharded_checkpoint(source):
+        raise ValueError(f"init_from {source}: a sharded checkpoint cannot be continued; export "
+                         f"it (scripts/export_checkpoint.py) and warm-start from the folder")
+    if is_lightning_checkpoint(source):
+        return _continue_checkpoint(module, source)
+    if is_legacy_export(source):
+        raise ValueError(f"init_from {source}: an export of the older layout; convert it "
+                         f"with `python scripts/export_checkpoint.py {source} --out DIR`")
+    weights = read_weights(source)
+    check_finite(weights, source)
     for name in ("denoiser", "reference_encoder"):
         own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(f"{name}.")}
         try:
             getattr(module, name).load_state_dict(own)
         except RuntimeError as err:
-            raise ValueError(f"init_from {export_dir}: its {name} does not fit this model "
+            raise ValueError(f"init_from {source}: its {name} does not fit this model "
                              f"config ({str(err).splitlines()[0]})") from err
     for callback in module.configure_callbacks() or []:
         if isinstance(callback, EMA):
             callback.restart(module)
-    log.info("warm start from %s", export_dir)
+    log.info("warm start from %s", source)
+    return WarmStart(read_training_data(source))
+
+
+def _continue_checkpoint(module: pl.LightningModule, path: Path) -> WarmStart:
+    checkpoint = read_checkpoint(path)
+    check_finite(checkpoint["state_dict"], path)
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"init_from {path}: its weights do not fit this model config "
+                         f"({str(err).splitlines()[0]})") from err
+    for callback in module.configure_callbacks() or []:
+        if isinstance(callback, EMA):
+            average = callback.restart(module)
+            if EMA_KEY in checkpoint:
+                average.load_state_dict(checkpoint[EMA_KEY])
+                average.decay = callback.decay  # this run's setting, not the checkpoint's
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        log.warning("%s holds no optimizer state: the optimizer starts afresh", path)
+    log.info("continuing %s (step %s): weights, EMA%s", path, checkpoint.get("global_step"),
+             ", optimizer moments" if states else "")
+    return WarmStart(checkpoint.get(TRAINING_DATA_KEY),
+                     [ContinueOptimizer(states, path)] if states else [])
+
+
+def checkpoint_training_data(path: str | Path) -> dict[str, Any] | None:
+    """The training-data lineage a checkpoint of train.py stored, None when it has none."""
+    path = Path(path)
+    meta = path / FSDP_META if path.is_dir() else path
+    checkpoint = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint.get(TRAINING_DATA_KEY)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

@@ -21,6 +21,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytorch_lightning as pl
@@ -80,6 +81,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             "FSDP shards the parameters, but the module's EMA keeps full unsharded copies "
             "and fails at the first step: run trainer=fsdp with model.ema_decay=null")
+    if uses_fsdp(cfg.trainer) and cfg.get("init_from") and Path(cfg.init_from).is_file():
+        raise ValueError(
+            f"init_from {cfg.init_from}: continuing a checkpoint loads its whole optimizer "
+            "state, which FSDP shards; export it (scripts/export_checkpoint.py) and warm-start "
+            "from the folder")
 
 
 class ValidateAtLastStep(pl.Callback):
