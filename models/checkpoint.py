@@ -183,16 +183,28 @@ def _continue_checkpoint(module: pl.LightningModule, path: Path) -> WarmStart:
         log.warning("%s holds no optimizer state: the optimizer starts afresh", path)
     log.info("continuing %s (step %s): weights, EMA%s", path, checkpoint.get("global_step"),
              ", optimizer moments" if states else "")
-    return WarmStart(checkpoint.get(TRAINING_DATA_KEY),
+    return WarmStart(checkpoint_training_data(path, checkpoint),
                      [ContinueOptimizer(states, path)] if states else [])
 
 
-def checkpoint_training_data(path: str | Path) -> dict[str, Any] | None:
-    """The training-data lineage a checkpoint of train.py stored, None when it has none."""
+def checkpoint_training_data(path: str | Path, checkpoint: dict[str, Any] | None = None
+                             ) -> dict[str, Any] | None:
+    """The training-data lineage of a checkpoint of train.py: the one it stored or, written
+    before checkpoints stored it, the record of the export its run wrote at train.py's default
+    place (``<run>/checkpoints/x.ckpt`` -> ``<run>/export/``, found as :func:`model_config`
+    finds the run's config); None when neither exists (unknown provenance)."""
     path = Path(path)
-    meta = path / FSDP_META if path.is_dir() else path
-    checkpoint = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint.get(TRAINING_DATA_KEY)
+    if checkpoint is None:
+        meta = path / FSDP_META if path.is_dir() else path
+        checkpoint = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
+    if TRAINING_DATA_KEY in checkpoint:
+        return checkpoint[TRAINING_DATA_KEY]
+    run_export = path.resolve().parent.parent / "export"
+    record = read_training_data(run_export)
+    if record is not None:
+        log.info("%s stores no training-data record: taking its run's export's (%s)", path,
+                 run_export)
+    return record
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

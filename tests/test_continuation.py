@@ -3,6 +3,7 @@ data (``ckpt_path=`` with another seed): what carries over, and the record of th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -116,3 +117,16 @@ def test_optimizer_state_of_other_parameters_is_refused() -> None:
     assert torch.equal(same_shape.state_dict()["state"][0]["exp_avg"],
                        optimizer.state_dict()["state"][0]["exp_avg"])
     assert same_shape.param_groups[0]["lr"] == 0.5
+
+
+def test_an_older_checkpoint_takes_the_record_of_its_runs_export(first, tmp_path):
+    """Checkpoints written before they stored the lineage: the run's own export has it."""
+    older = torch.load(first, weights_only=False)
+    record = older.pop(TRAINING_DATA_KEY)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    torch.save(older, ckpt)
+    module = hydra.utils.instantiate(compose_config(FAST).model)
+    assert warm_start(module, ckpt).training_data is None  # no export beside it: unknown
+    shutil.copytree(first.parent.parent / "export", tmp_path / "run" / "export")
+    assert warm_start(module, ckpt).training_data == record
