@@ -35,7 +35,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data.provenance import UNKNOWN, lineage_record, write_training_data
+from data.provenance import (
+    UNKNOWN,
+    check_unseen_training_data,
+    lineage_record,
+    write_training_data,
+)
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
 from models.checkpoint import (
@@ -131,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("init_from"):
         start = warm_start(module, cfg.init_from)
         inherited = start.training_data or {"unknown": {"source": UNKNOWN}}
+        check_unseen_training_data(cfg.data, inherited)
         continued = start.callbacks
     if cfg.get("ckpt_path"):
         stored = checkpoint_training_data(cfg.ckpt_path)

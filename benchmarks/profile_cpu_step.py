@@ -7,7 +7,8 @@ and runs the module's own ``training_step`` + AdamW + EMA on pre-drawn batches. 
   CPU flash kernel has no FLOP formula), and the data generator's seconds per batch;
 - this machine's dense fp32 matmul rate per thread, measured in the same process: the FLOPs
   divided by it give the step's compute floor, and ``max_steps`` x that floor the run's;
-- step time at 1 and 2 torch threads, interleaved so load from other processes hits both;
+- step time at 1 and 2 torch threads, in fp32 and under bf16 autocast (what
+  ``trainer.precision=bf16-mixed`` runs), interleaved so load from other processes hits all;
 - the top operators of a ``torch.profiler`` trace of two steps (self CPU time).
 
 ``OMP_WAIT_POLICY`` is read when torch loads, so compare policies across processes, e.g.
@@ -41,10 +42,11 @@ SMOKE_OVERRIDES = ["data.batch_size=2", "data.reference_size=56",
                    "model.reference_encoder.backbone.config.num_hidden_layers=1"]
 
 
-def matmul_gflops(threads: int, size: int = 1024, iters: int = 10) -> float:
-    """Dense fp32 matmul GFLOP/s at ``threads`` torch threads: the machine's practical peak."""
+def matmul_gflops(threads: int, size: int = 1024, iters: int = 10,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Dense matmul GFLOP/s at ``threads`` torch threads: the machine's practical peak."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(3):
         a @ b
     start = time.perf_counter()
@@ -82,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ema = EMA(decay).track(module) if decay else None  # what the EMA callback steps
     cursor = iter(range(10**9))
 
-    def step() -> None:
-        loss = module.training_step(batches[next(cursor) % len(batches)], 0)
+    def step(bf16: bool = False) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.training_step(batches[next(cursor) % len(batches)], 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -96,15 +99,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gflop = counter.get_total_flops() / 1e9
 
     peak = {f"{n}_thread": round(matmul_gflops(n), 1) for n in (1, 2)}
+    peak_bf16 = {f"{n}_thread": round(matmul_gflops(n, dtype=torch.bfloat16), 1) for n in (1, 2)}
 
-    def at(threads: int):
+    def at(threads: int, bf16: bool = False):
         def run() -> None:
             torch.set_num_threads(threads)
-            step()
+            step(bf16)
         return run
 
-    times = interleaved_times({"1_thread": at(1), "2_threads": at(2)}, torch.device("cpu"),
-                              iters=1, repeats=args.repeats, warmup=1)
+    times = interleaved_times({"1_thread": at(1), "2_threads": at(2),
+                               "1_thread_bf16": at(1, True), "2_threads_bf16": at(2, True)},
+                              torch.device("cpu"), iters=1, repeats=args.repeats, warmup=1)
     torch.set_num_threads(1)
     with profile(activities=[ProfilerActivity.CPU]) as trace:
         step()
@@ -130,8 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                 key=lambda kv: -kv[1])},
         "data_seconds_per_batch": round(data_s, 3),
         "matmul_gflops": peak,
+        "matmul_gflops_bf16": peak_bf16,
         "step_seconds": {k: round(v, 3) for k, v in times.items()},
         "ratio_2_threads_over_1": round(times["2_threads"] / times["1_thread"], 3),
+        "speedup_bf16_autocast": {n: round(times[n] / times[f"{n}_bf16"], 3)
+                                  for n in ("1_thread", "2_threads")},
         "efficiency_1_thread": round(floor_1 / times["1_thread"], 3),
         "compute_floor_seconds": {
             "step_1_thread": round(floor_1, 3),
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{gflop:.1f} GFLOP/step; matmul {peak['1_thread']} / {peak['2_thread']} GFLOP/s at "
           f"1 / 2 threads; step {times['1_thread']:.2f} s (1 thread), "
           f"{times['2_threads']:.2f} s (2 threads), ratio {result['ratio_2_threads_over_1']}; "
+          f"bf16 autocast {result['speedup_bf16_autocast']['1_thread']}x / "
+          f"{result['speedup_bf16_autocast']['2_threads']}x faster; "
           f"1-thread efficiency {result['efficiency_1_thread']:.0%}; floor for {steps} steps at "
           f"2 threads {result['compute_floor_seconds'][f'{steps}_steps_2_threads_minutes']} min")
     return result

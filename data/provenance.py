@@ -61,6 +61,27 @@ def lineage_record(data_cfg: DictConfig | Mapping[str, Any],
     return record
 
 
+def check_unseen_training_data(data_cfg: DictConfig | Mapping[str, Any],
+                               inherited: Mapping[str, Any] | None) -> None:
+    """Refuse a warm start that would train again on generated items its lineage has seen.
+
+    The generator is deterministic per (namespace, seed), so a seed the ancestors trained on
+    repeats their items instead of adding new ones.
+    """
+    own = training_data_record(data_cfg)["train"]
+    if own["seed"] is None:
+        return
+    used = {name: use for name, use in (inherited or {}).items()
+            if name.endswith("train") and isinstance(use, Mapping)
+            and use.get("namespace") == "train" and use.get("seed") is not None}
+    repeated = sorted(name for name, use in used.items() if int(use["seed"]) == own["seed"])
+    if repeated:
+        seen = sorted({int(use["seed"]) for use in used.values()})
+        raise ValueError(f"seed={own['seed']}: the warm start's lineage trained on train seed "
+                         f"{own['seed']} already ({repeated[0]} in its training-data record), "
+                         f"so this run would repeat those items; pick a seed not in {seen}")
+
+
 def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path,
                         inherited: Mapping[str, Any] | None = None) -> Path:
     """Write ``training_data.yaml`` (:func:`lineage_record`) next to an export's weights."""

@@ -102,6 +102,16 @@ def test_continuing_refuses_another_architecture_and_fsdp(first):
         check_config(fsdp)
 
 
+def test_a_warm_start_on_a_seed_its_lineage_trained_on_is_refused(first, tmp_path):
+    with pytest.raises(ValueError, match=r"seed=21: .* train seed 21 already \(train in"):
+        _train(tmp_path / "again", ["trainer.max_steps=1", "seed=21", f"init_from={first}"])
+    export = first.parent.parent / "export"
+    with pytest.raises(ValueError, match=r"seed=21: .* \(train in .*not in \[21\]"):
+        _train(tmp_path / "again_export", ["trainer.max_steps=1", "seed=21",
+                                           f"init_from={export}"])
+    assert not (tmp_path / "again" / "checkpoints").exists()
+
+
 def test_optimizer_state_of_other_parameters_is_refused() -> None:
     small = torch.nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.Adam([small])
