@@ -150,3 +150,23 @@ def test_shipped_model_continuation_trains_on_data_its_lineage_has_not_seen():
             if name.endswith("train") and use.get("namespace") == "train"}
     assert 0 in seen  # the first training's seed: the record is read as meant
     assert cfg.data.train_seed not in seen
+
+
+# the command line of the shipped model's CPU stages (results/continue_cpu_7/README.md)
+CPU_STAGE_OVERRIDES = [
+    "trainer.max_steps=100000", "+trainer.max_time=00:01:00:00", "trainer.val_check_interval=1000",
+    "data.batch_size=8", "data.num_workers=1", "data.val_length=32", "model.optimizer.lr=1e-4",
+    "model.lr_scheduler.num_warmup_steps=50", "model.ema_decay=0.999",
+    "model.timestep_low_fraction=0.5", "model.timestep_low_max=200",
+    "callbacks.model_checkpoint.every_n_train_steps=250",
+]
+
+
+def test_the_cpu_continuation_preset_is_the_cpu_stages_recipe():
+    start = ["init_from=runs/stage/checkpoints/last.ckpt", "seed=12"]
+    preset = compose_config(["experiment=tiny_cpu_continue", *start])
+    stages = compose_config([*CPU_STAGE_OVERRIDES, *start])
+    for cfg in (preset, stages):
+        cfg.task_name = "any"
+    assert OmegaConf.to_container(preset, resolve=True) == OmegaConf.to_container(stages,
+                                                                                   resolve=True)
