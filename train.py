@@ -44,6 +44,7 @@ from data.provenance import (
 from evaluation.report import format_summary
 from evaluation.tracker import write_tracker_record
 from models.checkpoint import (
+    CheckpointAtTrainEnd,
     ExportAtTrainEnd,
     RunRecordsInCheckpoint,
     checkpoint_training_data,
@@ -87,6 +88,22 @@ def check_checkpoint(path: str | Path) -> None:
                              f"({str(err).splitlines()[0]})") from err
 
 
+def check_cpu_precision(trainer_cfg: DictConfig) -> None:
+    """Refuse bf16 training on a CPU without bf16 instructions (AVX512-BF16 or AMX), where
+    torch computes it in software: 1.8x slower than fp32 with AVX-512 alone and 14x with AVX2,
+    against 1.4-1.7x faster with AVX512-BF16 (benchmarks/README.md, "bf16 on the CPU")."""
+    on_cpu = trainer_cfg.get("accelerator") == "cpu" or (
+        trainer_cfg.get("accelerator") in (None, "auto") and not torch.cuda.is_available())
+    precision = str(trainer_cfg.get("precision"))
+    if not (on_cpu and precision.startswith("bf16")):
+        return
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return
+    raise ValueError(f"trainer.precision={precision} on a CPU without bf16 instructions "
+                     f"(AVX512-BF16 or AMX) runs bf16 in software, slower than fp32: "
+                     f"use trainer.precision=32-true")
+
+
 def intra_op_threads(cfg: DictConfig) -> int | None:
     """torch's CPU threads for this run: ``num_threads`` if set; on the CPU accelerator, the
     cores of each training process, less its data workers unless OpenMP's waiting threads
@@ -121,6 +138,7 @@ def write_export(cfg: DictConfig, export_dir: Path, inherited: dict[str, Any] | 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the module described by ``cfg``; export EMA weights; return the final metrics."""
     check_config(cfg)
+    check_cpu_precision(cfg.trainer)
     check_data_fits_model(cfg.model, cfg.data)  # before anything is built or loaded
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path)
@@ -145,7 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # export_dir resolved here: a ddp_spawn child, which exports, has no Hydra config
     exporter = ExportAtTrainEnd(
         functools.partial(write_export, cfg, Path(cfg.export_dir), inherited))
-    callbacks = [*instantiate_group(cfg.get("callbacks")), *continued, exporter,
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *continued, CheckpointAtTrainEnd(),
+                 exporter,
                  RunRecordsInCheckpoint(cfg.model, lineage_record(cfg.data, inherited))]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())

@@ -15,6 +15,7 @@ import torch
 from data.provenance import read_training_data
 from models.checkpoint import TRAINING_DATA_KEY, ContinueOptimizer, warm_start
 from models.distributed import check_config
+from models.ema import CHECKPOINT_KEY as EMA_KEY
 from models.ema import EMA
 from tests.conftest import compose_config
 from tests.test_training import FAST
@@ -80,6 +81,18 @@ def test_init_from_a_checkpoint_continues_its_weights_ema_and_moments(first, tmp
     assert record["train"]["seed"] == 22 and record["init_train"]["seed"] == 21
     stored = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert stored[TRAINING_DATA_KEY] == record  # a continuation of this one keeps both
+
+
+def test_last_ckpt_holds_the_final_step_between_two_saves(tmp_path):
+    """A save at step 2, none at 3: Lightning alone leaves last.ckpt at step 2."""
+    out = _train(tmp_path / "run", ["trainer.max_steps=3", "trainer.val_check_interval=100",
+                                    "callbacks.model_checkpoint.every_n_train_steps=2",
+                                    "callbacks.time_checkpoint=null"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt",
+                                                                       "step0000002.ckpt"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3  # the step the export was written at, not the last save
+    assert last[EMA_KEY]["optimization_step"] == 3
 
 
 def test_resuming_on_other_data_keeps_the_earlier_data_recorded(first, tmp_path):

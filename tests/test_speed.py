@@ -10,7 +10,7 @@ from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
-from train import intra_op_threads
+from train import check_cpu_precision, intra_op_threads
 
 FAST = ["data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.val_length=4"]
 
@@ -42,6 +42,32 @@ def test_passive_threads_get_every_core_of_their_process(monkeypatch, overrides,
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     assert intra_op_threads(compose_config(overrides)) == expected
+
+
+@pytest.mark.parametrize(("overrides", "native", "refused"), [
+    (["trainer.precision=bf16-mixed"], False, True),
+    (["trainer.precision=bf16-mixed"], True, False),
+    (["trainer.precision=bf16-mixed", "trainer.accelerator=auto"], False, True),  # no GPU here
+    (["trainer.precision=bf16-true"], False, True),
+    ([], False, False),  # fp32, the main job
+])
+def test_bf16_training_on_a_cpu_needs_bf16_instructions(monkeypatch, overrides, native,
+                                                         refused):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer = compose_config(overrides).trainer
+    if refused:
+        with pytest.raises(ValueError, match="without bf16 instructions .* use trainer.precis"):
+            check_cpu_precision(trainer)
+    else:
+        check_cpu_precision(trainer)
+
+
+def test_bf16_on_a_gpu_is_not_the_cpus_business(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    check_cpu_precision(compose_config(["trainer=gpu"]).trainer)
 
 
 def test_cpu_ddp_keeps_the_main_jobs_run():
