@@ -16,6 +16,9 @@ and runs the module's own ``training_step`` + AdamW + EMA on pre-drawn batches. 
 
     PYTHONPATH=. python benchmarks/profile_cpu_step.py --out benchmarks/cpu-<date>/step.json
     PYTHONPATH=. python benchmarks/profile_cpu_step.py --smoke        # seconds, for the tests
+
+``--precision-only`` times just fp32 against bf16 autocast at one thread; under
+``ONEDNN_MAX_CPU_ISA=AVX2`` (or ``AVX512_CORE``) it shows a CPU without bf16 instructions.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], help="extra train.py override")
     p.add_argument("--repeats", type=int, default=4, help="interleaved timing rounds")
     p.add_argument("--smoke", action="store_true", help="batch 2, small encoder: seconds")
+    p.add_argument("--precision-only", action="store_true",
+                   help="only fp32 against bf16 autocast at 1 thread (no FLOPs, no trace)")
     p.add_argument("--out", default=None, help="JSON output path")
     return p.parse_args(argv)
 
@@ -92,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
+
+    if args.precision_only:
+        return precision_only(step, overrides, args)
 
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         step()
@@ -157,6 +166,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['speedup_bf16_autocast']['2_threads']}x faster; "
           f"1-thread efficiency {result['efficiency_1_thread']:.0%}; floor for {steps} steps at "
           f"2 threads {result['compute_floor_seconds'][f'{steps}_steps_2_threads_minutes']} min")
+    return result
+
+
+def precision_only(step: Callable[[bool], None], overrides: list[str],
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """fp32 against bf16 autocast, one thread, interleaved; with oneDNN's instruction-set cap."""
+    torch.set_num_threads(1)
+    times = interleaved_times({"fp32": lambda: step(False), "bf16": lambda: step(True)},
+                              torch.device("cpu"), iters=1, repeats=args.repeats, warmup=1)
+    result = {
+        "what": "CPU training step at 1 thread: fp32 against bf16 autocast, interleaved",
+        "overrides": overrides,
+        "environment": environment(torch.device("cpu")),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset (all of the CPU's)"),
+        "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "step_seconds": {k: round(v, 3) for k, v in times.items()},
+        "speedup_bf16_autocast": round(times["fp32"] / times["bf16"], 3),
+    }
+    write_json(result, args.out)
+    print(f"step {times['fp32']:.2f} s fp32, {times['bf16']:.2f} s bf16 autocast "
+          f"({result['speedup_bf16_autocast']}x), ONEDNN_MAX_CPU_ISA "
+          f"{result['onednn_max_cpu_isa']}")
     return result
 
 
