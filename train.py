@@ -90,8 +90,8 @@ def check_checkpoint(path: str | Path) -> None:
 
 def check_cpu_precision(trainer_cfg: DictConfig) -> None:
     """Refuse bf16 training on a CPU without bf16 instructions (AVX512-BF16 or AMX), where
-    torch computes it in software: 1.8x slower than fp32 with AVX-512 alone and 14x with AVX2,
-    against 1.4-1.7x faster with AVX512-BF16 (benchmarks/README.md, "bf16 on the CPU")."""
+    torch computes it in software: a step took 1.7x the fp32 time with AVX-512 alone and 14x
+    with AVX2, against 0.66x with AVX512-BF16 (benchmarks/README.md, "bf16 on the CPU")."""
     on_cpu = trainer_cfg.get("accelerator") == "cpu" or (
         trainer_cfg.get("accelerator") in (None, "auto") and not torch.cuda.is_available())
     precision = str(trainer_cfg.get("precision"))

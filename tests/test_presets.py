@@ -155,7 +155,8 @@ def test_shipped_model_continuation_trains_on_data_its_lineage_has_not_seen():
 # the command line of the shipped model's CPU stages (results/continue_cpu_7/README.md), in
 # bf16 from the eighth on (results/cpu_precision)
 CPU_STAGE_OVERRIDES = [
-    "trainer.precision=bf16-mixed", "trainer.max_steps=100000", "+trainer.max_time=00:01:00:00", "trainer.val_check_interval=1000",
+    "trainer.precision=bf16-mixed", "trainer.max_steps=100000", "+trainer.max_time=00:01:00:00",
+    "trainer.val_check_interval=1000",
     "data.batch_size=8", "data.num_workers=1", "data.val_length=32", "model.optimizer.lr=1e-4",
     "model.lr_scheduler.num_warmup_steps=50", "model.ema_decay=0.999",
     "model.timestep_low_fraction=0.5", "model.timestep_low_max=200",
