@@ -106,6 +106,8 @@ class CheckpointAtTrainEnd(pl.Callback):
             return
         if saver.dirpath is None:
             return
+        if any(c.save_last and not c.last_model_path for c in trainer.checkpoint_callbacks):
+            return  # one that has not saved yet writes last.ckpt after this hook, at this step
         path = Path(saver.dirpath) / f"{saver.CHECKPOINT_NAME_LAST}{saver.FILE_EXTENSION}"
         trainer.save_checkpoint(path)  # every rank: a collective under DDP and FSDP
         saver.last_model_path = str(path)
