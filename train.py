@@ -17,6 +17,7 @@ Hyperparameter search: ``main`` returns the logged metric named by ``optimized_m
 
 from __future__ import annotations
 
+import csv
 import functools
 import logging
 import os
@@ -34,6 +35,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger
 
 from data.provenance import (
     UNKNOWN,
@@ -71,21 +73,45 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in cfg.values() if node and "_target_" in node]
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """Refuse a resume checkpoint that cannot be read, naming it (torch's error does not).
-
-    Memory-mapped, so only the pickled structure is read, not the tensors. A folder (a
-    sharded FSDP checkpoint) is left to Lightning.
+def check_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """The resume checkpoint, memory-mapped (the pickled structure is read, not the tensors);
+    one that cannot be read is refused, naming it (torch's error does not). A folder (a
+    sharded FSDP checkpoint) is left to Lightning: None.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path {path} does not exist")
-    if path.is_file():
-        try:
-            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise ValueError(f"ckpt_path {path}: unreadable, truncated or corrupt checkpoint "
-                             f"({str(err).splitlines()[0]})") from err
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"ckpt_path {path}: unreadable, truncated or corrupt checkpoint "
+                         f"({str(err).splitlines()[0]})") from err
+
+
+def keep_csv_history(loggers: list[Any], step: int) -> None:
+    """Keep a resumed run's CSV rows logged before `step`, which Lightning's CSV logger would
+    delete (it starts a fresh ``metrics.csv`` in a folder that has one); the rest are logged
+    again."""
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            header = list(reader.fieldnames or [])
+            rows = [row for row in reader if row.get("step") and float(row["step"]) < step]
+        writer = logger.experiment  # deletes the file, on global rank 0 only
+        if not hasattr(writer, "metrics_keys"):
+            continue
+        with path.open("w", newline="") as file:
+            out = csv.DictWriter(file, fieldnames=header)
+            out.writeheader()
+            out.writerows(rows)
+        writer.metrics_keys = sorted(header)
 
 
 def check_cpu_precision(trainer_cfg: DictConfig) -> None:
@@ -140,8 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     check_cpu_precision(cfg.trainer)
     check_data_fits_model(cfg.model, cfg.data)  # before anything is built or loaded
-    if cfg.get("ckpt_path"):
-        check_checkpoint(cfg.ckpt_path)
+    resumed = check_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     threads = intra_op_threads(cfg)
@@ -157,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_unseen_training_data(cfg.data, inherited)
         continued = start.callbacks
     if cfg.get("ckpt_path"):
-        stored = checkpoint_training_data(cfg.ckpt_path)
+        stored = checkpoint_training_data(cfg.ckpt_path, resumed)
         if stored is not None and stored != lineage_record(cfg.data, inherited):
             inherited = stored  # resumed on other data: the data before stays recorded
     # export_dir resolved here: a ddp_spawn child, which exports, has no Hydra config
@@ -168,9 +193,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                  RunRecordsInCheckpoint(cfg.model, lineage_record(cfg.data, inherited))]
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False,
-    )
+    loggers = instantiate_group(cfg.get("logger"))
+    if resumed is not None:
+        keep_csv_history(loggers, int(resumed["global_step"]))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # stopped between validations (max_time); a ddp_spawn parent (global_step 0) trained nothing

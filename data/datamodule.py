@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from data.latent_shards import latent_shard_dataset, read_manifest
 from data.masks import MaskConfig
 from data.modes import ALIGNMENT, decode_pixels
+from data.resumable_loader import ResumableLoader, ResumableSampler
 from data.shards import ShardErrors, expand_urls, shard_dataset
 from data.synthetic import SyntheticPairs
 
@@ -133,15 +134,20 @@ class PairDataModule(pl.LightningDataModule):
                         "with align_ratio=%s when they were written", hp.align_ratio, written)
         return manifest
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
         iterable = isinstance(ds, IterableDataset)
         if hp.compact_batches and isinstance(ds, SyntheticPairs):
             ds = ds.compact_view()
-        return DataLoader(
-            ds, batch_size=hp.batch_size, shuffle=shuffle and not iterable,
-            num_workers=hp.num_workers, pin_memory=hp.pin_memory,
-            persistent_workers=hp.num_workers > 0, drop_last=shuffle)
+        common = dict(batch_size=hp.batch_size, num_workers=hp.num_workers,
+                      pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
+                      drop_last=train)
+        if train and not iterable:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            sampler = ResumableSampler(ds, seed=hp.train_seed, num_replicas=world, rank=rank)
+            return ResumableLoader(ds, sampler=sampler, **common)
+        return DataLoader(ds, **common)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Compact pixels -> the float32 contract, on the device; then the precision's input
@@ -153,7 +159,7 @@ class PairDataModule(pl.LightningDataModule):
         return trainer.precision_plugin.convert_input(batch) if trainer is not None else batch
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, train=False)

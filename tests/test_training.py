@@ -1,5 +1,6 @@
 """The training loop: the loss goes down, resumes are exact, the entry point runs end to end."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
+from data.resumable_loader import ResumableLoader, ResumableSampler
 from models.ema import EMA, ema_callback
 from tests.conftest import compose_config
 
@@ -110,6 +113,98 @@ def test_resume_continues_step_count_optimizer_and_ema(tmp_path):
     assert record.seen == (3, 3.0, int(saved["ema"]["optimization_step"]))
     assert second.global_step == 5
     assert saved_moment.abs().sum() > 0
+
+
+class _RecordIndices(pl.Callback):
+    def __init__(self) -> None:
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.indices.append(batch["index"].tolist())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_mid_epoch_resume_draws_the_next_batches_not_the_epoch_start_again(tmp_path, workers):
+    """A resume from a step-3 checkpoint trains on the items an uninterrupted run trains on at
+    steps 4-6; a plain shuffled loader draws the epoch's first batches (items seen) again."""
+    cfg = compose_config([*FAST, f"data.num_workers={workers}"])
+    pl.seed_everything(0)
+    whole = _RecordIndices()
+    saves = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1,
+                            filename="{step}")
+    _trainer(tmp_path, 6, whole, saves).fit(instantiate(cfg.model),
+                                            datamodule=instantiate(cfg.data))
+    pl.seed_everything(0)
+    resumed = _RecordIndices()
+    _trainer(tmp_path, 6, resumed).fit(instantiate(cfg.model), datamodule=instantiate(cfg.data),
+                                       ckpt_path=str(tmp_path / "ckpt/step=3.ckpt"))
+    assert len(whole.indices) == 6 and len(set(map(tuple, whole.indices))) == 6
+    assert resumed.indices == whole.indices[3:]
+
+
+def test_a_finished_epoch_resumes_at_the_start_of_the_next_permutation():
+    datamodule = instantiate(compose_config([*FAST, "data.train_length=12"]).data)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    loader.sampler.set_epoch(1)
+    next_epoch = [b["index"].tolist() for b in loader]
+    loader.load_state_dict({"epoch": 0, "items": 12})
+    assert [b["index"].tolist() for b in loader] == next_epoch
+    loader.sampler.set_epoch(0)
+    first_epoch = [b["index"].tolist() for b in loader]
+    assert first_epoch != next_epoch and len(next_epoch) == 3
+    loader.load_state_dict({"epoch": 0, "items": 4})
+    assert [b["index"].tolist() for b in loader] == first_epoch[1:]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 3)])
+def test_a_resume_in_another_number_of_processes_draws_each_item_once(before, after):
+    """What `before` ranks drew, then what `after` ranks draw from the saved state: no item
+    twice, and only the epoch's last partial batch left out (the state counts the items of
+    all ranks, not the batches of one)."""
+    items = list(range(48))
+
+    def loaders(world: int) -> list[ResumableLoader]:
+        return [ResumableLoader(items, batch_size=2, drop_last=True,
+                                sampler=ResumableSampler(items, seed=3, num_replicas=world, rank=r))
+                for r in range(world)]
+
+    first, drawn = loaders(before), []
+    for loader in first:
+        batches = iter(loader)
+        drawn += [i for _ in range(3) for i in next(batches).tolist()]
+    state = first[0].state_dict()
+    assert state == {"epoch": 0, "items": 6 * before}
+    for loader in loaders(after):
+        loader.load_state_dict(state)
+        drawn += [i for batch in loader for i in batch.tolist()]
+    assert len(set(drawn)) == len(drawn) and len(items) - len(drawn) < 2 * after
+
+
+def test_a_resume_in_the_same_run_folder_keeps_the_csv_rows_before_its_step(tmp_path):
+    """Lightning's CSV logger deletes a folder's metrics.csv when it starts: a run resumed in
+    its own folder lost everything logged before the checkpoint."""
+    from train import train
+
+    def run(*extra: str) -> list[dict[str, str]]:
+        cfg = compose_config([*FAST, "logger=csv", "trainer.log_every_n_steps=1",
+                              "trainer.val_check_interval=2",
+                              "callbacks.model_checkpoint.every_n_train_steps=2",
+                              "callbacks.progress_bar.refresh_rate=0", *extra])
+        cfg.paths.output_dir = str(tmp_path)
+        train(cfg)
+        with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+            return list(csv.DictReader(file))
+
+    def losses(rows: list[dict[str, str]]) -> dict[int, str]:
+        return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+
+    first = run("trainer.max_steps=4")
+    resumed = run("trainer.max_steps=5", f"ckpt_path={tmp_path}/checkpoints/step0000002.ckpt")
+    before = {k: v for k, v in losses(first).items() if k < 2}  # logged step = batch index
+    assert before and all(losses(resumed)[k] == v for k, v in before.items())
+    assert [int(r["step"]) for r in resumed if r.get("train/loss")] == list(range(5))
+    assert any(r.get("val/loss") for r in resumed if int(r["step"]) < 2)
 
 
 SEARCH_CONFIG = Path(__file__).resolve().parents[1] / "configs/hparams_search/tiny_optuna.yaml"
