@@ -166,7 +166,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     check_cpu_precision(cfg.trainer)
     check_data_fits_model(cfg.model, cfg.data)  # before anything is built or loaded
-    resumed = check_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    stored, resume_step = None, None
+    if cfg.get("ckpt_path"):  # read once, memory-mapped, and not held during the fit
+        checkpoint = check_checkpoint(cfg.ckpt_path)
+        stored = checkpoint_training_data(cfg.ckpt_path, checkpoint)
+        resume_step = None if checkpoint is None else int(checkpoint["global_step"])
+        del checkpoint
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     threads = intra_op_threads(cfg)
@@ -181,10 +186,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         inherited = start.training_data or {"unknown": {"source": UNKNOWN}}
         check_unseen_training_data(cfg.data, inherited)
         continued = start.callbacks
-    if cfg.get("ckpt_path"):
-        stored = checkpoint_training_data(cfg.ckpt_path, resumed)
-        if stored is not None and stored != lineage_record(cfg.data, inherited):
-            inherited = stored  # resumed on other data: the data before stays recorded
+    if stored is not None and stored != lineage_record(cfg.data, inherited):
+        inherited = stored  # resumed on other data: the data before stays recorded
     # export_dir resolved here: a ddp_spawn child, which exports, has no Hydra config
     exporter = ExportAtTrainEnd(
         functools.partial(write_export, cfg, Path(cfg.export_dir), inherited))
@@ -194,8 +197,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if uses_fsdp(cfg.trainer):
         callbacks.append(ValidateAtLastStep())
     loggers = instantiate_group(cfg.get("logger"))
-    if resumed is not None:
-        keep_csv_history(loggers, int(resumed["global_step"]))
+    if resume_step is not None:
+        keep_csv_history(loggers, resume_step)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
