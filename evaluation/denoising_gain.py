@@ -3,8 +3,10 @@ and scripts/validate_export.py's table.
 
 Every case with a ``target`` is scored at the model's resolution, with the whole reference
 (``whole``) and, for cases with a ``reference_mask``, the ground-truth crop (``crop``: the
-oracle_crop of evaluation/refinement.py). A case's noise is ``case_noise_seed(seed, case
-id)``, the same under both references (so the two are paired) and whatever else is scored.
+oracle_crop of evaluation/refinement.py), or another case's whole reference (``other``: case i
+takes the next scored case's, cyclically). A case's noise is ``case_noise_seed(seed, case
+id)``, the same under every reference (so they are paired) and whatever else is scored:
+``whole`` minus ``other`` is how much the denoiser draws from the right reference.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from models.denoising_gain import (
 from models.image_processor import reference_tensor
 from models.pipeline import RefineByAlignPipeline
 
-REFERENCES = ("whole", "crop")
+REFERENCES = ("whole", "crop", "other")
 
 
 @dataclass
@@ -56,9 +58,19 @@ class GainConfig:
 
 
 def _reference(case: BenchmarkCase, kind: str, size: int, margin: float) -> torch.Tensor:
-    image = (reference_tensor(case.reference) if kind == "whole"
-             else oracle_crop(case.reference, case.reference_mask, margin))
+    image = (oracle_crop(case.reference, case.reference_mask, margin) if kind == "crop"
+             else reference_tensor(case.reference))
     return resize_reference(image[None], size)
+
+
+def reference_sources(cases: Sequence[BenchmarkCase], reference: str) -> list[BenchmarkCase]:
+    """The case whose reference each of ``cases`` is scored with: itself, or for ``other``
+    the next one (cyclically), so no case sees its own."""
+    if reference != "other":
+        return list(cases)
+    if len(cases) < 2:
+        raise ValueError("the 'other' reference needs at least 2 cases")
+    return [*cases[1:], cases[0]]
 
 
 def case_batches(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], reference: str,
@@ -67,13 +79,14 @@ def case_batches(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], re
     """``(target, mask, context, noise_seeds)`` per batch of ``cases``, at the model's size,
     with the ``reference`` kind's tokens (the inputs of ``models.denoising_gain.score_batch``)."""
     device, encoder, size = pipe.device, pipe.reference_encoder, pipe.image_size
+    sources = reference_sources(cases, reference)
     for start in range(0, len(cases), max(1, cfg.batch_size)):
         chunk = cases[start: start + cfg.batch_size]
         target = torch.cat([pipe.image_processor.preprocess(c.target, size)
                             for c in chunk]).to(device)
         mask = torch.cat([pipe.mask_processor.preprocess(c.mask, size) for c in chunk]).to(device)
         refs = torch.cat([_reference(c, reference, encoder.image_size, cfg.crop_margin)
-                          for c in chunk]).to(device)
+                          for c in sources[start: start + cfg.batch_size]]).to(device)
         with torch.no_grad():
             context = encoder(refs)
         yield target, mask, context, [case_noise_seed(cfg.seed, c.id) for c in chunk]
@@ -97,7 +110,8 @@ def measure_cases(pipe: RefineByAlignPipeline, cases: Sequence[BenchmarkCase], c
     each reference also carries ``per_case: {case_id: {psnr_noisy: [T], ...}}``."""
     check_timesteps(cfg.timesteps, pipe.scheduler)
     scored = [c for c in cases if c.target is not None]
-    chosen = {"whole": scored, "crop": [c for c in scored if c.reference_mask is not None]}
+    chosen = {"whole": scored, "crop": [c for c in scored if c.reference_mask is not None],
+              "other": scored if len(scored) > 1 else []}
     out: dict[str, Any] = {
         "timesteps": [int(t) for t in cfg.timesteps], "seed": int(cfg.seed),
         "psnr_cap": PSNR_CAP,

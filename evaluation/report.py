@@ -61,7 +61,7 @@ report.json schema (version 3.2; also in docs/report_schema.md)::
     denoising_gain: null (not run), else (evaluation/denoising_gain.py, report cases with a
                  target) {timesteps [T], seed, psnr_cap, prediction_type, space, image_size,
                  crop_margin, cases_without_target,
-                 references: {whole | crop: {num_cases, rows: [{t, psnr_noisy, psnr_x0,
+                 references: {whole | crop | other: {num_cases, rows: [{t, psnr_noisy, psnr_x0,
                  psnr_gain, psnr_gain_se, gms_noisy, gms_x0, gms_gain, gms_gain_se}]}}}
     alignment:   {timestep, block, threshold, margin, readout, num_steps}   alignment.yaml
     figures:     {name: path relative to the run folder}
@@ -87,6 +87,8 @@ GAIN_KEYS = tuple(f"{m}_{k}" for m in ("psnr", "gms")
 COUNT_KEYS = ("cases_found", "cases_loaded", "skipped", "with_reference_mask",
               "without_reference_mask", "with_target", "sweep_cases", "calibration_cases",
               "report_cases", "feature_matching_failures")
+REFERENCE_NAMES = {"whole": "whole reference", "crop": "ground-truth crop",
+                   "other": "another case's reference"}
 PROVENANCE_STATUSES = ("disjoint", "overlap", "unknown", "not_generated")
 META_KEYS = ("checkpoint", "bench_dir", "command", "device", "date", "versions")
 TableRows = tuple[list[str], list[list[Any]]]  # (header, rows): report.md and the tracker
@@ -531,7 +533,7 @@ def denoising_gain_lines(gain: Mapping[str, Any]) -> list[str]:
            f"{gain['image_size']} px. Gain = x0 minus the noisy input: 0 = the step removes "
            "no noise.", ""]
     for ref, node in gain["references"].items():
-        what = "whole reference" if ref == "whole" else "ground-truth crop"
+        what = REFERENCE_NAMES.get(ref, ref)
         out += [f"### {what} ({node['num_cases']} case(s))", ""]
         out += _table(*denoising_gain_table(node)) if node["rows"] else ["No case.", ""]
     return out

@@ -3,7 +3,8 @@ denoising gain per timestep on benchmark cases.
 
     python scripts/validate_export.py [--ckpt FOLDER] [--measure correspondence denoising_gain]
         correspondence: [--val-length 256] [--timestep 300]
-        denoising gain: [--cases 100] [--timesteps 10 50 100 200 400 700] [--references whole crop]
+        denoising gain: [--cases 100] [--timesteps 10 50 100 200 400 700]
+                        [--references whole crop other]
                         [--bench-dir DIR | --namespace benchmark --bench-seed 0] [--plot PNG]
                         [--baseline FOLDER]
         [--out JSON]
@@ -18,9 +19,12 @@ its x0 prediction pasted into the mask; PSNR in the mask's box and gms in the ma
 target, for the noisy input and the x0 prediction, and their difference. Cases: ``--bench-dir``
 (those with a target.png), else ``--cases`` synthetic cases written as eval.py writes them, from
 the "benchmark" seed namespace (no training or validation item), or "validation" for choices.
-With ``--baseline``, a second export is scored on the same cases and noise and the gain
-differences (export minus baseline) are paired per case, with bootstrap 95% intervals: the
-test a retrained model passes before it replaces the shipped one.
+With ``whole`` and ``other`` (another case's reference, same noise) both measured, the gain
+with the case's own reference minus with another's is paired per case: how much the denoiser
+draws from the right reference (0 for one that ignores it). With ``--baseline``, a second
+export is scored on the same cases and noise and the gain differences (export minus baseline)
+are paired per case, with bootstrap 95% intervals: the test a retrained model passes before it
+replaces the shipped one.
 """
 
 from __future__ import annotations
@@ -99,13 +103,21 @@ def denoising_gain(args: argparse.Namespace) -> dict:
         print(f"\nDenoising gain of {args.ckpt}, {ref} reference, {node['num_cases']} case(s) "
               f"({section['prediction_type']}, PSNR capped at {section['psnr_cap']:g} dB):")
         print(format_table(node["rows"]) if node["rows"] else "  no case")
+    if {"whole", "other"} <= set(section["references"]):
+        section["reference_use"] = reference_use(section)
+        print(format_paired(section["reference_use"], "\nGain with the case's own reference "
+                            "minus with another case's (same noise, paired per case, "
+                            "bootstrap 95%):", ("other reference", "other_gain"),
+                            ("own reference", "own_gain")))
     if args.plot:
         print(f"plot: {denoising_gain_curve(section, args.plot)}")
     if args.baseline is not None:
         baseline = measure_cases(load_pipeline(args.baseline, "cuda" if use_cuda else "cpu"),
                                  cases, cfg, progress=True, per_case=True)
         section["versus_baseline"] = versus_baseline(section, baseline, str(args.baseline))
-        print(format_versus(section["versus_baseline"]))
+        print(format_paired(section["versus_baseline"]["rows"], "\nGain minus that of "
+                            f"{args.baseline} (same cases and noise, paired per case, bootstrap "
+                            "95%):", ("baseline", "baseline_gain"), ("this export", "gain")))
     return section
 
 
@@ -115,31 +127,48 @@ def per_case_gains(node: dict, metric: str) -> dict[str, list[float]]:
             for case, s in node["per_case"].items()}
 
 
+def paired_gains(a_node: dict, b_node: dict, timesteps: list[int], reference: str) -> list[dict]:
+    """Per metric and t: b's gain minus a's, paired over the cases both scored."""
+    rows = []
+    for metric in ("psnr", "gms"):
+        a_gains, b_gains = per_case_gains(a_node, metric), per_case_gains(b_node, metric)
+        cases = sorted(set(a_gains) & set(b_gains))
+        for k, t in enumerate(timesteps):
+            a = [a_gains[c][k] for c in cases]  # PSNR is capped, so every value is finite
+            b = [b_gains[c][k] for c in cases]
+            rows.append({"reference": reference, "metric": metric, "t": t,
+                         "a_gain": sum(a) / len(a), "b_gain": sum(b) / len(b),
+                         **paired_difference(a, b)})
+    return rows
+
+
 def versus_baseline(section: dict, baseline: dict, name: str) -> dict:
     """Gain of the export minus the baseline's, paired per case, per reference, metric and t."""
-    rows = []
-    for ref, node in section["references"].items():
-        for metric in ("psnr", "gms"):
-            ours, theirs = per_case_gains(node, metric), per_case_gains(
-                baseline["references"][ref], metric)
-            cases = sorted(set(ours) & set(theirs))
-            for k, t in enumerate(section["timesteps"]):
-                a = [theirs[c][k] for c in cases]  # PSNR is capped, so every value is finite
-                b = [ours[c][k] for c in cases]
-                rows.append({"reference": ref, "metric": metric, "t": t,
-                             "baseline_gain": sum(a) / len(a), "gain": sum(b) / len(b),
-                             **paired_difference(a, b)})
+    rows = [{**{k: v for k, v in r.items() if k not in ("a_gain", "b_gain")},
+             "baseline_gain": r["a_gain"], "gain": r["b_gain"]}
+            for ref, node in section["references"].items()
+            for r in paired_gains(baseline["references"][ref], node, section["timesteps"], ref)]
     return {"baseline": name, "rows": rows}
 
 
-def format_versus(result: dict) -> str:
-    lines = [f"\nGain minus that of {result['baseline']} (same cases and noise, paired per case, "
-             "bootstrap 95%):", "| reference | metric | t | baseline | this export | difference "
-             "| 95% interval | cases better |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+def reference_use(section: dict) -> list[dict]:
+    """Gain with each case's own whole reference minus with another case's (``other``): how
+    much the denoiser draws from the right reference; 0 for one that ignores it."""
+    refs = section["references"]
+    return [{**{k: v for k, v in r.items() if k not in ("a_gain", "b_gain")},
+             "other_gain": r["a_gain"], "own_gain": r["b_gain"]}
+            for r in paired_gains(refs["other"], refs["whole"], section["timesteps"], "whole")]
+
+
+def format_paired(rows: list[dict], title: str, a: tuple[str, str], b: tuple[str, str]) -> str:
+    """Markdown table of paired gain rows; ``a`` and ``b`` are (column title, row key), the
+    difference b minus a."""
+    lines = [title, f"| reference | metric | t | {a[0]} | {b[0]} | difference | 95% interval "
+             "| cases better |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         lo, hi = r["ci95"]
-        lines.append(f"| {r['reference']} | {r['metric']} | {r['t']} | {r['baseline_gain']:+.3f} "
-                     f"| {r['gain']:+.3f} | {r['mean_difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] "
+        lines.append(f"| {r['reference']} | {r['metric']} | {r['t']} | {r[a[1]]:+.3f} "
+                     f"| {r[b[1]]:+.3f} | {r['mean_difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] "
                      f"| {r['b_better_cases']}/{r['cases']} |")
     return "\n".join(lines)
 

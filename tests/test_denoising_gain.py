@@ -353,3 +353,36 @@ def test_noise_left_benchmark_splits_the_mask_and_runs_the_bilateral(tmp_path):
     with pytest.raises(ValueError, match="no bilateral parameter for t = \\[100\\]"):
         main(["--cases", "1", "--timesteps", "100", "--bilateral", str(classical),
               "--out", str(out)])
+
+
+# ----------------------------------------------------------------------------- reference use
+def test_other_reference_is_the_next_case_and_never_the_own():
+    from evaluation.denoising_gain import reference_sources
+
+    cases = [SimpleNamespace(id=str(i)) for i in range(3)]
+    assert [c.id for c in reference_sources(cases, "other")] == ["1", "2", "0"]
+    assert reference_sources(cases, "whole") == cases
+    with pytest.raises(ValueError, match="at least 2 cases"):
+        reference_sources(cases[:1], "other")
+
+
+def test_reference_use_is_zero_for_a_model_blind_to_its_reference(tmp_path, monkeypatch):
+    from benchmarks.classical_denoisers import synthetic_cases
+    from evaluation.denoising_gain import GainConfig, measure_cases
+    from models.export import DEFAULT_EXPORT, load_pipeline
+    from scripts.validate_export import reference_use
+
+    pipe = load_pipeline(DEFAULT_EXPORT)
+    cases = synthetic_cases(tmp_path / "cases", 3, 5, "validation", pipe)
+    cfg = GainConfig(timesteps=[50, 700], references=["whole", "other"])
+    seeing = measure_cases(pipe, cases, cfg, progress=False, per_case=True)
+    forward = pipe.unet.forward  # the same denoiser with every reference token zeroed
+    monkeypatch.setattr(pipe.unet, "forward", lambda x, t, encoder_hidden_states: forward(
+        x, t, encoder_hidden_states=torch.zeros_like(encoder_hidden_states)))
+    blind = measure_cases(pipe, cases, cfg, progress=False, per_case=True)
+    for row in reference_use(blind):
+        assert row["mean_difference"] == 0 and row["cases"] == 3
+    own, other = (seeing["references"][r]["per_case"] for r in ("whole", "other"))
+    for case in own:  # the same noise under both references; the shipped model reads them
+        assert own[case]["psnr_noisy"] == other[case]["psnr_noisy"]
+    assert any(own[c]["psnr_x0"] != other[c]["psnr_x0"] for c in own)
