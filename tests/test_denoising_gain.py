@@ -386,3 +386,19 @@ def test_reference_use_is_zero_for_a_model_blind_to_its_reference(tmp_path, monk
     for case in own:  # the same noise under both references; the shipped model reads them
         assert own[case]["psnr_noisy"] == other[case]["psnr_noisy"]
     assert any(own[c]["psnr_x0"] != other[c]["psnr_x0"] for c in own)
+
+
+def test_reference_scale_counts_tokens_across_the_region_whole_and_cropped():
+    from benchmarks.reference_scale import region_scale
+
+    reference, target = np.zeros((224, 224), bool), np.zeros((64, 64), bool)
+    reference[100:128, 50:78] = True  # 28 px: two 14-px patches of a 16-token grid
+    target[10:17, 20:27] = True  # 7 px
+    scale = region_scale(reference, target, margin=0.25, grid=16)
+    assert scale["tokens_whole"] == pytest.approx(2.0)
+    assert scale["crop_px"] == 42  # 28 * (1 + 2 * 0.25)
+    assert scale["tokens_crop"] == pytest.approx(16 * 28 / 42)
+    assert scale["px_per_target_px_whole"] == pytest.approx(4.0)
+    assert scale["px_per_target_px_crop"] == pytest.approx(28 * 224 / 42 / 7)
+    with pytest.raises(ValueError, match="empty"):
+        region_scale(reference, np.zeros_like(target), 0.25, 16)
