@@ -2,7 +2,8 @@
 
 train.py writes ``<export>/training_data.yaml`` (:func:`write_training_data`): the data source
 and, per use (train, validation), the seed namespace and seed of data/synthetic.py's item
-generator. Benchmark cases written by data/benchmark.py carry ``namespace``, ``seed`` and
+generator, and under ``ancestors`` the same of every export or checkpoint a chain of warm starts
+began from. Benchmark cases written by data/benchmark.py carry ``namespace``, ``seed`` and
 ``index`` in meta.json. :func:`check_overlap` compares the two:
 
 - ``overlap``: a benchmark case comes from a generator (namespace, seed) that made the
@@ -17,15 +18,18 @@ generator. Benchmark cases written by data/benchmark.py carry ``namespace``, ``s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TRAINING_DATA = "training_data.yaml"
 UNKNOWN = "unknown"  # source of a warm start's inherited use when that export had no record
 LEGACY = "legacy"  # cases written before namespaces: SeedSequence([seed, index])
+ANCESTORS = "ancestors"
+LEGACY_PREFIX = "init_"  # an ancestor's uses in records written before ``ancestors``
 
 
 def training_data_record(data_cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -49,16 +53,49 @@ def training_data_record(data_cfg: DictConfig | Mapping[str, Any]) -> dict[str, 
                            "length": int(data_cfg.get("val_length", 0))}}
 
 
+def normalized(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``record`` in the current layout. Records written before it nested each ancestor under
+    one more ``init_`` prefix (``init_train``, ``init_init_train``, ...); those become
+    ``ancestors`` entries, the parent first."""
+    if record is None:
+        return None
+    levels: dict[int, dict[str, Any]] = {}
+    for name, use in record.items():
+        if name == ANCESTORS:
+            continue
+        depth = 0
+        while name.startswith(LEGACY_PREFIX):
+            name, depth = name[len(LEGACY_PREFIX):], depth + 1
+        levels.setdefault(depth, {})[name] = dict(use)
+    ancestors = [levels[d] for d in sorted(levels) if d > 0]
+    ancestors += [{k: dict(u) for k, u in a.items()} for a in record.get(ANCESTORS) or []]
+    return {**levels.get(0, {}), **({ANCESTORS: ancestors} if ancestors else {})}
+
+
 def lineage_record(data_cfg: DictConfig | Mapping[str, Any],
                    inherited: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """This run's record with ``inherited`` (the record of the export or checkpoint a warm
-    start began from) kept under an ``init_`` prefix (``init_train``, its own
-    ``init_init_train``, ...), so every ancestor in a chain of warm starts stays recorded and
-    its data refused too."""
+    start began from) and its own ancestors listed under ``ancestors``, the parent first, so
+    every ancestor in a chain of warm starts stays recorded and its data refused too."""
     record = training_data_record(data_cfg)
-    for name, use in (inherited or {}).items():
-        record[f"init_{name}"] = dict(use)
+    parent = normalized(inherited)
+    if parent:
+        earlier = parent.pop(ANCESTORS, [])
+        record[ANCESTORS] = [parent, *earlier]
     return record
+
+
+def lineage_uses(record: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(name, use) of every data use in a record, the ancestors' named ``ancestor N train``
+    (N = 1 for the parent)."""
+    record = normalized(record) or {}
+    for name, use in record.items():
+        if name != ANCESTORS and isinstance(use, Mapping):
+            yield name, use
+    for n, ancestor in enumerate(record.get(ANCESTORS, []), 1):
+        for name, use in ancestor.items():
+            if isinstance(use, Mapping):
+                yield f"ancestor {n} {name}", use
 
 
 def check_unseen_training_data(data_cfg: DictConfig | Mapping[str, Any],
@@ -71,9 +108,9 @@ def check_unseen_training_data(data_cfg: DictConfig | Mapping[str, Any],
     own = training_data_record(data_cfg)["train"]
     if own["seed"] is None:
         return
-    used = {name: use for name, use in (inherited or {}).items()
-            if name.endswith("train") and isinstance(use, Mapping)
-            and use.get("namespace") == "train" and use.get("seed") is not None}
+    used = {name: use for name, use in lineage_uses(inherited or {})
+            if name.endswith("train") and use.get("namespace") == "train"
+            and use.get("seed") is not None}
     repeated = sorted(name for name, use in used.items() if int(use["seed"]) == own["seed"])
     if repeated:
         seen = sorted({int(use["seed"]) for use in used.values()})
@@ -85,8 +122,14 @@ def check_unseen_training_data(data_cfg: DictConfig | Mapping[str, Any],
 def write_training_data(data_cfg: DictConfig | Mapping[str, Any], export_dir: str | Path,
                         inherited: Mapping[str, Any] | None = None) -> Path:
     """Write ``training_data.yaml`` (:func:`lineage_record`) next to an export's weights."""
+    return save_training_data(lineage_record(data_cfg, inherited), export_dir)
+
+
+def save_training_data(record: Mapping[str, Any], export_dir: str | Path) -> Path:
+    """Write a record as ``<export_dir>/training_data.yaml``."""
     path = Path(export_dir) / TRAINING_DATA
-    body = OmegaConf.to_yaml(OmegaConf.create(lineage_record(data_cfg, inherited)))
+    plain = OmegaConf.to_container(OmegaConf.create(dict(record)), resolve=True)
+    body = yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, width=100)
     path.write_text("# written by train.py: the generated data this export saw; eval.py "
                     "refuses benchmarks drawn from it\n" + body)
     return path
@@ -97,7 +140,7 @@ def read_training_data(export_dir: str | Path) -> dict[str, Any] | None:
     path = Path(export_dir) / TRAINING_DATA
     if not path.is_file():
         return None
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return normalized(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def case_generator(meta: Mapping[str, Any]) -> tuple[str, int] | None:
@@ -119,7 +162,8 @@ def check_overlap(training: Mapping[str, Any] | None, metas: Iterable[Mapping[st
     generators = [{"namespace": ns, "seed": seed, "cases": n}
                   for (ns, seed), n in sorted(counts.items())]
     bench = {"generators": generators, "not_generated": not_generated}
-    result: dict[str, Any] = {"training": dict(training) if training else None,
+    training = normalized(training)
+    result: dict[str, Any] = {"training": training,
                               "benchmark": bench, "overlapping_cases": 0}
     legacy = sum(g["cases"] for g in generators if g["namespace"] == LEGACY)
     if not generators:
@@ -134,12 +178,11 @@ def check_overlap(training: Mapping[str, Any] | None, metas: Iterable[Mapping[st
             message += (f"; {legacy} case(s) come from the pre-namespace generator, the one "
                         "such exports trained with: benchmark case i may be training item i")
         return {**result, "status": "unknown", "message": message}
-    if any(isinstance(u, Mapping) and u.get("source") == UNKNOWN for u in training.values()):
+    if any(u.get("source") == UNKNOWN for _, u in lineage_uses(training)):
         return {**result, "status": "unknown",
                 "message": "UNKNOWN PROVENANCE: the export was warm-started from an export "
                            "without a training-data record"}
-    uses = {name: u for name, u in training.items() if isinstance(u, Mapping)
-            and u.get("namespace")}
+    uses = {name: u for name, u in lineage_uses(training) if u.get("namespace")}
     hits = [{**g, "use": name} for g in generators for name, u in uses.items()
             if g["namespace"] == u["namespace"] and u.get("seed") in (None, g["seed"])]
     result["overlapping_cases"] = sum(g["cases"] for g in hits)

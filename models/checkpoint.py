@@ -35,7 +35,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.provenance import read_training_data
+from data.provenance import normalized, read_training_data
 from models.distributed import fsdp_root
 from models.ema import CHECKPOINT_KEY as EMA_KEY
 from models.ema import EMA, ema_weights
@@ -218,7 +218,7 @@ def checkpoint_training_data(path: str | Path, checkpoint: dict[str, Any] | None
         meta = path / FSDP_META if path.is_dir() else path
         checkpoint = torch.load(meta, map_location="cpu", mmap=True, weights_only=False)
     if TRAINING_DATA_KEY in checkpoint:
-        return checkpoint[TRAINING_DATA_KEY]
+        return normalized(checkpoint[TRAINING_DATA_KEY])
     run_export = path.resolve().parent.parent / "export"
     record = read_training_data(run_export)
     if record is not None:

@@ -78,7 +78,7 @@ def test_init_from_a_checkpoint_continues_its_weights_ema_and_moments(first, tmp
     assert seen["initial_lr"] == [5e-4]  # this run's rate and schedule, not the checkpoint's
 
     record = read_training_data(out / "export")
-    assert record["train"]["seed"] == 22 and record["init_train"]["seed"] == 21
+    assert record["train"]["seed"] == 22 and record["ancestors"][0]["train"]["seed"] == 21
     stored = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert stored[TRAINING_DATA_KEY] == record  # a continuation of this one keeps both
 
@@ -103,7 +103,7 @@ def test_resuming_on_other_data_keeps_the_earlier_data_recorded(first, tmp_path)
     other = _train(tmp_path / "other", ["trainer.max_steps=3", "trainer.val_check_interval=3",
                                         "seed=23", f"ckpt_path={first}"])
     record = read_training_data(other / "export")
-    assert record["train"]["seed"] == 23 and record["init_train"]["seed"] == 21
+    assert record["train"]["seed"] == 23 and record["ancestors"][0]["train"]["seed"] == 21
 
 
 def test_continuing_refuses_another_architecture_and_fsdp(first):

@@ -6,8 +6,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+import pytest
+
 from data.provenance import (
     check_overlap,
+    check_unseen_training_data,
     read_training_data,
     training_data_record,
     write_training_data,
@@ -59,3 +62,37 @@ def test_shard_training_overlaps_any_train_namespace_seed() -> None:
     assert record["train"]["seed"] is None
     assert check_overlap(record, metas("train", 123))["status"] == "overlap"
     assert check_overlap(record, metas("benchmark", 123))["status"] == "disjoint"
+
+
+def _use(seed: int) -> dict:
+    return {"source": "synthetic", "namespace": "train", "seed": seed, "length": 100}
+
+
+def test_a_chain_of_warm_starts_lists_its_ancestors_parent_first(tmp_path: Path) -> None:
+    inherited = None
+    for seed in (1, 2, 3):
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        write_training_data({**SYNTHETIC, "train_seed": seed}, folder, inherited)
+        inherited = read_training_data(folder)
+    assert inherited["train"]["seed"] == 3
+    assert [a["train"]["seed"] for a in inherited["ancestors"]] == [2, 1]
+    assert "ancestors" not in inherited["ancestors"][0]
+    with pytest.raises(ValueError, match="ancestor 2 train"):
+        check_unseen_training_data({**SYNTHETIC, "train_seed": 1}, inherited)
+
+
+def test_records_of_the_nested_init_layout_read_as_ancestors(tmp_path: Path) -> None:
+    legacy = {"train": _use(16), "validation": {"namespace": "validation", "seed": 9},
+              "init_train": _use(15), "init_init_train": _use(12),
+              "init_init_init_unknown": {"source": "unknown"}}
+    (tmp_path / "training_data.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(legacy)))
+    record = read_training_data(tmp_path)
+    assert record == {"train": _use(16), "validation": {"namespace": "validation", "seed": 9},
+                      "ancestors": [{"train": _use(15)}, {"train": _use(12)},
+                                    {"unknown": {"source": "unknown"}}]}
+    assert check_overlap(legacy, metas("train", 12))["status"] == "unknown"
+    del legacy["init_init_init_unknown"]
+    verdict = check_overlap(legacy, metas("train", 12))
+    assert verdict["status"] == "overlap" and "ancestor 2 train" in verdict["message"]
+    assert check_overlap(legacy, metas("train", 13))["status"] == "disjoint"

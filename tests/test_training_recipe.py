@@ -90,7 +90,7 @@ def test_a_warm_started_export_keeps_its_ancestors_training_data(tmp_path: Path)
         write_training_data(cfg.data, tmp_path / name, inherited)
         inherited = read_training_data(tmp_path / name)
     record = inherited
-    assert record["train"]["seed"] == 13 and record["init_train"]["seed"] == 12
+    assert record["train"]["seed"] == 13 and record["ancestors"][0]["train"]["seed"] == 12
     for seed in (11, 12):
         ancestor_case = [{"namespace": "train", "seed": seed, "index": 0}]
         assert check_overlap(record, ancestor_case)["status"] == "overlap", seed
