@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 import pytest
+from omegaconf import OmegaConf
 
 from data.provenance import (
     check_overlap,
