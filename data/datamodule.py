@@ -97,8 +97,7 @@ class PairDataModule(pl.LightningDataModule):
                     mask_config=self.mask_config)
             else:
                 per_worker = max(1, hp.train_length // max(1, hp.num_workers))
-                trainer = self.trainer
-                rank, world = (trainer.global_rank, trainer.world_size) if trainer else (None, None)
+                rank, world = self._placement()
                 urls = expand_urls(hp.shard_urls)
                 self.shard_errors = ShardErrors(hp.max_skip_fraction, hp.skip_check_after)
             if hp.source == "latent_shards":
@@ -119,6 +118,11 @@ class PairDataModule(pl.LightningDataModule):
                 length=hp.val_length, seed=hp.val_seed, image_size=hp.image_size,
                 reference_size=hp.reference_size, force_mode=ALIGNMENT,
                 mask_config=self.mask_config, namespace="validation")
+
+    def _placement(self) -> tuple[int | None, int | None]:
+        """(rank, world size) of this process; (None, None) before a trainer attaches."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (None, None)
 
     def _checked_manifest(self, urls: str | list[str]) -> dict:
         """The latent shards' manifest, refused if written for other image sizes."""
@@ -143,9 +147,9 @@ class PairDataModule(pl.LightningDataModule):
                       pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0,
                       drop_last=train)
         if train and not iterable:
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-            sampler = ResumableSampler(ds, seed=hp.train_seed, num_replicas=world, rank=rank)
+            rank, world = self._placement()
+            sampler = ResumableSampler(ds, seed=hp.train_seed, num_replicas=world or 1,
+                                       rank=rank or 0)
             return ResumableLoader(ds, sampler=sampler, **common)
         return DataLoader(ds, **common)
 
