@@ -6,9 +6,12 @@ matching region in the whole reference (its box's longer side over the encoder's
 Per third of the cases (and for all) and per timestep it pairs, case by case, the one-step
 gain with the crop minus with the whole reference (what zooming in adds) and with the own whole
 reference minus another case's (what the reference is worth at all). Also reports how many reference
-pixels and tokens fall on each target pixel of the region, whole and cropped.
+pixels and tokens fall on each target pixel of the region, whole and cropped. With
+``--report`` (an eval.py report.json on the same benchmark), the refinement PSNR of the
+oracle and aligned crops minus the whole reference's, per third of its report cases.
 
-    python benchmarks/reference_scale.py --gain GAIN.json --bench-dir BENCH --out scale.json
+    python benchmarks/reference_scale.py --gain GAIN.json --bench-dir BENCH [--report REPORT]
+        --out scale.json
 """
 
 from __future__ import annotations
@@ -51,10 +54,29 @@ def gains(node: dict[str, Any], case: str) -> np.ndarray:
     return np.asarray(scores["psnr_x0"]) - np.asarray(scores["psnr_noisy"])
 
 
+def refinement_by_scale(report: dict[str, Any], thirds: list[list[str]]) -> list[dict]:
+    """Per third of the cases (by tokens across the region) and for all, refinement PSNR of
+    the oracle and aligned crops minus the whole reference's, paired over the report cases."""
+    per_case = report["refinement_per_case"]
+    whole = per_case["ours_whole_reference"]
+    out = []
+    for name, part in [*((f"third {k + 1}", p) for k, p in enumerate(thirds)),
+                       ("all", [c for p in thirds for c in p])]:
+        row: dict[str, Any] = {"group": name, "minus_whole": {}}
+        for method in ("oracle_crop", "aligned_crop"):
+            cases = [c for c in part if c in whole and c in per_case.get(method, {})]
+            row["cases"] = len(cases)
+            row["minus_whole"][method] = paired_difference(
+                [whole[c]["psnr"] for c in cases], [per_case[method][c]["psnr"] for c in cases])
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gain", type=Path, required=True)
     parser.add_argument("--bench-dir", type=Path, required=True)
+    parser.add_argument("--report", type=Path, default=None)
     parser.add_argument("--grid", type=int, default=DEFAULT_GRID)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -99,9 +121,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['mean_px_per_target_px_crop']:.1f} | {r['t']} "
               f"| {c['mean_difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] "
               f"| {o['mean_difference']:+.3f} [{o['ci95'][0]:+.3f}, {o['ci95'][1]:+.3f}] |")
+    refinement = (refinement_by_scale(json.loads(args.report.read_text()), thirds)
+                  if args.report else [])
+    for r in refinement:
+        print(f"refinement PSNR, {r['group']} ({r['cases']} report cases): " + ", ".join(
+            f"{m} - whole {d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            for m, d in r["minus_whole"].items()))
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     result = {"gain": str(args.gain), "bench_dir": str(args.bench_dir), "grid": args.grid,
-              "cases": len(scored), "rows": rows, "per_case_scale": scale, "date_utc": now}
+              "cases": len(scored), "rows": rows, "report": args.report and str(args.report),
+              "refinement": refinement, "per_case_scale": scale, "date_utc": now}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     return result

@@ -402,3 +402,18 @@ def test_reference_scale_counts_tokens_across_the_region_whole_and_cropped():
     assert scale["px_per_target_px_crop"] == pytest.approx(28 * 224 / 42 / 7)
     with pytest.raises(ValueError, match="empty"):
         region_scale(reference, np.zeros_like(target), 0.25, 16)
+
+
+def test_refinement_by_scale_pairs_each_crop_with_the_whole_reference_per_third():
+    from benchmarks.reference_scale import refinement_by_scale
+
+    psnr = {"ours_whole_reference": [10, 11, 12, 13], "oracle_crop": [11, 11, 12, 15],
+            "aligned_crop": [10, 10, 12, 13]}
+    report = {"refinement_per_case": {m: {str(i): {"psnr": v} for i, v in enumerate(values)}
+                                      for m, values in psnr.items()}}
+    rows = {r["group"]: r for r in refinement_by_scale(report, [["0", "1"], ["2"], ["3"]])}
+    assert rows["third 1"]["minus_whole"]["oracle_crop"]["mean_difference"] == 0.5
+    assert rows["third 1"]["minus_whole"]["aligned_crop"]["mean_difference"] == -0.5
+    assert rows["third 3"]["minus_whole"]["oracle_crop"]["mean_difference"] == 2
+    assert rows["all"]["cases"] == 4
+    assert rows["all"]["minus_whole"]["oracle_crop"]["mean_difference"] == 0.75
