@@ -141,12 +141,12 @@ def test_the_entry_point_refuses_with_the_message_alone(no_building):
 
 
 def test_shipped_model_continuation_trains_on_data_its_lineage_has_not_seen():
-    from data.provenance import read_training_data
+    from data.provenance import lineage_uses, read_training_data
 
     cfg = compose_config(["experiment=tiny_gpu_continue"])
     record = read_training_data(Path(CONFIG_DIR).parent / cfg.init_from)
     assert record is not None
-    seen = {use["seed"] for name, use in record.items()
+    seen = {use["seed"] for name, use in lineage_uses(record)
             if name.endswith("train") and use.get("namespace") == "train"}
     assert 0 in seen  # the first training's seed: the record is read as meant
     assert cfg.data.train_seed not in seen
