@@ -103,7 +103,8 @@ def denoising_gain(args: argparse.Namespace) -> dict:
         print(f"\nDenoising gain of {args.ckpt}, {ref} reference, {node['num_cases']} case(s) "
               f"({section['prediction_type']}, PSNR capped at {section['psnr_cap']:g} dB):")
         print(format_table(node["rows"]) if node["rows"] else "  no case")
-    if {"whole", "other"} <= set(section["references"]):
+    refs = section["references"]
+    if "whole" in refs and refs.get("other", {}).get("num_cases"):  # one case has no other
         section["reference_use"] = reference_use(section)
         print(format_paired(section["reference_use"], "\nGain with the case's own reference "
                             "minus with another case's (same noise, paired per case, "

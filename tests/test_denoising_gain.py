@@ -417,3 +417,22 @@ def test_refinement_by_scale_pairs_each_crop_with_the_whole_reference_per_third(
     assert rows["third 3"]["minus_whole"]["oracle_crop"]["mean_difference"] == 2
     assert rows["all"]["cases"] == 4
     assert rows["all"]["minus_whole"]["oracle_crop"]["mean_difference"] == 0.75
+
+
+def test_validate_export_pairs_own_and_other_reference_and_skips_them_for_one_case(tmp_path,
+                                                                                 capsys):
+    from scripts.validate_export import main
+
+    out = tmp_path / "gain.json"
+    main(["--measure", "denoising_gain", "--cases", "3", "--references", "whole", "other",
+          "--timesteps", "400", "--out", str(out)])
+    gain = json.loads(out.read_text())["denoising_gain"]
+    rows = {r["metric"]: r for r in gain["reference_use"]}
+    refs = gain["references"]
+    assert rows["psnr"]["cases"] == 3 and rows["psnr"]["mean_difference"] == pytest.approx(
+        refs["whole"]["rows"][0]["psnr_gain"] - refs["other"]["rows"][0]["psnr_gain"])
+    assert "another case's" in capsys.readouterr().out
+    main(["--measure", "denoising_gain", "--cases", "1", "--references", "whole", "other",
+          "--timesteps", "400", "--out", str(out)])
+    gain = json.loads(out.read_text())["denoising_gain"]
+    assert gain["references"]["other"]["num_cases"] == 0 and "reference_use" not in gain
