@@ -86,9 +86,9 @@ def lineage_record(data_cfg: DictConfig | Mapping[str, Any],
 
 
 def lineage_uses(record: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """(name, use) of every data use in a record, the ancestors' named ``ancestor N train``
-    (N = 1 for the parent)."""
-    record = normalized(record) or {}
+    """(name, use) of every data use in a record of the current layout (as
+    :func:`read_training_data` returns it), the ancestors' named ``ancestor N train`` (N = 1
+    for the parent)."""
     for name, use in record.items():
         if name != ANCESTORS and isinstance(use, Mapping):
             yield name, use
@@ -108,7 +108,7 @@ def check_unseen_training_data(data_cfg: DictConfig | Mapping[str, Any],
     own = training_data_record(data_cfg)["train"]
     if own["seed"] is None:
         return
-    used = {name: use for name, use in lineage_uses(inherited or {})
+    used = {name: use for name, use in lineage_uses(normalized(inherited) or {})
             if name.endswith("train") and use.get("namespace") == "train"
             and use.get("seed") is not None}
     repeated = sorted(name for name, use in used.items() if int(use["seed"]) == own["seed"])

@@ -128,8 +128,10 @@ def per_case_gains(node: dict, metric: str) -> dict[str, list[float]]:
             for case, s in node["per_case"].items()}
 
 
-def paired_gains(a_node: dict, b_node: dict, timesteps: list[int], reference: str) -> list[dict]:
-    """Per metric and t: b's gain minus a's, paired over the cases both scored."""
+def paired_gains(a_node: dict, b_node: dict, timesteps: list[int], reference: str,
+                 keys: tuple[str, str]) -> list[dict]:
+    """Per metric and t: b's gain minus a's, paired over the cases both scored; the two mean
+    gains under ``keys`` (a's, b's)."""
     rows = []
     for metric in ("psnr", "gms"):
         a_gains, b_gains = per_case_gains(a_node, metric), per_case_gains(b_node, metric)
@@ -138,27 +140,25 @@ def paired_gains(a_node: dict, b_node: dict, timesteps: list[int], reference: st
             a = [a_gains[c][k] for c in cases]  # PSNR is capped, so every value is finite
             b = [b_gains[c][k] for c in cases]
             rows.append({"reference": reference, "metric": metric, "t": t,
-                         "a_gain": sum(a) / len(a), "b_gain": sum(b) / len(b),
+                         keys[0]: sum(a) / len(a), keys[1]: sum(b) / len(b),
                          **paired_difference(a, b)})
     return rows
 
 
 def versus_baseline(section: dict, baseline: dict, name: str) -> dict:
     """Gain of the export minus the baseline's, paired per case, per reference, metric and t."""
-    rows = [{**{k: v for k, v in r.items() if k not in ("a_gain", "b_gain")},
-             "baseline_gain": r["a_gain"], "gain": r["b_gain"]}
-            for ref, node in section["references"].items()
-            for r in paired_gains(baseline["references"][ref], node, section["timesteps"], ref)]
-    return {"baseline": name, "rows": rows}
+    return {"baseline": name, "rows": [
+        row for ref, node in section["references"].items()
+        for row in paired_gains(baseline["references"][ref], node, section["timesteps"], ref,
+                                ("baseline_gain", "gain"))]}
 
 
 def reference_use(section: dict) -> list[dict]:
     """Gain with each case's own whole reference minus with another case's (``other``): how
     much the denoiser draws from the right reference; 0 for one that ignores it."""
     refs = section["references"]
-    return [{**{k: v for k, v in r.items() if k not in ("a_gain", "b_gain")},
-             "other_gain": r["a_gain"], "own_gain": r["b_gain"]}
-            for r in paired_gains(refs["other"], refs["whole"], section["timesteps"], "whole")]
+    return paired_gains(refs["other"], refs["whole"], section["timesteps"], "whole",
+                        ("other_gain", "own_gain"))
 
 
 def format_paired(rows: list[dict], title: str, a: tuple[str, str], b: tuple[str, str]) -> str:
