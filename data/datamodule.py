@@ -15,6 +15,7 @@ same values. `train_set` and `val_set` themselves still give float samples.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +24,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from data.latent_shards import latent_shard_dataset, read_manifest
 from data.masks import MaskConfig
 from data.modes import ALIGNMENT, decode_pixels
-from data.resumable_loader import ResumableLoader, ResumableSampler
+from data.resumable_loader import (
+    ResumableLoader,
+    ResumableSampler,
+    ResumableStream,
+    ResumableStreamLoader,
+)
 from data.shards import ShardErrors, expand_urls, shard_dataset
 from data.synthetic import SyntheticPairs
 
@@ -51,7 +57,7 @@ class PairDataModule(pl.LightningDataModule):
     def __init__(
         self,
         source: str = "synthetic",
-        shard_urls: str | None = None,
+        shard_urls: str | Sequence[str] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         image_size: int = 64,
@@ -79,6 +85,8 @@ class PairDataModule(pl.LightningDataModule):
         if source != "synthetic" and not shard_urls:
             raise ValueError(f"source={source!r} needs shard_urls, e.g. "
                              "'dir/shard-{000000..000009}.tar'")
+        if shard_urls is not None and not isinstance(shard_urls, str):
+            shard_urls = [str(url) for url in shard_urls]  # a checkpoint loads plain types only
         self.save_hyperparameters(logger=False)
         self.mask_config = MaskConfig(mask_p_detail, mask_p_brush, mask_p_box, mask_min_area,
                                       mask_max_area)
@@ -113,6 +121,14 @@ class PairDataModule(pl.LightningDataModule):
                     mask_config=self.mask_config, shuffle=hp.shuffle_buffer,
                     resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
                     rank=rank, world_size=world, errors=self.shard_errors)
+            if hp.source != "synthetic" and hp.resampled:
+                if per_worker < hp.batch_size:
+                    raise ValueError(
+                        f"data.train_length={hp.train_length} over {max(1, hp.num_workers)} "
+                        f"loader workers leaves each fewer samples than a batch "
+                        f"({hp.batch_size})")
+                self.train_set = ResumableStream(self.train_set, per_worker // hp.batch_size,
+                                                 hp.batch_size, hp.num_workers)
         if self.val_set is None:
             self.val_set = SyntheticPairs(
                 length=hp.val_length, seed=hp.val_seed, image_size=hp.image_size,
@@ -151,6 +167,8 @@ class PairDataModule(pl.LightningDataModule):
             sampler = ResumableSampler(ds, seed=hp.train_seed, num_replicas=world or 1,
                                        rank=rank or 0)
             return ResumableLoader(ds, sampler=sampler, **common)
+        if train and isinstance(ds, ResumableStream):
+            return ResumableStreamLoader(ds, **common)
         return DataLoader(ds, **common)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

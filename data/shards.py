@@ -575,6 +575,20 @@ def same_stream_seed() -> int:
     return 0
 
 
+class WorkerSplit(wds.PipelineStage):
+    """This loader worker's share of the shard sequence, as `wds.split_by_worker` deals it.
+
+    `shift` hands worker i the share of worker i + shift for one pass: a resumed epoch whose
+    next batch is worker k's starts its loader at worker 0 (`data.resumable_loader`).
+    """
+
+    shift = 0
+
+    def run(self, src: Iterable) -> Iterator:
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        return islice(src, (worker + self.shift) % workers, None, workers)
+
+
 def split_webdataset(
     urls: str | list[str],
     seed: int = 0,
@@ -607,7 +621,7 @@ def split_webdataset(
                                      worker_seed=same_stream_seed, empty_check=False)
     else:
         source = wds.SimpleShardList(urls)
-    stages = [source, node_split, wds.split_by_worker]
+    stages = [source, node_split, WorkerSplit()]
     if shuffle > 0 and not resampled:
         stages.append(wds.detshuffle(shuffle, seed=seed))
     stages.append(wds.tarfile_to_samples(handler=errors or wds.reraise_exception))

@@ -11,8 +11,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
+from data.datamodule import PairDataModule
 from data.resumable_loader import ResumableLoader, ResumableSampler
+from data.shards import synthetic_records, write_shards
 from models.ema import EMA, ema_callback
 from tests.conftest import compose_config
 
@@ -140,6 +143,75 @@ def test_mid_epoch_resume_draws_the_next_batches_not_the_epoch_start_again(tmp_p
                                        ckpt_path=str(tmp_path / "ckpt/step=3.ckpt"))
     assert len(whole.indices) == 6 and len(set(map(tuple, whole.indices))) == 6
     assert resumed.indices == whole.indices[3:]
+
+
+class _RecordKeys(pl.Callback):
+    def __init__(self) -> None:
+        self.keys: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.keys.append(list(batch["__key__"]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resampled_shard_stream_resumes_where_it_stopped_in_its_epoch(tmp_path, workers):
+    """Epochs of 4 batches: resumes from steps 3 and 5 train on what an uninterrupted run
+    trains on next, across the epoch's end; the stream used to play epoch 0 from its start.
+    The shards come as a list, which a checkpoint must hold as plain types to load again."""
+    shards = write_shards(synthetic_records(12, seed=9, image_size=32), tmp_path / "shards",
+                          per_shard=3)
+    cfg = compose_config([*FAST, "data=shards", f"data.shard_urls={[str(p) for p in shards]}",
+                          "data.batch_size=2", "data.train_length=8",
+                          f"data.num_workers={workers}"])
+    whole = _RecordKeys()
+    saves = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                            filename="{step}")
+    _trainer(tmp_path, 7, whole, saves).fit(instantiate(cfg.model),
+                                            datamodule=instantiate(cfg.data))
+    assert len(whole.keys) == 7 and whole.keys[:3] != whole.keys[4:7]
+    for step in (3, 5):
+        resumed = _RecordKeys()
+        _trainer(tmp_path, 7, resumed).fit(instantiate(cfg.model),
+                                           datamodule=instantiate(cfg.data),
+                                           ckpt_path=str(tmp_path / f"ckpt/step={step}.ckpt"))
+        assert resumed.keys == whole.keys[step:]
+
+
+def _shard_loader(shards: list, workers: int, batch_size: int, length: int,
+                  state: dict | None = None) -> DataLoader:
+    data = PairDataModule(source="shards", shard_urls=[str(p) for p in shards],
+                          batch_size=batch_size, image_size=32, train_length=length,
+                          val_length=2, num_workers=workers)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    if state:
+        loader.load_state_dict(state)
+    return loader
+
+
+def test_a_resampled_shard_stream_resumes_at_each_batch_of_three_workers(tmp_path):
+    shards = write_shards(synthetic_records(6, seed=9, image_size=32), tmp_path, per_shard=2)
+    whole = _shard_loader(shards, 3, 1, 6)
+    epochs = [[b["__key__"] for b in whole] for _ in range(2)]
+    for skip in range(1, 6):
+        state = {"epoch": 1, "batches": skip, "processes": 1, "workers": 3}
+        resumed = _shard_loader(shards, 3, 1, 6, state)
+        assert [b["__key__"] for b in resumed] == epochs[1][skip:], skip
+
+
+def test_a_resampled_shard_stream_resumed_in_another_placement_warns_and_plays_its_epoch(
+        tmp_path, caplog):
+    shards = write_shards(synthetic_records(6, seed=9, image_size=32), tmp_path, per_shard=3)
+    loader = _shard_loader(shards, 0, 2, 8)
+    epochs = [[b["__key__"] for b in loader] for _ in range(2)]
+    assert len(epochs[0]) == 4 and epochs[0] != epochs[1]
+    loader.load_state_dict({"epoch": 1, "batches": 1, "processes": 1, "workers": 1})
+    assert [b["__key__"] for b in loader] == epochs[1][1:]
+    loader.load_state_dict({"epoch": 1, "batches": 1, "processes": 2, "workers": 1})
+    assert [b["__key__"] for b in loader] == epochs[1]
+    assert "plays epoch 1 from its start" in caplog.text
+    loader.load_state_dict({"epoch": 0, "batches": 4, "processes": 1, "workers": 1})
+    assert [b["__key__"] for b in loader] == epochs[1]
 
 
 def test_a_finished_epoch_resumes_at_the_start_of_the_next_permutation():
