@@ -10,6 +10,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import convert_inf
 from torch.nn.utils import get_total_norm
 
 from data.modes import MODE_NAMES
@@ -132,3 +134,19 @@ class LogShardSkips(pl.Callback):
             log.warning("rank %d skipped %d unreadable shard sample(s) or shard(s); read %d "
                         "samples (warnings above name them)", trainer.global_rank,
                         errors.skipped, errors.read)
+
+
+class ResumableProgressBar(TQDMProgressBar):
+    """Lightning's bar, which on a mid-epoch resume showed no total and counted the batches
+    before the checkpoint as done in this process's first seconds (a rate of thousands of
+    batches per second); here it starts at the restored batch with the epoch's total."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        bar = self.train_progress_bar
+        if done and bar is not None:  # Lightning skips on_train_epoch_start here
+            whole = trainer.num_training_batches  # the remaining steps may end it earlier:
+            bar.reset(total=convert_inf(min(whole, done + self.total_train_batches)))
+            bar.initial = bar.n = bar.last_print_n = done  # the rate counts from `initial`
+            bar.set_description(f"Epoch {trainer.current_epoch}")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from data.datamodule import PairDataModule
 from data.resumable_loader import ResumableLoader, ResumableSampler
 from data.shards import synthetic_records, write_shards
+from models.callbacks import ResumableProgressBar
 from models.ema import EMA, ema_callback
 from tests.conftest import compose_config
 
@@ -212,6 +213,29 @@ def test_a_resampled_shard_stream_resumed_in_another_placement_warns_and_plays_i
     assert "plays epoch 1 from its start" in caplog.text
     loader.load_state_dict({"epoch": 0, "batches": 4, "processes": 1, "workers": 1})
     assert [b["__key__"] for b in loader] == epochs[1]
+
+
+class _RecordBar(pl.Callback):
+    seen: tuple | None = None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.seen = self.seen or (bar.desc, bar.total, bar.initial, bar.n)
+
+
+def test_a_progress_bar_resumed_mid_epoch_starts_at_the_restored_batch(tmp_path):
+    """Lightning's bar showed `3/?` and counted the restored batches as done in the first
+    second; the bar starts at them, with the epoch's total, so its rate is this run's."""
+    cfg = compose_config([*FAST, "data.train_length=40"])
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, filename="{step}")
+    _trainer(tmp_path, 3, saves).fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
+    record = _RecordBar()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, limit_val_batches=0,
+                         callbacks=[ResumableProgressBar(), record],
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data),
+                ckpt_path=str(tmp_path / "step=3.ckpt"))
+    assert record.seen == ("Epoch 0: ", 6, 3, 3)  # 3 steps to go of 10 batches
 
 
 def test_a_finished_epoch_resumes_at_the_start_of_the_next_permutation():
