@@ -86,6 +86,49 @@ def test_resampled_streams_differ_between_ranks_and_replay_on_rerun(tmp_path) ->
     assert runs[1] == runs[0]
 
 
+def _resume_rank(rank: int, port: int, urls: list[str], out_dir: str) -> None:
+    """One rank: two epochs of its resampled stream, then epoch 1 again resumed at batch 3."""
+    from data.resumable_loader import ResumableStream, ResumableStreamLoader
+    from data.shards import shard_dataset
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+    def loader() -> ResumableStreamLoader:
+        stream = shard_dataset(urls, seed=0, image_size=32, reference_size=56, resampled=True,
+                               epoch_length=4, rank=rank, world_size=WORLD)
+        return ResumableStreamLoader(ResumableStream(stream, 4, 1, WORKERS), batch_size=1,
+                                     num_workers=WORKERS, persistent_workers=True)
+
+    try:
+        whole = loader()
+        epochs = [[k for batch in whole for k in batch["__key__"]] for _ in range(2)]
+        resumed = loader()
+        resumed.load_state_dict({"epoch": 1, "batches": 3, "processes": WORLD,
+                                 "workers": WORKERS})
+        tail = [k for batch in resumed for k in batch["__key__"]]
+        lines = [" ".join(epochs[0]), " ".join(epochs[1]), " ".join(tail)]
+        Path(out_dir, f"rank{rank}.txt").write_text("\n".join(lines))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_resampled_stream_resumes_in_each_of_two_processes(tmp_path) -> None:
+    from data.shards import synthetic_records, write_shards
+
+    shards = write_shards(synthetic_records(SHARDS * PER_SHARD, seed=0, image_size=32,
+                                            reference_size=56), tmp_path / "shards", PER_SHARD)
+    mp.start_processes(_resume_rank, args=(_free_port(), [str(s) for s in shards],
+                                           str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    ranks = [[line.split() for line in Path(tmp_path, f"rank{r}.txt").read_text().splitlines()]
+             for r in range(WORLD)]
+    for first, second, tail in ranks:
+        assert len(first) == len(second) == 4 * WORKERS and first != second
+        assert tail == second[3:]
+    assert ranks[0][1] != ranks[1][1]
+
+
 def test_ddp_child_command_runs_only_its_job(monkeypatch, tmp_path) -> None:
     """Under a multirun, the DDP child gets this job's overrides, not the sweep."""
     from hydra import compose, initialize_config_dir
