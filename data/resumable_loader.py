@@ -28,7 +28,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from data.shards import WorkerSplit
+from data.shards import SkipRaw, WorkerSplit
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,20 @@ class ResumableStream(IterableDataset):
 
     The pipeline's seeded stages (shard resampling, shuffle buffer) count epochs from the
     process start, so a resumed run played epoch 0's stream again from its first sample.
-    Here each pass plays the epoch it is told, and each loader worker drops the batches its
-    share gave before the checkpoint: a DataLoader deals batches to its workers in turn, from
-    worker 0 every epoch, and every worker of a resampled stream gives the same number, so the
-    resumed epoch hands worker i the share whose batch came next (`WorkerSplit.shift`).
+    Here each pass plays the epoch it is told, and each loader worker drops, undecoded, as
+    many samples as its share gave before the checkpoint (where samples of that share failed
+    to decode, it resumes that many samples early). A DataLoader deals batches to its workers
+    in turn, from worker 0 every epoch, and every worker of a resampled stream gives the same
+    number, so the resumed epoch hands worker i the share whose batch came next
+    (`WorkerSplit.shift`).
     The length (whole batches per worker) tells Lightning the epoch, so it does not prefetch.
     """
 
     def __init__(self, pipeline: wds.DataPipeline, batches_per_worker: int, batch_size: int,
                  workers: int) -> None:
         super().__init__()
+        if pipeline.nsamples <= 0:
+            raise ValueError("a resumable stream needs an epoch length (`with_epoch`)")
         self.pipeline, self.batch_size = pipeline, batch_size
         self.length = batches_per_worker * batch_size * max(1, workers)
         self.epoch = 0  # the epoch the next pass plays
@@ -108,13 +112,15 @@ class ResumableStream(IterableDataset):
         epoch, skip = self.epoch, self.skip
         self.epoch, self.skip = epoch + 1, 0  # persistent workers count on by themselves
         share = (worker + skip) % workers
+        given = len(range(share, skip, workers)) * self.batch_size
         for stage in self.pipeline.pipeline:
             if isinstance(stage, wds.ResampledShards | wds.detshuffle):
                 stage.epoch = epoch - 1  # each adds one when it starts a pass
             elif isinstance(stage, WorkerSplit):
                 stage.shift = skip % workers
-        given = len(range(share, skip, workers))
-        return islice(iter(self.pipeline), given * self.batch_size, None)
+            elif isinstance(stage, SkipRaw):
+                stage.count = given
+        return islice(iter(self.pipeline), self.pipeline.nsamples - given)
 
 
 class ResumableStreamLoader(DataLoader):

@@ -659,9 +659,20 @@ def shard_dataset(
     return ds.with_epoch(epoch_length) if epoch_length is not None else ds
 
 
+class SkipRaw(wds.PipelineStage):
+    """Drops the first `count` raw samples of a pass before they are decoded (a resumed
+    epoch's, `data.resumable_loader`): reading a tar entry costs little, decoding it more."""
+
+    count = 0
+
+    def run(self, src: Iterable) -> Iterator:
+        return islice(src, self.count, None)
+
+
 def decode_with(ds: ShardPipeline, decode: Callable[[dict], dict],
                 errors: ShardErrors | None) -> ShardPipeline:
     """``ds.map(decode)``; with ``errors``, a sample that fails is skipped and counted."""
+    ds.append(SkipRaw())
     if errors is None:
         return ds.map(decode)
     return ds.map(CountedDecoder(decode, errors), handler=errors)

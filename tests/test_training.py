@@ -178,13 +178,17 @@ def test_a_resampled_shard_stream_resumes_where_it_stopped_in_its_epoch(tmp_path
         assert resumed.keys == whole.keys[step:]
 
 
-def _shard_loader(shards: list, workers: int, batch_size: int, length: int,
-                  state: dict | None = None) -> DataLoader:
+def _shard_data(shards: list, workers: int, batch_size: int, length: int) -> PairDataModule:
     data = PairDataModule(source="shards", shard_urls=[str(p) for p in shards],
                           batch_size=batch_size, image_size=32, train_length=length,
                           val_length=2, num_workers=workers)
     data.setup("fit")
-    loader = data.train_dataloader()
+    return data
+
+
+def _shard_loader(shards: list, workers: int, batch_size: int, length: int,
+                  state: dict | None = None) -> DataLoader:
+    loader = _shard_data(shards, workers, batch_size, length).train_dataloader()
     if state:
         loader.load_state_dict(state)
     return loader
@@ -200,14 +204,17 @@ def test_a_resampled_shard_stream_resumes_at_each_batch_of_three_workers(tmp_pat
         assert [b["__key__"] for b in resumed] == epochs[1][skip:], skip
 
 
-def test_a_resampled_shard_stream_resumed_in_another_placement_warns_and_plays_its_epoch(
+def test_a_resumed_shard_stream_drops_undecoded_and_warns_in_another_placement(
         tmp_path, caplog):
     shards = write_shards(synthetic_records(6, seed=9, image_size=32), tmp_path, per_shard=3)
-    loader = _shard_loader(shards, 0, 2, 8)
+    data = _shard_data(shards, 0, 2, 8)
+    loader = data.train_dataloader()
     epochs = [[b["__key__"] for b in loader] for _ in range(2)]
     assert len(epochs[0]) == 4 and epochs[0] != epochs[1]
     loader.load_state_dict({"epoch": 1, "batches": 1, "processes": 1, "workers": 1})
+    decoded = data.shard_errors.read
     assert [b["__key__"] for b in loader] == epochs[1][1:]
+    assert data.shard_errors.read - decoded == 6  # the first batch's 2 samples not decoded
     loader.load_state_dict({"epoch": 1, "batches": 1, "processes": 2, "workers": 1})
     assert [b["__key__"] for b in loader] == epochs[1]
     assert "plays epoch 1 from its start" in caplog.text
