@@ -70,7 +70,13 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """The array of an .npy file, read once more where CPython 3.11's shared AST state failed
+    numpy's header parse (`SystemError: AST constructor recursion depth mismatch`, seen once
+    in a forked loader worker; CPython gh-106905)."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except SystemError:
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _to_float16(coords: np.ndarray) -> np.ndarray:
