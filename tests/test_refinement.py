@@ -344,3 +344,41 @@ def test_compare_samplers_reads_a_final_x0_variant(tiny_pipeline_dir) -> None:
     assert rows[0]["masked_mse"] != rows[1]["masked_mse"]
     with pytest.raises(SystemExit):
         compare(["--ckpt", str(tiny_pipeline_dir), "--variants", "ddpm:4:1:x0=soon"])
+
+
+def test_compare_samplers_pairs_each_variant_with_a_baseline_export_or_its_json(
+        tiny_pipeline_dir, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from scripts.compare_samplers import main as compare
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_pipeline_dir, other)
+    weights = next((other / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v * 0.5 if k.startswith("conv_out") else v for k, v in state.items()}, weights)
+    variants = ["--cases", "3", "--variants", "ddpm:2:1,ddim:2:1"]
+    base_json = tmp_path / "base.json"
+    base = compare(["--ckpt", str(other), *variants, "--out", str(base_json)])
+    rows = compare(["--ckpt", str(tiny_pipeline_dir), *variants, "--baseline", str(other)])
+    for row, b in zip(rows, base, strict=True):
+        diff = np.subtract(row["masked_mse_per_case"], b["masked_mse_per_case"])
+        assert np.abs(diff).max() > 0  # the baseline really ran its own weights
+        assert row["vs_baseline"]["masked_mse"]["mean_difference"] == pytest.approx(diff.mean())
+        psnr = 10 * np.log10(4 / np.asarray(row["masked_mse_per_case"]))
+        psnr_base = 10 * np.log10(4 / np.asarray(b["masked_mse_per_case"]))
+        assert row["vs_baseline"]["masked_psnr"]["mean_difference"] == pytest.approx(
+            (psnr - psnr_base).mean())
+        assert row["vs_baseline"]["masked_mse"]["b_better_cases"] == int((diff < 0).sum())
+    reused = compare(["--ckpt", str(tiny_pipeline_dir), *variants, "--baseline", str(base_json)])
+    assert [r["vs_baseline"] for r in reused] == [r["vs_baseline"] for r in rows]
+    itself = compare(["--ckpt", str(other), *variants, "--baseline", str(base_json)])
+    assert all(r["vs_baseline"]["masked_psnr"]["mean_difference"] == 0 for r in itself)
+    with pytest.raises(SystemExit, match="no rows"):
+        compare(["--ckpt", str(tiny_pipeline_dir), "--cases", "3", "--variants", "ddpm:3:1",
+                 "--baseline", str(base_json)])
+    with pytest.raises(SystemExit, match="cases"):
+        compare(["--ckpt", str(tiny_pipeline_dir), "--cases", "2", "--variants", "ddpm:2:1",
+                 "--baseline", str(base_json)])
