@@ -16,7 +16,18 @@ TEST_ENV := HF_HUB_OFFLINE=1
 
 .PHONY: setup setup-demo train test test-all eval lint demo
 
+# torch 2.14.1 is a CUDA build: the environment takes about 6.0 GB, 6.6 GB with the demo's
+# packages. Free space is checked before installing, so a full disk stops setup at once, saying
+# so (SKIP_DISK_CHECK=1 skips it).
+define CHECK_DISK
+@[ -n "$(SKIP_DISK_CHECK)" ] || python3 -c "import pathlib, shutil, sys; \
+venv = pathlib.Path('$(VENV)').absolute(); \
+free = shutil.disk_usage(next(p for p in (venv, *venv.parents) if p.exists())).free / 1e9; \
+sys.exit(f'make: {free:.1f} GB free for $(VENV), this step needs about $(1) GB') if free < $(1) else None"
+endef
+
 $(VENV)/.installed: requirements.txt pyproject.toml
+	$(call CHECK_DISK,6.0)
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
@@ -25,6 +36,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 # gradio and its pins, resolved together with the core lock (which they leave unchanged)
 $(VENV)/.demo-installed: $(VENV)/.installed requirements.txt requirements-demo.txt
+	$(call CHECK_DISK,0.6)
 	$(PIP_INSTALL) -r requirements.txt -r requirements-demo.txt
 	$(BYTE_COMPILE)
 	touch $@
