@@ -19,6 +19,8 @@ TEST_ENV := HF_HUB_OFFLINE=1
 # torch 2.14.1 is a CUDA build: the environment takes about 6.0 GB, 6.6 GB with the demo's
 # packages. Free space is checked before installing, so a full disk stops setup at once, saying
 # so (SKIP_DISK_CHECK=1 skips it).
+SETUP_GB ?= 6.0
+DEMO_GB ?= 0.6
 define CHECK_DISK
 @[ -n "$(SKIP_DISK_CHECK)" ] || python3 -c "import pathlib, shutil, sys; \
 venv = pathlib.Path('$(VENV)').absolute(); \
@@ -27,7 +29,7 @@ sys.exit(f'make: {free:.1f} GB free for $(VENV), this step needs about $(1) GB')
 endef
 
 $(VENV)/.installed: requirements.txt pyproject.toml
-	$(call CHECK_DISK,6.0)
+	$(call CHECK_DISK,$(SETUP_GB))
 	python3 -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
@@ -36,7 +38,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 # gradio and its pins, resolved together with the core lock (which they leave unchanged)
 $(VENV)/.demo-installed: $(VENV)/.installed requirements.txt requirements-demo.txt
-	$(call CHECK_DISK,0.6)
+	$(call CHECK_DISK,$(DEMO_GB))
 	$(PIP_INSTALL) -r requirements.txt -r requirements-demo.txt
 	$(BYTE_COMPILE)
 	touch $@
