@@ -17,8 +17,8 @@ TEST_ENV := HF_HUB_OFFLINE=1
 .PHONY: setup setup-demo train test test-all eval lint demo
 
 # torch 2.14.1 is a CUDA build: the environment takes about 6.9 GB of disk, 7.0 GB with the
-# demo's packages. Free space is checked before installing, so a full disk stops setup at once, saying
-# so (SKIP_DISK_CHECK=1 skips it).
+# demo's packages. Free space is checked before installing, so a full disk stops setup at once,
+# saying so (SKIP_DISK_CHECK=1 skips it).
 SETUP_GB ?= 6.9
 DEMO_GB ?= 0.2
 define CHECK_DISK
