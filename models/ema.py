@@ -30,8 +30,9 @@ class EMA(pl.Callback):
     restored), or by :meth:`track` for use without a trainer (``models.checkpoint``).
     """
 
-    def __init__(self, decay: float) -> None:
+    def __init__(self, decay: float, restart_warmup: bool = True) -> None:
         self.decay = decay
+        self.restart_warmup = restart_warmup
         self.ema: EMAModel | None = None
         self._swapped = False
         self._open: ExitStack | None = None  # the swap of the running validation or test
@@ -46,9 +47,19 @@ class EMA(pl.Callback):
         return self.ema
 
     def restart(self, pl_module: pl.LightningModule) -> EMAModel:
-        """Average afresh from ``pl_module``'s weights as they are now (a warm start)."""
+        """Average afresh from ``pl_module``'s weights as they are now (a warm start).
+
+        With ``restart_warmup`` the decay climbs again from 0 (diffusers' warm-up), so for
+        the first thousand steps the average follows the trained weights closely; without
+        it, weights that are already an average (an export) are averaged on at the full
+        decay from the first step.
+        """
         self.ema = None
-        return self.track(pl_module)
+        average = self.track(pl_module)
+        if not self.restart_warmup:
+            average.min_decay = self.decay
+            average.optimization_step = 1  # step() would give its first update decay 0
+        return average
 
     @contextmanager
     def swapped_in(self, pl_module: pl.LightningModule) -> Iterator[None]:

@@ -80,6 +80,7 @@ class RefineByAlignModule(pl.LightningModule):
         attn_loss_weight: float = 0.0,
         attn_loss_blocks: Sequence[int] | None = None,
         ema_decay: float | None = 0.999,
+        ema_restart_warmup: bool = True,
         val_timestep: int = 300,
         val_block: int = 0,
         val_threshold: float = 0.5,
@@ -283,7 +284,7 @@ class RefineByAlignModule(pl.LightningModule):
                                                     hp.val_guidance_scale, hp.seed,
                                                     hp.val_sampler)]
             if hp.ema_decay:
-                self._callbacks.append(EMA(hp.ema_decay))
+                self._callbacks.append(EMA(hp.ema_decay, hp.ema_restart_warmup))
         return self._callbacks
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
