@@ -6,7 +6,7 @@ denoising gain per timestep on benchmark cases.
         denoising gain: [--cases 100] [--timesteps 10 50 100 200 400 700]
                         [--references whole crop other]
                         [--bench-dir DIR | --namespace benchmark --bench-seed 0] [--plot PNG]
-                        [--baseline FOLDER]
+                        [--baseline FOLDER | --baseline JSON]
         [--out JSON]
 
 Correspondence: rebuilds the LightningModule from the folder's model.yaml, loads its (EMA)
@@ -24,7 +24,8 @@ with the case's own reference minus with another's is paired per case: how much 
 draws from the right reference (0 for one that ignores it). With ``--baseline``, a second
 export is scored on the same cases and noise and the gain differences (export minus baseline)
 are paired per case, with bootstrap 95% intervals: the test a retrained model passes before it
-replaces the shipped one.
+replaces the shipped one. A baseline already scored (an ``--out`` JSON of this script, measured
+on the same cases, timesteps, references and noise) is read instead of scored again.
 """
 
 from __future__ import annotations
@@ -94,10 +95,15 @@ def denoising_gain(args: argparse.Namespace) -> dict:
     cases = cases[: args.cases] if args.bench_dir is not None and args.cases else cases
     cfg = GainConfig(timesteps=args.timesteps, references=args.references, seed=args.seed,
                      batch_size=args.gain_batch_size)
+    measured_on = ({"bench_dir": str(args.bench_dir)} if args.bench_dir is not None else
+                   {"namespace": args.namespace, "bench_seed": args.bench_seed,
+                    "num": args.cases or DEFAULT_CASES})
+    saved_baseline = args.baseline is not None and args.baseline.is_file()
+    if saved_baseline:  # refused before the scoring, where the settings alone tell
+        scored_baseline(args.baseline, {"timesteps": list(args.timesteps), "seed": args.seed,
+                                        "cases": measured_on})
     section = measure_cases(pipe, cases, cfg, progress=True, per_case=True)
-    section["cases"] = ({"bench_dir": str(args.bench_dir)} if args.bench_dir is not None else
-                        {"namespace": args.namespace, "bench_seed": args.bench_seed,
-                         "num": args.cases or DEFAULT_CASES})
+    section["cases"] = measured_on
     section["device"] = "cuda" if use_cuda else f"cpu ({torch.get_num_threads()} threads)"
     for ref, node in section["references"].items():
         print(f"\nDenoising gain of {args.ckpt}, {ref} reference, {node['num_cases']} case(s) "
@@ -113,13 +119,36 @@ def denoising_gain(args: argparse.Namespace) -> dict:
     if args.plot:
         print(f"plot: {denoising_gain_curve(section, args.plot)}")
     if args.baseline is not None:
-        baseline = measure_cases(load_pipeline(args.baseline, "cuda" if use_cuda else "cpu"),
-                                 cases, cfg, progress=True, per_case=True)
+        baseline = (scored_baseline(args.baseline, section) if saved_baseline else
+                    measure_cases(load_pipeline(args.baseline, "cuda" if use_cuda else "cpu"),
+                                  cases, cfg, progress=True, per_case=True))
         section["versus_baseline"] = versus_baseline(section, baseline, str(args.baseline))
         print(format_paired(section["versus_baseline"]["rows"], "\nGain minus that of "
                             f"{args.baseline} (same cases and noise, paired per case, bootstrap "
                             "95%):", ("baseline", "baseline_gain"), ("this export", "gain")))
     return section
+
+
+MEASURED_ALIKE = ("timesteps", "seed", "psnr_cap", "space", "image_size", "crop_margin", "cases")
+
+
+def scored_baseline(path: Path, section: dict) -> dict:
+    """The denoising-gain section of an earlier ``--out`` JSON, refused unless it was measured
+    as ``section`` is (the settings and references it holds, the same cases), so that the
+    pairing is per case and noise."""
+    saved = json.loads(path.read_text()).get("denoising_gain")
+    if saved is None:
+        raise SystemExit(f"--baseline {path}: no denoising_gain section")
+    for key in MEASURED_ALIKE:
+        if key in section and saved.get(key) != section[key]:
+            raise SystemExit(f"--baseline {path}: measured with {key}={saved.get(key)!r}, "
+                             f"this run with {section.get(key)!r}")
+    for ref, node in section.get("references", {}).items():
+        cases = saved["references"].get(ref, {}).get("per_case")
+        if cases is None or set(cases) != set(node["per_case"]):
+            raise SystemExit(f"--baseline {path}: does not hold the {ref}-reference scores of "
+                             f"this run's {len(node['per_case'])} cases")
+    return saved
 
 
 def per_case_gains(node: dict, metric: str) -> dict[str, list[float]]:
@@ -201,8 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     group.add_argument("--gain-batch-size", type=int, default=16)
     group.add_argument("--plot", type=Path, default=None, help="write the gain figure (PNG)")
     group.add_argument("--baseline", type=Path, default=None,
-                       help="another export to score on the same cases and noise; prints and "
-                            "writes the paired gain differences (this export minus it)")
+                       help="another export to score on the same cases and noise, or the --out "
+                            "JSON of one scored so; prints and writes the paired gain "
+                            "differences (this export minus it)")
     args = parser.parse_args(argv)
     if args.cases is not None and args.cases < 1:
         parser.error("--cases must be >= 1")

@@ -5,6 +5,7 @@ reports it (validation callback, eval.py's report, validate_export.py) does."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -265,6 +266,28 @@ def test_validate_export_against_itself_differs_by_nothing(tmp_path, capsys):
     for r in rows:
         assert r["mean_difference"] == 0 and r["ci95"] == [0, 0] and r["cases"] == 2
     assert "paired per case" in capsys.readouterr().out
+
+
+def test_a_saved_baseline_is_read_instead_of_scored_and_a_mismatch_is_refused(tmp_path):
+    from scripts.validate_export import main
+
+    args = ["--measure", "denoising_gain", "--cases", "2", "--references", "whole"]
+    saved = tmp_path / "shipped.json"
+    main(args + ["--timesteps", "50", "--out", str(saved)])
+
+    def rows(baseline: Path) -> list[dict]:
+        result = main(args + ["--timesteps", "50", "--baseline", str(baseline)])
+        return result["denoising_gain"]["versus_baseline"]["rows"]
+
+    assert rows(saved) == rows(Path("checkpoints/tiny_synthetic"))
+    worse = json.loads(saved.read_text())
+    first = sorted(worse["denoising_gain"]["references"]["whole"]["per_case"])[0]
+    worse["denoising_gain"]["references"]["whole"]["per_case"][first]["psnr_x0"][0] -= 1.0
+    saved.write_text(json.dumps(worse))
+    psnr = next(r for r in rows(saved) if r["metric"] == "psnr")
+    assert psnr["mean_difference"] == pytest.approx(0.5)  # its values, not a re-scoring
+    with pytest.raises(SystemExit, match="timesteps"):
+        main(args + ["--timesteps", "100", "--baseline", str(saved)])
 
 
 def test_classical_yardstick_scores_like_the_model_and_a_bilateral_filter_denoises(tmp_path):
