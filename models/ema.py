@@ -24,13 +24,14 @@ CHECKPOINT_KEY = "ema"
 
 
 class EMA(pl.Callback):
-    """EMA of ``pl_module.trainable_parameters()`` with diffusers' warm-up decay.
+    """EMA of ``pl_module.trainable_parameters()`` with diffusers' warm-up decay; a warm start
+    from an export (:meth:`restart`) averages on at the full decay unless ``restart_warmup``.
 
     The weights it averages are taken when the trainer sets up (before a checkpoint is
     restored), or by :meth:`track` for use without a trainer (``models.checkpoint``).
     """
 
-    def __init__(self, decay: float, restart_warmup: bool = True) -> None:
+    def __init__(self, decay: float, restart_warmup: bool = False) -> None:
         self.decay = decay
         self.restart_warmup = restart_warmup
         self.ema: EMAModel | None = None

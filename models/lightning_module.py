@@ -80,7 +80,7 @@ class RefineByAlignModule(pl.LightningModule):
         attn_loss_weight: float = 0.0,
         attn_loss_blocks: Sequence[int] | None = None,
         ema_decay: float | None = 0.999,
-        ema_restart_warmup: bool = True,
+        ema_restart_warmup: bool = False,
         val_timestep: int = 300,
         val_block: int = 0,
         val_threshold: float = 0.5,
