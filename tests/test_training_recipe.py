@@ -67,7 +67,8 @@ def test_warm_start_loads_the_export_and_restarts_ema(tmp_path: Path) -> None:
         ours, theirs = getattr(module, name).state_dict(), getattr(source, name).state_dict()
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     (ema,) = [c for c in module.configure_callbacks() if isinstance(c, EMA)]
-    assert ema.ema.optimization_step == 0  # the average the trainer will keep starts here
+    # the average the trainer will keep starts here and its next update is at full decay
+    assert ema.ema.get_decay(ema.ema.optimization_step + 1) == cfg.model.ema_decay
     for shadow, param in zip(ema.ema.shadow_params, module.trainable_parameters(),
                              strict=True):
         assert torch.equal(shadow, param)
