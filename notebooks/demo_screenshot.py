@@ -1,6 +1,6 @@
 """Screenshot of the demo after one click on its first example: docs/demo.png.
 
-  python notebooks/demo_screenshot.py [--out docs/demo.png] [--export EXPORT_DIR]
+  python -m notebooks.demo_screenshot [--out docs/demo.png] [--export EXPORT_DIR]
 
 Serves scripts/demo.py in-process, opens it in headless Chromium through Playwright, clicks
 the first example (which loads it and runs both stages with the default controls), waits for
