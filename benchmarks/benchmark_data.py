@@ -9,14 +9,16 @@ float16) by a shape-only stand-in encoder: reading costs the same whatever the l
 and the real encode is a one-off GPU job (``benchmark_train.py`` times it).
 ``--loader-workers N`` also measures a real DataLoader with N workers, to check the scaling.
 
-``--baseline DIR`` instead compares the synthetic training path of this checkout ("after")
-with the one of another checkout ("before", e.g. ``git worktree add --detach DIR main``),
+``--baseline DIR`` instead compares the training data paths of this checkout ("after")
+with those of another checkout ("before", e.g. ``git worktree add --detach DIR main``),
 each probed in a fresh process importing its own ``data`` package, alternated
-before/after/before/after ``--repeats`` times (medians: the machine may be shared):
-(a) the loader's dataset ``__getitem__`` alone on one core, and (b) ``PairDataModule``'s
+before/after/before/after ``--repeats`` times (medians: the machine may be shared): the
+synthetic generator's (a) dataset ``__getitem__`` on one core and (b) ``PairDataModule``'s
 training loader with one worker into this process, through the device copy and the
-DataModule's ``on_after_batch_transfer`` (where compact batches become float32), as
-samples/s of wall time and per CPU-second of worker + training process.
+DataModule's ``on_after_batch_transfer`` (where compact batches become float32); the same
+for pixel shards written by that checkout's writer, (c) read on one core and (d) through
+the shard loader. Rates are samples/s of wall time and per CPU-second of worker + training
+process; each path of "after" is also divided by the baseline's generator.
 
     PYTHONPATH=. python benchmarks/benchmark_data.py --image-size 512 --gpu-rate 70
     PYTHONPATH=. python benchmarks/benchmark_data.py --smoke
@@ -131,37 +133,15 @@ def _cpu_seconds(processes: list[Any]) -> float:
     return total
 
 
-def synthetic_path_rates(size: int, ref: int, items: int, batch_size: int, batches: int
-                         ) -> dict[str, Any]:
-    """Rates of the synthetic training path of the ``data`` package on ``sys.path``.
-
-    (a) ``getitem``: the training loader's dataset indexed in this process, OpenCV on one
-    thread; (b) ``loader``: ``PairDataModule.train_dataloader()`` with one worker (its own
-    worker set-up), every batch copied to the device (pinned when CUDA is there) and passed
-    through the DataModule's ``on_after_batch_transfer``, as a Trainer does. Only code that
-    the compared checkouts share is called, so old and new code run the same probe.
-    """
-    import cv2
+def _loader_rates(dm: Any, batches: int) -> dict[str, Any]:
+    """One-worker training loader of a set-up ``PairDataModule`` into this process: every
+    batch copied to the device (pinned when CUDA is there) and passed through the DataModule's
+    ``on_after_batch_transfer``, as a Trainer does."""
     import psutil
-
-    from data.datamodule import PairDataModule
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    dm = PairDataModule(batch_size=batch_size, num_workers=1, image_size=size,
-                        reference_size=ref, train_length=10**6, pin_memory=cuda)
-    dm.setup("fit")
     loader = dm.train_dataloader()
-    dataset = loader.dataset
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    dataset[0]
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(1, items + 1):
-        dataset[i]
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    cv2.setNumThreads(threads)  # the workers start from the process's own setting
-    getitem = {"samples_per_s": items / wall, "samples_per_cpu_s": items / cpu}
 
     def receive(batch: dict[str, Any]) -> dict[str, Any]:
         moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -170,6 +150,7 @@ def synthetic_path_rates(size: int, ref: int, items: int, batch_size: int, batch
 
     it = iter(loader)
     first = next(it)
+    batch_size = len(first["mode"])
     wire = sum(v.nbytes for v in first.values() if isinstance(v, torch.Tensor))
     model_inputs = {k: f"{v.dtype}".removeprefix("torch.") for k, v in receive(first).items()
                     if isinstance(v, torch.Tensor)}
@@ -183,12 +164,66 @@ def synthetic_path_rates(size: int, ref: int, items: int, batch_size: int, batch
     wall, main_cpu = time.perf_counter() - t0, time.process_time() - c0
     worker_cpu = _cpu_seconds(workers) - w0
     del it
-    loader_rates = {"samples_per_s": n / wall, "samples_per_cpu_s": n / (worker_cpu + main_cpu),
-                    "worker_cpu_ms_per_sample": 1e3 * worker_cpu / n,
-                    "main_cpu_ms_per_sample": 1e3 * main_cpu / n,
-                    "kib_per_sample_through_ipc": wire / batch_size / 1024,
-                    "model_input_dtypes": model_inputs}
-    return {"getitem": getitem, "loader": loader_rates, "device": device.type}
+    return {"samples_per_s": n / wall, "samples_per_cpu_s": n / (worker_cpu + main_cpu),
+            "worker_cpu_ms_per_sample": 1e3 * worker_cpu / n,
+            "main_cpu_ms_per_sample": 1e3 * main_cpu / n,
+            "kib_per_sample_through_ipc": wire / batch_size / 1024,
+            "model_input_dtypes": model_inputs}
+
+
+def _one_core_rate(samples: Iterable[Any], items: int) -> dict[str, float]:
+    """Samples/s of wall and of CPU time over ``items`` samples after one warm-up sample,
+    OpenCV on one thread (as in a loader worker)."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    it = iter(samples)
+    next(it)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(items):
+        next(it)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cv2.setNumThreads(threads)  # the workers start from the process's own setting
+    return {"samples_per_s": items / wall, "samples_per_cpu_s": items / cpu}
+
+
+def training_path_rates(size: int, ref: int, items: int, batch_size: int, batches: int
+                        ) -> dict[str, Any]:
+    """Rates of the training data paths of the ``data`` package on ``sys.path``.
+
+    Synthetic: (a) ``getitem``, the training loader's dataset indexed in this process; (b)
+    ``loader``, ``PairDataModule.train_dataloader()`` with one worker. Pixel shards, written
+    by this package's own writer from the same generator (not timed): (c) ``shards_read``,
+    the shard dataset read and decoded in this process; (d) ``shards_loader``, the DataModule's
+    shard loader with one worker. Only code that the compared checkouts share is called, so
+    old and new code run the same probe.
+    """
+    from data.datamodule import PairDataModule
+    from data.shards import shard_dataset, synthetic_records, write_shards
+
+    cuda = torch.cuda.is_available()
+    dm = PairDataModule(batch_size=batch_size, num_workers=1, image_size=size,
+                        reference_size=ref, train_length=10**6, pin_memory=cuda)
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    rates: dict[str, Any] = {
+        "getitem": _one_core_rate((dataset[i] for i in range(items + 1)), items),
+        "loader": _loader_rates(dm, batches),
+    }
+    count = max(items, batch_size * batches) + batch_size + 1
+    with tempfile.TemporaryDirectory(prefix="rba-bench-path-") as tmp:
+        urls = [str(p) for p in write_shards(
+            synthetic_records(count, seed=0, image_size=size, reference_size=ref), tmp, 64)]
+        rates["shards_read"] = _one_core_rate(
+            shard_dataset(urls, seed=0, image_size=size, reference_size=ref), items)
+        dm = PairDataModule(source="shards", shard_urls=urls, batch_size=batch_size,
+                            num_workers=1, image_size=size, reference_size=ref,
+                            train_length=10**6, pin_memory=cuda, shuffle_buffer=0)
+        dm.setup("fit")
+        rates["shards_loader"] = _loader_rates(dm, batches)
+    rates["device"] = "cuda" if cuda else "cpu"
+    return rates
 
 
 def _revision(root: Path) -> str | None:
@@ -226,11 +261,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         for name, root in roots.items():
             runs[name].append(_probe_in(root, args))
             log.info("repeat %d %s: %s", r + 1, name, json.dumps(runs[name][-1]))
-    metrics = [("getitem", "samples_per_s"), ("getitem", "samples_per_cpu_s"),
-               ("loader", "samples_per_s"), ("loader", "samples_per_cpu_s")]
+    metrics = [(part, m) for part in ("getitem", "loader", "shards_read", "shards_loader")
+               for m in ("samples_per_s", "samples_per_cpu_s")]
     medians = {name: {f"{part}.{m}": statistics.median(r[part][m] for r in rs)
                       for part, m in metrics} for name, rs in runs.items()}
     ratios = {key: medians["after"][key] / medians["before"][key] for key in medians["after"]}
+    # what a core feeds now against what the baseline's generator fed
+    versus_generator = {
+        f"{part}.samples_per_cpu_s": medians["after"][f"{part}.samples_per_cpu_s"]
+        / medians["before"][f"{base}.samples_per_cpu_s"]
+        for part, base in (("getitem", "getitem"), ("loader", "loader"),
+                           ("shards_read", "getitem"), ("shards_loader", "loader"))}
     result: dict[str, Any] = {
         **environment(torch.device("cpu")), "benchmark": "data_path_ab", "smoke": args.smoke,
         "image_size": args.image_size, "reference_size": args.reference_size,
@@ -240,6 +281,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                   for name, root in roots.items()},
         "medians": {name: {k: round(v, 2) for k, v in m.items()} for name, m in medians.items()},
         "ratios_after_over_before": {k: round(v, 2) for k, v in ratios.items()},
+        "ratios_after_over_baseline_generator": {k: round(v, 2)
+                                                 for k, v in versus_generator.items()},
         "runs": runs,
     }
     rows: list[tuple[str, Any]] = [("cpu cores", result["cpu_count"]),
@@ -249,6 +292,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         rows.append((f"{key} before", round(medians["before"][key], 1)))
         rows.append((f"{key} after", round(medians["after"][key], 1)))
         rows.append((f"{key} ratio", round(ratios[key], 2)))
+    for key, value in versus_generator.items():
+        rows.append((f"{key} after / generator before", round(value, 2)))
     print(format_table(rows, "benchmark_data before/after (medians)"))
     write_json(result, args.out)
     return result
@@ -259,8 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core, as in a DataLoader worker
     if args.probe:
-        rates = synthetic_path_rates(args.image_size, args.reference_size, args.items,
-                                     args.batch_size, args.batches)
+        rates = training_path_rates(args.image_size, args.reference_size, args.items,
+                                    args.batch_size, args.batches)
         print(json.dumps(rates))
         return rates
     if args.baseline:

@@ -6,10 +6,11 @@ the "validation" seed namespace (data/synthetic.py), so it shares no item with t
 set whatever the seeds, and correspondence mIoU of the cross-attention maps is measured on the
 same cases every run, whatever the training source.
 
-Synthetic loaders send compact samples (uint8 images, bool masks: data/modes.py) through the
-worker processes, pinning and the device copy, a quarter of the float32 bytes; the
-`on_after_batch_transfer` hook turns them into the float contract on the device, to the
-same values. `train_set` and `val_set` themselves still give float samples.
+Synthetic and pixel-shard loaders send compact samples (uint8 images, bool masks:
+data/modes.py) through the worker processes, pinning and the device copy, a quarter of the
+float32 bytes; the `on_after_batch_transfer` hook turns them into the float contract on the
+device, to the same values. `val_set` and a synthetic `train_set` themselves still give float
+samples; a shard `train_set` is the loader's stream and gives compact ones.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class PairDataModule(pl.LightningDataModule):
     stop once more than `max_skip_fraction` of what was seen is skipped, checked from
     `skip_check_after` samples on.
 
-    `compact_batches`: synthetic batches travel as uint8 / bool and are decoded to float32
-    after the device transfer (identical values); a loader of this module used outside a
-    Trainer gives compact batches, which `data.modes.decode_pixels` decodes.
+    `compact_batches`: synthetic and pixel-shard batches travel as uint8 / bool and are
+    decoded to float32 after the device transfer (identical values); a loader of this module
+    used outside a Trainer gives compact batches, which `data.modes.decode_pixels` decodes.
     """
 
     def __init__(
@@ -120,7 +121,8 @@ class PairDataModule(pl.LightningDataModule):
                     reference_size=hp.reference_size, align_ratio=hp.align_ratio,
                     mask_config=self.mask_config, shuffle=hp.shuffle_buffer,
                     resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
-                    rank=rank, world_size=world, errors=self.shard_errors)
+                    rank=rank, world_size=world, errors=self.shard_errors,
+                    compact=hp.compact_batches)
             if hp.source != "synthetic" and hp.resampled:
                 if per_worker < hp.batch_size:
                     raise ValueError(

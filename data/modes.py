@@ -11,7 +11,7 @@ Sample contract (what models/ and train.py rely on):
   reference       float32 [3,R,R] in [0,1] (the encoder normalises)
   reference_mask  float32 [1,R,R] in {0,1}, region of `reference` matching `mask`
   mode            int64 scalar, 0 = alignment, 1 = refinement
-Compact samples (`to_sample(..., compact=True)`, what the DataModule's synthetic loaders
+Compact samples (`to_sample(..., compact=True)`, what the DataModule's pixel loaders
 send through worker processes) hold the same pixels in a quarter of the bytes: `target` and
 `reference` uint8 [3,*,*], `mask` and `reference_mask` bool; `decode_pixels` turns them (or a
 batch of them, on any device) into exactly the float32 values above.

@@ -76,16 +76,19 @@ def test_benchmark_infer_parts(tmp_path) -> None:
 
 
 def test_benchmark_data_probe_measures_the_compact_path() -> None:
-    """The before/after probe reads the training loader end to end: a quarter of float32's
+    """The before/after probe reads both training loaders end to end: a quarter of float32's
     bytes through the worker, float32 model inputs after the DataModule's hook."""
-    from benchmarks.benchmark_data import synthetic_path_rates
+    from benchmarks.benchmark_data import training_path_rates
 
-    res = synthetic_path_rates(64, 56, items=2, batch_size=2, batches=1)
-    assert res["getitem"]["samples_per_cpu_s"] > 0 and res["loader"]["samples_per_s"] > 0
+    res = training_path_rates(64, 56, items=2, batch_size=2, batches=1)
+    assert res["getitem"]["samples_per_cpu_s"] > 0 and res["shards_read"]["samples_per_s"] > 0
     float_kib = (3 * 64 * 64 + 64 * 64 + 3 * 56 * 56 + 56 * 56) * 4 / 1024
-    assert res["loader"]["kib_per_sample_through_ipc"] < float_kib / 3
-    dtypes = res["loader"]["model_input_dtypes"]
-    assert {dtypes[k] for k in ("target", "mask", "reference", "reference_mask")} == {"float32"}
+    for path in ("loader", "shards_loader"):
+        assert res[path]["samples_per_s"] > 0
+        assert res[path]["kib_per_sample_through_ipc"] < float_kib / 3, path
+        dtypes = res[path]["model_input_dtypes"]
+        assert {dtypes[k] for k in ("target", "mask", "reference", "reference_mask")} == {
+            "float32"}, path
 
 
 @pytest.mark.slow

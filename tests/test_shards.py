@@ -14,13 +14,16 @@ from PIL import Image
 
 from data.datamodule import PairDataModule
 from data.geometry import Warp
-from data.modes import ALIGNMENT
+from data.masks import MaskConfig, make_mask
+from data.modes import ALIGNMENT, decode_pixels
 from data.shards import (
     decode_npy,
+    decode_png,
     encode_npy,
     image_folder_records,
     shard_dataset,
     synthetic_records,
+    warp_from_record,
     write_shards,
 )
 from data.synthetic import SyntheticPairs
@@ -92,13 +95,56 @@ def test_forced_alignment_and_resampled_epoch(shard_dir):
     assert len(samples) == 5 and all(int(s["mode"]) == ALIGNMENT for s in samples)
 
 
-def test_datamodule_reads_shards(shard_dir):
-    dm = PairDataModule(source="shards", shard_urls=str(shard_dir / "shard-{000000..000001}.tar"),
-                        batch_size=3, train_length=6, val_length=2, resampled=False,
-                        shuffle_buffer=0)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["target"].shape == (3, 3, 64, 64) and len(batch["__key__"]) == 3
+def test_datamodule_reads_shards_as_compact_batches_of_the_same_values(shard_dir):
+    batches = {}
+    for compact in (True, False):
+        dm = PairDataModule(source="shards",
+                            shard_urls=str(shard_dir / "shard-{000000..000001}.tar"),
+                            batch_size=3, train_length=6, val_length=2, resampled=False,
+                            shuffle_buffer=0, compact_batches=compact)
+        dm.setup("fit")
+        batches[compact] = next(iter(dm.train_dataloader()))
+    compact, full = batches[True], batches[False]
+    assert compact["target"].dtype == torch.uint8 and compact["mask"].dtype == torch.bool
+    assert full["target"].shape == (3, 3, 64, 64) and len(full["__key__"]) == 3
+    decoded = decode_pixels(compact)
+    for key, value in tensors(full).items():
+        assert decoded[key].dtype == value.dtype and torch.equal(decoded[key], value), key
+
+
+def test_written_shards_are_reproducible_and_carry_no_pax_headers(tmp_path):
+    records = list(synthetic_records(3, seed=4))
+    a = write_shards(records, tmp_path / "a", per_shard=4)
+    b = write_shards(records, tmp_path / "b", per_shard=4)
+    assert a[0].read_bytes() == b[0].read_bytes()
+    with tarfile.open(a[0]) as tar:
+        members = tar.getmembers()
+    assert len(members) == 3 * 6 and not any(m.pax_headers for m in members)
+
+
+def test_the_stored_flow_bounds_the_reference_region_as_the_exact_one_does():
+    """Reading takes the forward map from the float16 flow instead of recomputing it from
+    the warp's parameters: every mapped mask must stay the same."""
+    config = MaskConfig(p_detail=0.4, p_brush=0.3, p_box=0.3)
+    compared = 0
+    for rec in synthetic_records(24, seed=11):
+        meta = json.loads(rec["json"])
+        ref_shape = decode_png(rec["ref.png"]).shape[:2]
+        stored = warp_from_record(decode_npy(rec["t2r.npy"]), meta, ref_shape)
+        exact = Warp.from_dict(meta["warp"])
+        assert not np.array_equal(stored.target_to_reference, exact.target_to_reference)
+        fp, detail = decode_png(rec["fp.png"], mask=True), decode_png(rec["detail.png"], True)
+        for draw in range(4):
+            mask, _ = make_mask(fp, detail, np.random.default_rng(draw), config)
+            assert np.array_equal(stored.map_mask_to_reference(mask),
+                                  exact.map_mask_to_reference(mask)), (rec["__key__"], draw)
+            compared += 1
+    assert compared == 96
+
+
+def test_an_undecodable_image_member_is_named():
+    with pytest.raises(ValueError, match="not a decodable image"):
+        decode_png(b"not a png")
 
 
 def _save(path, array):
