@@ -436,9 +436,10 @@ def sample_generators(seed: int, key: str) -> tuple[np.random.Generator, np.rand
 
 def warp_from_record(t2r: np.ndarray, meta: dict, reference_shape: tuple[int, int]) -> Warp:
     """The stored flow, with the exact inverse from stored parameters when present (else
-    the splat inverse). Reading needs the flow only to bound a mask's region, which its
-    float16 rounding (< 0.07 px) does not move past the bound's margin: recomputing it from
-    the parameters cost a sixth of a sample's decoding."""
+    the splat inverse). Reading needs the flow only to bound a mask's region, with a 2-3 px
+    margin that its float16 rounding (at most 1/16 px below 256 px) stays well inside
+    (`tests/test_shards.py` compares the mapped masks); recomputing the flow from the
+    parameters cost a sixth of a sample's decoding."""
     params = meta.get("warp") or {}
     t2r = t2r.astype(np.float32)
     if params:
