@@ -222,9 +222,15 @@ class Warp:
                 "reference_shape": list(self.reference_shape)}
 
     @staticmethod
-    def from_dict(d: dict) -> Warp:
-        return Warp.from_params(np.asarray(d["homography"]), SmoothField.from_dict(d["field"]),
-                                tuple(d["target_shape"]), tuple(d["reference_shape"]))
+    def from_dict(d: dict, target_to_reference: np.ndarray | None = None) -> Warp:
+        """The warp of `to_dict`; with `target_to_reference` (e.g. a stored flow) that forward
+        map is kept instead of being recomputed from the parameters (the inverse stays exact)."""
+        homography, smooth = np.asarray(d["homography"]), SmoothField.from_dict(d["field"])
+        if target_to_reference is not None:
+            return Warp(target_to_reference, tuple(d["reference_shape"]),
+                        homography.astype(np.float64), smooth)
+        return Warp.from_params(homography, smooth, tuple(d["target_shape"]),
+                                tuple(d["reference_shape"]))
 
 
 def _shifted_field(smooth: SmoothField, ht: int, wt: int, pad: int,

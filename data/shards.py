@@ -35,7 +35,7 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from data.geometry import SmoothField, Warp, make_target
+from data.geometry import Warp, make_target
 from data.masks import MaskConfig, make_mask, mask_bbox
 from data.modes import resize_image, resize_mask, to_sample
 from data.objects import ObjectView
@@ -443,8 +443,7 @@ def warp_from_record(t2r: np.ndarray, meta: dict, reference_shape: tuple[int, in
     params = meta.get("warp") or {}
     t2r = t2r.astype(np.float32)
     if params:
-        return Warp(t2r, tuple(reference_shape), np.asarray(params["homography"], np.float64),
-                    SmoothField.from_dict(params["field"]))
+        return Warp.from_dict(params, target_to_reference=t2r)
     return Warp(t2r, tuple(reference_shape))
 
 
