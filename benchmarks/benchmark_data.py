@@ -17,7 +17,9 @@ synthetic generator's (a) dataset ``__getitem__`` on one core and (b) ``PairData
 training loader with one worker into this process, through the device copy and the
 DataModule's ``on_after_batch_transfer`` (where compact batches become float32); the same
 for pixel shards written by that checkout's writer, (c) read on one core and (d) through
-the shard loader. Rates are samples/s of wall time and per CPU-second of worker + training
+the shard loader; and for latent shards written for the pixel-space (tiny) model, (e) read
+on one core and (f) through their loader (where the baseline cannot write those, only "after"
+has them). Rates are samples/s of wall time and per CPU-second of worker + training
 process; each path of "after" is also divided by the baseline's generator.
 
     PYTHONPATH=. python benchmarks/benchmark_data.py --image-size 512 --gpu-rate 70
@@ -196,8 +198,8 @@ def training_path_rates(size: int, ref: int, items: int, batch_size: int, batche
     ``loader``, ``PairDataModule.train_dataloader()`` with one worker. Pixel shards, written
     by this package's own writer from the same generator (not timed): (c) ``shards_read``,
     the shard dataset read and decoded in this process; (d) ``shards_loader``, the DataModule's
-    shard loader with one worker. Only code that the compared checkouts share is called, so
-    old and new code run the same probe.
+    shard loader with one worker; (e), (f) latent shards (`_latent_shard_rates`). Only code
+    that the compared checkouts share is called, so old and new code run the same probe.
     """
     from data.datamodule import PairDataModule
     from data.shards import shard_dataset, synthetic_records, write_shards
@@ -222,8 +224,39 @@ def training_path_rates(size: int, ref: int, items: int, batch_size: int, batche
                             train_length=10**6, pin_memory=cuda, shuffle_buffer=0)
         dm.setup("fit")
         rates["shards_loader"] = _loader_rates(dm, batches)
+    rates.update(_latent_shard_rates(size, ref, items, batch_size, batches, count))
     rates["device"] = "cuda" if cuda else "cpu"
     return rates
+
+
+def _latent_shard_rates(size: int, ref: int, items: int, batch_size: int, batches: int,
+                        count: int) -> dict[str, Any]:
+    """(e) ``latent_shards_read`` and (f) ``latent_shards_loader``: latent shards of the
+    generator's items for the pixel-space (tiny) model, written by this checkout (not timed),
+    read as (c) and (d) read pixel shards; None where the checkout cannot write them."""
+    from data.datamodule import PairDataModule
+    from data.latent_shards import latent_shard_dataset, synthetic_samples, write_latent_shards
+    from models.autoencoder import PixelSpace
+
+    if not hasattr(PixelSpace, "fingerprint"):
+        return {"latent_shards_read": None, "latent_shards_loader": None}
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="rba-bench-latent-") as tmp:
+        urls = [str(p) for p in write_latent_shards(
+            synthetic_samples(count, [0], size, ref), PixelSpace(), tmp, 64, size, ref)]
+        rates = {"latent_shards_read": _one_core_rate(latent_shard_dataset(urls), items)}
+        dm = PairDataModule(source="latent_shards", shard_urls=urls, batch_size=batch_size,
+                            num_workers=1, image_size=size, reference_size=ref,
+                            train_length=10**6, pin_memory=cuda, shuffle_buffer=0)
+        dm.setup("fit")
+        rates["latent_shards_loader"] = _loader_rates(dm, batches)
+    return rates
+
+
+# each probed path, and the baseline generator path it is measured against
+PATHS = {"getitem": "getitem", "loader": "loader", "shards_read": "getitem",
+         "shards_loader": "loader", "latent_shards_read": "getitem",
+         "latent_shards_loader": "loader"}
 
 
 def _revision(root: Path) -> str | None:
@@ -261,17 +294,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         for name, root in roots.items():
             runs[name].append(_probe_in(root, args))
             log.info("repeat %d %s: %s", r + 1, name, json.dumps(runs[name][-1]))
-    metrics = [(part, m) for part in ("getitem", "loader", "shards_read", "shards_loader")
-               for m in ("samples_per_s", "samples_per_cpu_s")]
+    metrics = [(part, m) for part in PATHS for m in ("samples_per_s", "samples_per_cpu_s")]
     medians = {name: {f"{part}.{m}": statistics.median(r[part][m] for r in rs)
-                      for part, m in metrics} for name, rs in runs.items()}
-    ratios = {key: medians["after"][key] / medians["before"][key] for key in medians["after"]}
+                      for part, m in metrics if all(r.get(part) for r in rs)}
+               for name, rs in runs.items()}
+    ratios = {key: medians["after"][key] / medians["before"][key]
+              for key in medians["after"] if key in medians["before"]}
     # what a core feeds now against what the baseline's generator fed
     versus_generator = {
         f"{part}.samples_per_cpu_s": medians["after"][f"{part}.samples_per_cpu_s"]
         / medians["before"][f"{base}.samples_per_cpu_s"]
-        for part, base in (("getitem", "getitem"), ("loader", "loader"),
-                           ("shards_read", "getitem"), ("shards_loader", "loader"))}
+        for part, base in PATHS.items() if f"{part}.samples_per_cpu_s" in medians["after"]}
     result: dict[str, Any] = {
         **environment(torch.device("cpu")), "benchmark": "data_path_ab", "smoke": args.smoke,
         "image_size": args.image_size, "reference_size": args.reference_size,
@@ -288,10 +321,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[tuple[str, Any]] = [("cpu cores", result["cpu_count"]),
                                    ("image / reference px", f"{args.image_size} / "
                                                             f"{args.reference_size}")]
-    for key in ratios:
-        rows.append((f"{key} before", round(medians["before"][key], 1)))
-        rows.append((f"{key} after", round(medians["after"][key], 1)))
-        rows.append((f"{key} ratio", round(ratios[key], 2)))
+    for key, after in medians["after"].items():
+        if key in ratios:
+            rows.append((f"{key} before", round(medians["before"][key], 1)))
+        rows.append((f"{key} after", round(after, 1)))
+        if key in ratios:
+            rows.append((f"{key} ratio", round(ratios[key], 2)))
     for key, value in versus_generator.items():
         rows.append((f"{key} after / generator before", round(value, 2)))
     print(format_table(rows, "benchmark_data before/after (medians)"))

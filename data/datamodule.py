@@ -6,11 +6,12 @@ the "validation" seed namespace (data/synthetic.py), so it shares no item with t
 set whatever the seeds, and correspondence mIoU of the cross-attention maps is measured on the
 same cases every run, whatever the training source.
 
-Synthetic and pixel-shard loaders send compact samples (uint8 images, bool masks:
-data/modes.py) through the worker processes, pinning and the device copy, a quarter of the
-float32 bytes; the `on_after_batch_transfer` hook turns them into the float contract on the
-device, to the same values. `val_set` and a synthetic `train_set` themselves still give float
-samples; a shard `train_set` is the loader's stream and gives compact ones.
+Every training loader sends compact samples (uint8 images, bool masks: data/modes.py)
+through the worker processes, pinning and the device copy, a quarter of the float32 bytes
+(latent shards: their pixels; latents stay float); the `on_after_batch_transfer` hook turns
+them into the float contract on the device, to the same values. `val_set` and a synthetic
+`train_set` themselves still give float samples; a shard `train_set` is the loader's stream
+and gives compact ones.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class PairDataModule(pl.LightningDataModule):
     stop once more than `max_skip_fraction` of what was seen is skipped, checked from
     `skip_check_after` samples on.
 
-    `compact_batches`: synthetic and pixel-shard batches travel as uint8 / bool and are
+    `compact_batches`: batches' pixels travel as uint8 / bool and are
     decoded to float32 after the device transfer (identical values); a loader of this module
     used outside a Trainer gives compact batches, which `data.modes.decode_pixels` decodes.
     """
@@ -114,7 +115,8 @@ class PairDataModule(pl.LightningDataModule):
                 self.train_set = latent_shard_dataset(
                     urls, seed=hp.train_seed, shuffle=hp.shuffle_buffer,
                     resampled=hp.resampled, epoch_length=per_worker if hp.resampled else None,
-                    rank=rank, world_size=world, errors=self.shard_errors)
+                    rank=rank, world_size=world, errors=self.shard_errors,
+                    compact=hp.compact_batches)
             elif hp.source == "shards":
                 self.train_set = shard_dataset(
                     urls, seed=hp.train_seed, image_size=hp.image_size,

@@ -8,6 +8,8 @@ objects, for pixel shards): mask variety costs disk, not step time.
 
   <key>.lat.npy      float16 [C, h, w] target latent, scaled as the model sees it
   <key>.mlat.npy     float16 [C, h, w] latent of the masked target (target * (1 - mask))
+  <key>.tgt.png      instead of both latents, for a pixel-space model (whose latent is the
+                     target itself): the target, uint8 RGB, exact and a fifth of the bytes
   <key>.mask.png     target mask at image size
   <key>.ref.png      reference image, uint8 RGB (exact: the contract's reference is k / 255)
   <key>.refmask.png  reference mask
@@ -15,6 +17,10 @@ objects, for pixel shards): mask variety costs disk, not step time.
 
 ``latents.json`` next to the shards records the sizes and the autoencoder that made them;
 the DataModule and the LightningModule check it before training.
+
+Reading a sample is only decoding (no rendering, mask drawing or warping), so these shards are
+also the fast way to feed the tiny pixel-space model on a GPU: written ahead on any CPUs,
+read at several times the generator's rate per core (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from data.masks import MaskConfig
+from data.modes import decode_pixels
 from data.shards import (
     SampleDecoder,
     ShardErrors,
@@ -49,6 +56,8 @@ from data.synthetic import SyntheticPairs
 
 MANIFEST = "latents.json"
 LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+PIXEL_SPACE = "PixelSpace"  # the fingerprint kind of an autoencoder whose latents are pixels
+PIXEL_STORAGE = "uint8"  # the manifest's dtype when targets are stored instead of latents
 
 
 def read_manifest(urls: str | list[str]) -> dict[str, Any]:
@@ -177,20 +186,31 @@ def encode_samples(
         yield from flush(chunk)
 
 
+def _to_uint8(pixels: torch.Tensor, low: float) -> np.ndarray:
+    """Contract pixels in [low, 1] -> the uint8 values they were made from, [H, W, C]."""
+    scale = 255.0 / (1.0 - low)
+    values = ((pixels - low) * scale).round().clamp(0, 255).byte().permute(1, 2, 0)
+    return np.ascontiguousarray(values.numpy())
+
+
 def latent_record(source_key: str, seed: int, sample: dict[str, torch.Tensor],
-                  latent: torch.Tensor, masked_latent: torch.Tensor,
+                  latent: torch.Tensor | None, masked_latent: torch.Tensor | None,
                   dtype: torch.dtype = torch.float16) -> dict:
-    """One latent-shard sample, keyed ``<source_key>_s<seed>`` (fields: module docstring)."""
+    """One latent-shard sample, keyed ``<source_key>_s<seed>`` (fields: module docstring);
+    without latents (pixel space) the target itself is stored."""
     key = f"{source_key}_s{seed}"
     if "." in key:
         raise ValueError(f"sample keys must not contain '.': {key!r}")
-    reference = (sample["reference"] * 255).round().clamp(0, 255).byte().permute(1, 2, 0)
+    if latent is None or masked_latent is None:
+        inputs = {"tgt.png": encode_png(_to_uint8(sample["target"], -1.0))}
+    else:
+        inputs = {"lat.npy": encode_npy(latent.to(dtype).numpy()),
+                  "mlat.npy": encode_npy(masked_latent.to(dtype).numpy())}
     return {
         "__key__": key,
-        "lat.npy": encode_npy(latent.to(dtype).numpy()),
-        "mlat.npy": encode_npy(masked_latent.to(dtype).numpy()),
+        **inputs,
         "mask.png": encode_png(sample["mask"][0].numpy() > 0.5),
-        "ref.png": encode_png(np.ascontiguousarray(reference.numpy())),
+        "ref.png": encode_png(_to_uint8(sample["reference"], 0.0)),
         "refmask.png": encode_png(sample["reference_mask"][0].numpy() > 0.5),
         "json": json.dumps({"mode": int(sample["mode"]), "seed": seed,
                             "source_key": source_key}).encode(),
@@ -215,23 +235,30 @@ def write_latent_shards(
 
     ``autoencoder`` is a module with ``encode`` and ``fingerprint()`` (models/autoencoder.py's
     are); its fingerprint goes into the manifest, so training can refuse mismatched latents.
+    A pixel-space autoencoder encodes nothing: its targets are stored, exactly, as uint8
+    (``dtype`` does not apply).
     """
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(LATENT_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     count = 0
-    encoded = encode_samples(samples, autoencoder, batch_size, device, autocast_dtype)
+    fingerprint = autoencoder.fingerprint()
+    if fingerprint["kind"] == PIXEL_SPACE:
+        dtype = PIXEL_STORAGE
+        encoded = ((key, seed, sample, None, None) for key, seed, sample in samples)
+    else:
+        encoded = encode_samples(samples, autoencoder, batch_size, device, autocast_dtype)
     with wds.ShardWriter(str(out / "latent-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for key, seed, sample, lat, mlat in tqdm(encoded, total=total, desc="encode",
                                                  unit="sample"):
             if sample["target"].shape[-1] != image_size:
                 raise ValueError(f"sample {key} is {sample['target'].shape[-1]} px, "
                                  f"expected {image_size}")
-            sink.write(latent_record(key, seed, sample, lat, mlat, LATENT_DTYPES[dtype]))
+            sink.write(latent_record(key, seed, sample, lat, mlat, LATENT_DTYPES.get(dtype)))
             count += 1
     manifest = {"count": count, "image_size": image_size, "reference_size": reference_size,
-                "dtype": dtype, "autoencoder": autoencoder.fingerprint(),
+                "dtype": dtype, "autoencoder": fingerprint,
                 "source": source or {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return sorted(out.glob("latent-*.tar"))
@@ -241,25 +268,30 @@ def write_latent_shards(
 @dataclass(frozen=True)
 class LatentDecoder:
     """Raw latent-shard sample -> the sample contract, with ``latents`` and ``masked_latents``
-    in place of ``target`` (which the step only needs for encoding)."""
+    in place of ``target`` (which the step only needs for encoding), or ``target`` itself
+    (pixel space). ``compact``: uint8 / bool pixels, as the pixel loaders send them
+    (``data.modes.decode_pixels``)."""
+
+    compact: bool = False
 
     def __call__(self, sample: dict) -> dict[str, Any]:
-        ref = decode_png(sample["ref.png"])
-        meta = json.loads(sample["json"])
+        def image(field: str) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(
+                decode_png(sample[field]).transpose(2, 0, 1)))
 
         def mask(field: str) -> torch.Tensor:
-            return torch.from_numpy(decode_png(sample[field], mask=True)[None].astype(np.float32))
+            return torch.from_numpy(decode_png(sample[field], mask=True)[None])
 
-        return {
-            "__key__": sample["__key__"],
-            "latents": torch.from_numpy(decode_npy(sample["lat.npy"]).astype(np.float32)),
-            "masked_latents": torch.from_numpy(decode_npy(sample["mlat.npy"]).astype(np.float32)),
-            "mask": mask("mask.png"),
-            "reference": torch.from_numpy(
-                np.ascontiguousarray(ref.transpose(2, 0, 1), dtype=np.float32) / 255.0),
-            "reference_mask": mask("refmask.png"),
-            "mode": torch.tensor(meta["mode"], dtype=torch.int64),
-        }
+        out: dict[str, Any] = {"__key__": sample["__key__"]}
+        if "tgt.png" in sample:
+            out["target"] = image("tgt.png")
+        else:
+            for name, field in (("latents", "lat.npy"), ("masked_latents", "mlat.npy")):
+                out[name] = torch.from_numpy(decode_npy(sample[field]).astype(np.float32))
+        out.update(mask=mask("mask.png"), reference=image("ref.png"),
+                   reference_mask=mask("refmask.png"),
+                   mode=torch.tensor(json.loads(sample["json"])["mode"], dtype=torch.int64))
+        return out if self.compact else decode_pixels(out)
 
 
 def latent_shard_dataset(
@@ -271,9 +303,11 @@ def latent_shard_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     errors: ShardErrors | None = None,
+    compact: bool = False,
 ) -> ShardPipeline:
     """IterableDataset over latent shards, split over ranks and workers like pixel shards;
-    with `errors`, unreadable shards and samples are skipped and counted, else they raise."""
+    with `errors`, unreadable shards and samples are skipped and counted, else they raise.
+    `compact`: uint8 / bool pixels, a quarter of the bytes through loader workers."""
     ds = split_webdataset(urls, seed, shuffle, resampled, rank, world_size, errors)
-    ds = decode_with(ds, LatentDecoder(), errors)
+    ds = decode_with(ds, LatentDecoder(compact), errors)
     return ds.with_epoch(epoch_length) if epoch_length is not None else ds

@@ -76,14 +76,15 @@ def test_benchmark_infer_parts(tmp_path) -> None:
 
 
 def test_benchmark_data_probe_measures_the_compact_path() -> None:
-    """The before/after probe reads both training loaders end to end: a quarter of float32's
-    bytes through the worker, float32 model inputs after the DataModule's hook."""
+    """The before/after probe reads the three training loaders end to end: a quarter of
+    float32's bytes through the worker, float32 model inputs after the DataModule's hook."""
     from benchmarks.benchmark_data import training_path_rates
 
     res = training_path_rates(64, 56, items=2, batch_size=2, batches=1)
     assert res["getitem"]["samples_per_cpu_s"] > 0 and res["shards_read"]["samples_per_s"] > 0
     float_kib = (3 * 64 * 64 + 64 * 64 + 3 * 56 * 56 + 56 * 56) * 4 / 1024
-    for path in ("loader", "shards_loader"):
+    assert res["latent_shards_read"]["samples_per_cpu_s"] > 0
+    for path in ("loader", "shards_loader", "latent_shards_loader"):
         assert res[path]["samples_per_s"] > 0
         assert res[path]["kib_per_sample_through_ipc"] < float_kib / 3, path
         dtypes = res[path]["model_input_dtypes"]

@@ -156,6 +156,33 @@ def test_make_latent_shards_in_parts_then_train(tmp_path: Path) -> None:
     assert (Path(result["export_dir"]) / "model_index.json").is_file()
 
 
+def test_pixel_space_shards_store_the_exact_samples(tmp_path: Path) -> None:
+    """A pixel-space model's shards hold the target itself: read back, float or compact, every
+    field is the sample the generator made, to the bit."""
+    from data.latent_shards import PIXEL_STORAGE, synthetic_samples
+    from data.modes import decode_pixels
+    from models.autoencoder import PixelSpace
+
+    samples = list(synthetic_samples(4, [0, 1], 32, 56))
+    paths = write_latent_shards(iter(samples), PixelSpace(), tmp_path, per_shard=3,
+                                image_size=32, reference_size=56)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["dtype"] == PIXEL_STORAGE and manifest["count"] == 8
+    urls = [str(p) for p in paths]
+    floats = {s["__key__"]: s for s in latent_shard_dataset(urls)}
+    compact = {s["__key__"]: s for s in latent_shard_dataset(urls, compact=True)}
+    assert len(floats) == len(compact) == 8
+    for key, seed, sample in samples:
+        read, small = floats[f"{key}_s{seed}"], compact[f"{key}_s{seed}"]
+        assert "latents" not in read and "masked_latents" not in read
+        assert small["target"].dtype == torch.uint8 and small["mask"].dtype == torch.bool
+        decoded = decode_pixels(small)
+        for field in ("target", *CONTRACT):
+            assert read[field].dtype == sample[field].dtype, field
+            assert torch.equal(read[field], sample[field]), field
+            assert torch.equal(decoded[field], sample[field]), field
+
+
 def test_sources_give_the_same_samples_with_loader_workers(shards) -> None:
     from data.latent_shards import synthetic_samples
 
