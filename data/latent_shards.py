@@ -249,8 +249,9 @@ def write_latent_shards(
         encoded = ((key, seed, sample, None, None) for key, seed, sample in samples)
     else:
         encoded = encode_samples(samples, autoencoder, batch_size, device, autocast_dtype)
-    with wds.ShardWriter(str(out / "latent-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for key, seed, sample, lat, mlat in tqdm(encoded, total=total, desc="encode",
+    with wds.ShardWriter(str(out / "latent-%06d.tar"), maxcount=per_shard, verbose=0,
+                         mtime=0) as sink:  # no pax header per member: less to parse
+        for key, seed, sample, lat, mlat in tqdm(encoded, total=total, desc="write",
                                                  unit="sample"):
             if sample["target"].shape[-1] != image_size:
                 raise ValueError(f"sample {key} is {sample['target'].shape[-1]} px, "
