@@ -85,7 +85,7 @@ def test_shipped_model_reproduces_the_recorded_outputs(shipped: RefineByAlignPip
 def test_shipped_folder_is_calibrated_and_complete() -> None:
     index = json.loads((DEFAULT_EXPORT / PIPELINE_INDEX).read_text())
     assert index["_class_name"] == "RefineByAlignPipeline"
-    assert (index["alignment"]["timestep"], index["alignment"]["block"]) == (801, 6)
+    assert (index["alignment"]["timestep"], index["alignment"]["block"]) == (901, 5)
     assert index["calibration"].startswith("calibrated by eval.py")
     for record in ("model.yaml", "training_data.yaml", "MODEL_CARD.md"):
         assert (DEFAULT_EXPORT / record).is_file(), record
