@@ -51,9 +51,9 @@ class PairDataModule(pl.LightningDataModule):
     stop once more than `max_skip_fraction` of what was seen is skipped, checked from
     `skip_check_after` samples on.
 
-    `compact_batches`: batches' pixels travel as uint8 / bool and are
-    decoded to float32 after the device transfer (identical values); a loader of this module
-    used outside a Trainer gives compact batches, which `data.modes.decode_pixels` decodes.
+    `compact_batches`: batches' pixels travel as uint8 / bool and are decoded to float32
+    after the device transfer (identical values); a loader of this module used outside a
+    Trainer gives compact batches, which `data.modes.decode_pixels` decodes.
     """
 
     def __init__(

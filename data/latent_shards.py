@@ -9,7 +9,7 @@ objects, for pixel shards): mask variety costs disk, not step time.
   <key>.lat.npy      float16 [C, h, w] target latent, scaled as the model sees it
   <key>.mlat.npy     float16 [C, h, w] latent of the masked target (target * (1 - mask))
   <key>.tgt.png      instead of both latents, for a pixel-space model (whose latent is the
-                     target itself): the target, uint8 RGB, exact and a fifth of the bytes
+                     target itself): the target, uint8 RGB, exact and smaller
   <key>.mask.png     target mask at image size
   <key>.ref.png      reference image, uint8 RGB (exact: the contract's reference is k / 255)
   <key>.refmask.png  reference mask
@@ -195,7 +195,7 @@ def _to_uint8(pixels: torch.Tensor, low: float) -> np.ndarray:
 
 def latent_record(source_key: str, seed: int, sample: dict[str, torch.Tensor],
                   latent: torch.Tensor | None, masked_latent: torch.Tensor | None,
-                  dtype: torch.dtype = torch.float16) -> dict:
+                  dtype: torch.dtype | None = torch.float16) -> dict:
     """One latent-shard sample, keyed ``<source_key>_s<seed>`` (fields: module docstring);
     without latents (pixel space) the target itself is stored."""
     key = f"{source_key}_s{seed}"
