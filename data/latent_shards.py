@@ -195,7 +195,7 @@ def _to_uint8(pixels: torch.Tensor, low: float) -> np.ndarray:
 
 def latent_record(source_key: str, seed: int, sample: dict[str, torch.Tensor],
                   latent: torch.Tensor | None, masked_latent: torch.Tensor | None,
-                  dtype: torch.dtype | None = torch.float16) -> dict:
+                  dtype: torch.dtype = torch.float16) -> dict:
     """One latent-shard sample, keyed ``<source_key>_s<seed>`` (fields: module docstring);
     without latents (pixel space) the target itself is stored."""
     key = f"{source_key}_s{seed}"
@@ -244,8 +244,8 @@ def write_latent_shards(
     out.mkdir(parents=True, exist_ok=True)
     count = 0
     fingerprint = autoencoder.fingerprint()
-    if fingerprint["kind"] == PIXEL_SPACE:
-        dtype = PIXEL_STORAGE
+    pixels = fingerprint["kind"] == PIXEL_SPACE
+    if pixels:
         encoded = ((key, seed, sample, None, None) for key, seed, sample in samples)
     else:
         encoded = encode_samples(samples, autoencoder, batch_size, device, autocast_dtype)
@@ -256,10 +256,10 @@ def write_latent_shards(
             if sample["target"].shape[-1] != image_size:
                 raise ValueError(f"sample {key} is {sample['target'].shape[-1]} px, "
                                  f"expected {image_size}")
-            sink.write(latent_record(key, seed, sample, lat, mlat, LATENT_DTYPES.get(dtype)))
+            sink.write(latent_record(key, seed, sample, lat, mlat, LATENT_DTYPES[dtype]))
             count += 1
     manifest = {"count": count, "image_size": image_size, "reference_size": reference_size,
-                "dtype": dtype, "autoencoder": fingerprint,
+                "dtype": PIXEL_STORAGE if pixels else dtype, "autoencoder": fingerprint,
                 "source": source or {}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return sorted(out.glob("latent-*.tar"))
